@@ -1,0 +1,24 @@
+"""mmloader: timestamp-aligned multimodal windows from egocentric recordings.
+
+>>> import mmloader
+>>> ds = mmloader.open("sample:ego4d")            # or open("ego4d", root=...), or open(store_url)
+>>> ds.info()["recordings"]
+"""
+
+__version__ = "0.1.0"
+
+from .dataset import Dataset, open  # noqa: E402,A004
+from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
+from .store import Store, StoreWriter  # noqa: E402
+
+__all__ = [
+    "Dataset",
+    "MMLoaderError",
+    "MediaError",
+    "SourceFormatError",
+    "Store",
+    "StoreFormatError",
+    "StoreWriter",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,122 @@
+"""``mmloader`` command line: info, validate, prepare, sample.
+
+Exit status: 0 success, 1 a data or store error (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import __version__
+from .adapters import available, get_adapter
+from .dataset import Dataset
+from .errors import MMLoaderError
+from .store import Store
+
+
+def _format_info(info: dict) -> str:
+    lines = [
+        f"dataset      {info['dataset']}",
+        f"store        {info['url']}",
+        f"format       v{info['format_version']} ({info['created_by']})",
+        f"recordings   {info['recordings']}  ({info['hours']:.3f} h)",
+        "splits       " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()),
+        f"imu gaps     {info['gaps']}",
+        "modalities",
+    ]
+    for name, s in info["modalities"].items():
+        hours = f"{s['hours']:.3f} h" if s["kind"] != "events" else ""
+        lines.append(f"  {name:<12} {s['kind']:<10} {s['recordings']:>5} recordings {s['samples']:>10} samples  {hours}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = Dataset(Store(args.store)).info()
+    print(json.dumps(info, indent=1) if args.json else _format_info(info))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = Store(args.store).validate()
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"{args.store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    adapter = get_adapter(args.dataset)
+    url = adapter.prepare(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet, errors=args.errors)
+    ds = Dataset(Store(url))
+    totals = ds.report().get("totals", {})
+    print(f"prepared {ds.info()['recordings']} recordings into {url}")
+    if totals:
+        print("report: " + json.dumps(totals))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.dataset != "ego4d":
+        print(f"mmloader sample: no sample generator for {args.dataset!r} (available: ego4d)", file=sys.stderr)
+        return 2
+    from .samples.ego4d import generate_ego4d_sample
+
+    root = generate_ego4d_sample(
+        args.dir, videos=args.videos, seconds=args.seconds, seed=args.seed,
+        defect_fraction=args.defect_fraction, progress=not args.quiet,
+    )
+    print(f"wrote a sample Ego4D tree ({args.videos} videos x {args.seconds:g} s) to {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmloader", description="Timestamp-aligned multimodal windows from egocentric recordings.")
+    p.add_argument("--version", action="version", version=f"mmloader {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="summarise a prepared store")
+    s.add_argument("store", help="store path or fsspec URL")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("validate", help="check every file of a store (exit 1 on problems)")
+    s.add_argument("store")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("prepare", help="turn a native dataset into a store")
+    s.add_argument("dataset", help=f"dataset name ({', '.join(available())})")
+    s.add_argument("src", help="folder of the native data")
+    s.add_argument("dst", help="store path or fsspec URL to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    s.add_argument("--errors", choices=["raise", "skip"], default="raise",
+                   help="on a bad source file: abort (default) or skip that recording and report it")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("sample", help="write a small synthetic dataset in its native layout")
+    s.add_argument("dataset", help="ego4d")
+    s.add_argument("dir", help="output folder")
+    s.add_argument("--videos", type=int, default=8)
+    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--defect-fraction", type=float, default=0.3, help="fraction of IMU CSVs carrying the known defects")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MMLoaderError, FileExistsError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mmloader {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""fsspec helpers: one place that turns paths and URLs into (filesystem, path) pairs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def normalize_url(url: str | os.PathLike) -> str:
+    """A path or URL as a string; local paths become absolute, with ``~`` expanded."""
+    url = os.fspath(url)
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def get_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``url`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(normalize_url(url), **storage_options)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with ``/`` (also for local paths)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
