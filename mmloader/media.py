@@ -83,7 +83,7 @@ def probe_video(url: str | os.PathLike) -> VideoInfo:
         except av.error.FFmpegError as e:
             raise MediaError(url, f"demuxing failed after {len(pts)} frames ({e})", "a complete file") from None
         if not pts:
-            raise MediaError(url, "video stream has no frames", "at least one frame")
+            raise MediaError(url, "video stream has no readable frames: truncated or empty file", "a complete file")
         declared = stream.frames
         if declared and declared > len(pts):
             raise MediaError(url, f"truncated: {len(pts)} frames found, header declares {declared}", "a complete file")

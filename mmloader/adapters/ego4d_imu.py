@@ -22,6 +22,7 @@ components with gaps       kept as they are; each gap (> ``gap_factor`` × media
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,9 @@ def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float
             ),
         )
     except pa.ArrowInvalid as e:
-        raise SourceFormatError(path, f"cannot parse ({e})", "numbers in every field") from None
+        m = re.search(r"column #(\d+)", str(e))
+        col = f" field '{HEADER[int(m.group(1))]}'" if m and int(m.group(1)) < len(HEADER) else ""
+        raise SourceFormatError(path, f"cannot parse{col} ({e})", "numbers in every field") from None
     cols = {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in HEADER}
     return clean_imu_columns(cols, duration_sec=duration_sec, gap_factor=gap_factor)
 
@@ -119,7 +122,7 @@ def clean_imu_columns(
         if good.sum() >= 2:
             offsets[float(c)] = float(np.median(t_ms[good] - comp_ts[good]))
     for c, off in offsets.items():
-        fix = missing_t & ~outlier & (comp == c) & np.isfinite(comp_ts)
+        fix = missing_t & (comp == c) & np.isfinite(comp_ts)
         cand = comp_ts[fix] + off
         ok = plausible(cand)
         idx = np.flatnonzero(fix)[ok]
