@@ -13,7 +13,7 @@ from typing import Sequence
 from . import __version__
 from .adapters import available, get_adapter
 from .dataset import Dataset
-from .errors import MMLoaderError
+from .errors import MMLoaderError, StoreFormatError
 from .store import Store
 
 
@@ -40,7 +40,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    problems = Store(args.store).validate()
+    try:
+        problems = Store(args.store).validate()
+    except StoreFormatError as e:
+        problems = [str(e)]
     for p in problems:
         print(p, file=sys.stderr)
     print(f"{args.store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
