@@ -18,6 +18,7 @@ venv: $(BIN)/.installed
 ## make demo: generate the sample Ego4D tree, prepare it into a store and summarise it
 demo: venv
 	@echo "== 1/3 generating the sample Ego4D tree in $(DEMO_DIR)/ego4d"
+	rm -rf $(DEMO_DIR)/ego4d
 	$(BIN)/mmloader sample ego4d $(DEMO_DIR)/ego4d --videos 8 --seconds 60 --seed 0
 	@echo "== 2/3 preparing the store $(DEMO_DIR)/store"
 	$(BIN)/mmloader prepare ego4d $(DEMO_DIR)/ego4d $(DEMO_DIR)/store --overwrite

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +19,9 @@ from .paths import cache_dir
 from .store import Store
 from .store.reader import TimeSeries
 from .store.writer import MANIFEST
+
+if TYPE_CHECKING:
+    from .windowset import WindowSet
 
 
 class Dataset:
@@ -78,6 +81,34 @@ class Dataset:
     def timeseries(self, recording_id: str, stream: str = "imu") -> TimeSeries:
         """A whole time series of one recording (``t_ns``, ``data (N, C)``)."""
         return self.store.read_timeseries(recording_id, stream)
+
+    def windows(
+        self,
+        sec: float,
+        stride: float | None = None,
+        modalities: Sequence[str] = ("imu",),
+        anchor: str = "tile",
+        imu_hz: float = 200.0,
+        frames: int | None = None,
+        video_fps: float | None = None,
+        size: tuple[int, int] | None = None,
+        split: str | None = None,
+        **options: Any,
+    ) -> "WindowSet":
+        """Cut fixed windows of ``sec`` seconds and check them all now (see ``mmloader.windows``).
+
+        ``modalities``: stream names (``imu``, ``video``...) and ``text``. ``frames=F`` frames at the centres of
+        F equal parts of the window, or ``video_fps``; ``size=(H, W)`` resizes at decode time. ``split``
+        keeps the windows of one split. Further options: ``text_stream``, ``video_tolerance_sec``,
+        ``max_masked_fraction``, ``video_backend`` ("auto", "pyav", "decord", "torchcodec").
+        """
+        from .windows import WindowSpec
+        from .windowset import WindowSet
+
+        spec = WindowSpec(sec=sec, stride=stride, modalities=tuple(modalities), anchor=anchor, imu_hz=imu_hz,
+                          frames=frames, video_fps=video_fps, size=tuple(size) if size else None, **options)
+        ws = WindowSet(self.store, spec)
+        return ws.split(split) if split is not None else ws
 
     def report(self) -> dict[str, Any]:
         """What the recipe fixed, dropped and found while preparing (per recording)."""

@@ -35,3 +35,23 @@ def join(url: str, *parts: str) -> str:
     for p in parts:
         out = f"{out}/{p.strip('/')}"
     return out
+
+
+def read_arrow_buffer(url_or_path: str, fs: fsspec.AbstractFileSystem | None = None) -> "pa.Buffer":
+    """The whole file as an Arrow-owned buffer.
+
+    Arrow readers given Python file objects or ``bytes`` keep Python references inside Arrow's own
+    threads; releasing those after the interpreter began to shut down aborts the process
+    ("terminate called without an active exception", apache/arrow#34314). An Arrow-owned copy needs
+    no Python to be freed.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if fs is None:
+        fs, url_or_path = get_fs(url_or_path)
+    with fs.open(url_or_path, "rb") as f:
+        raw = f.read()
+    buf = pa.allocate_buffer(len(raw))
+    np.frombuffer(buf, dtype=np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+    return buf

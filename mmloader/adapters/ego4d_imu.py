@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ..errors import SourceFormatError
-from ..fsutil import get_fs
+from ..fsutil import read_arrow_buffer
 
 HEADER = [
     "component_idx",
@@ -68,10 +68,8 @@ def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float
     ``duration_sec`` (from ego4d.json) bounds plausible timestamps. Raises SourceFormatError naming the
     file when the header is not exactly ``HEADER`` or a field cannot be parsed as a number.
     """
-    fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        raw = f.read()
-    first = raw.split(b"\n", 1)[0].decode("utf-8", "replace").strip().lstrip("\ufeff")
+    buf = read_arrow_buffer(path)
+    first = buf.slice(0, min(4096, buf.size)).to_pybytes().split(b"\n", 1)[0].decode("utf-8", "replace").strip().lstrip("\ufeff")
     found = [c.strip() for c in first.split(",")]
     if found != HEADER:
         missing = [c for c in HEADER if c not in found]
@@ -82,7 +80,7 @@ def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float
         raise SourceFormatError(path, detail, "the header " + ",".join(HEADER))
     try:
         table = pacsv.read_csv(
-            pa.py_buffer(raw),
+            pa.BufferReader(buf),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.float64() for c in HEADER}, null_values=NULL_VALUES, strings_can_be_null=True
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,9 +16,11 @@ import pyarrow.parquet as pq
 import zarr
 
 from ..errors import StoreFormatError
-from ..fsutil import get_fs, is_local, join, normalize_url
+from ..fsutil import get_fs, is_local, join, normalize_url, read_arrow_buffer
 from ..schema import check_manifest, check_table, load_schema
 from .writer import MANIFEST
+
+HANDLE_CACHE = 64  # open time-series groups kept per process
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ class Store:
         self.recordings = self._read_table("recordings")
         self.streams = self._read_table("streams")
         self.gaps = self._read_table("gaps")
+        self._handles: OrderedDict = OrderedDict()
+
+    def __reduce__(self):
+        # Workers reopen the store from its URL: no tables, handles or file objects are pickled.
+        return (_reopen, (self.url, self.storage_options))
 
     # -- tables ----------------------------------------------------------------------------------
     def _read_parquet(self, rel: str) -> pa.Table:
@@ -67,8 +75,7 @@ class Store:
         if not self.fs.exists(join(self.path, rel)):
             raise StoreFormatError(f"{where}: missing (listed in {MANIFEST})")
         try:
-            with self.fs.open(join(self.path, rel), "rb") as f:
-                return pq.read_table(f)
+            return pq.read_table(pa.BufferReader(read_arrow_buffer(join(self.path, rel), self.fs)))
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreFormatError(f"{where}: not a readable Parquet file ({e})") from None
 
@@ -140,6 +147,33 @@ class Store:
             rate_hz=float(g.attrs["rate_hz"]),
         )
 
+    def timeseries_slice(self, recording_id: str, stream: str, t_from_ns: int, t_to_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """The samples with ``t_from_ns <= t <= t_to_ns`` plus one on each side (for interpolation).
+
+        Reads only the chunks that hold them, found through ``t_coarse``.
+        """
+        g, coarse, rows = self._timeseries_handle(recording_id, stream)
+        c0 = max(int(np.searchsorted(coarse, t_from_ns, side="right")) - 1, 0)
+        c1 = int(np.searchsorted(coarse, t_to_ns, side="right"))
+        i0, i1 = c0 * rows, min(c1 * rows, g["t_ns"].shape[0])
+        t = g["t_ns"][i0:i1]
+        a = max(int(np.searchsorted(t, t_from_ns, side="left")) - 1, 0)
+        b = min(int(np.searchsorted(t, t_to_ns, side="right")) + 1, t.shape[0])
+        return t[a:b], g["data"][i0 + a:i0 + b]
+
+    def _timeseries_handle(self, recording_id: str, stream: str):
+        key = (recording_id, stream)
+        handle = self._handles.get(key)
+        if handle is None:
+            g = self.timeseries_group(recording_id, stream)
+            handle = (g, g["t_coarse"][:], int(g.attrs["chunk_rows"]))
+            self._handles[key] = handle
+            while len(self._handles) > HANDLE_CACHE:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(key)
+        return handle
+
     def video_index(self, recording_id: str, stream: str = "video") -> tuple[np.ndarray, np.ndarray]:
         """``(pts_ns, keyframe)`` of a video stream."""
         row = self.stream_row(recording_id, stream)
@@ -172,3 +206,7 @@ class Store:
     def modalities(self) -> list[str]:
         """Stream names present in at least one recording."""
         return sorted(set(self.streams["stream"].to_pylist()))
+
+
+def _reopen(url: str, storage_options: dict[str, Any]) -> Store:
+    return Store(url, **storage_options)

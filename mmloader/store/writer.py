@@ -120,8 +120,11 @@ class StoreWriter:
         n = max(1, t_ns.shape[0])
         rows = min(chunk_rows, n)
         group.create_array("t_ns", data=t_ns, chunks=(rows,))
+        group.create_array("t_coarse", data=t_ns[::rows].copy())
         group.create_array("data", data=data.astype(np.float32, copy=False), chunks=(rows, data.shape[1]))
-        group.attrs.update({"channels": list(channels), "units": list(units), "rate_hz": float(rate_hz)})
+        group.attrs.update(
+            {"channels": list(channels), "units": list(units), "rate_hz": float(rate_hz), "chunk_rows": rows}
+        )
         return rel
 
     def write_video_index(self, recording_id: str, stream: str, pts_ns: np.ndarray, keyframe: np.ndarray) -> str:
@@ -158,8 +161,10 @@ class StoreWriter:
     def _write_parquet(self, rel: str, table: pa.Table) -> None:
         path = join(self.work_path, rel)
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        sink = pa.BufferOutputStream()  # serialise in Arrow memory, then one plain write (see fsutil.read_arrow_buffer)
+        pq.write_table(table, sink)
         with self.fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+            f.write(memoryview(sink.getvalue()))
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self._local else (self.storage_options or {})
