@@ -917,7 +917,9 @@ def _encode_mp4(path: pathlib.Path, frames: Iterator[np.ndarray], rate: Fraction
         stream.pix_fmt = "yuv420p"
         stream.codec_context.time_base = 1 / rate
         stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "mbtree=0"}
+        # one keyframe per second, as in typical camera recordings: sparse seeking stays cheap
+        gop = max(1, int(round(float(rate))))
+        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": f"mbtree=0:keyint={gop}:min-keyint={gop}"}
         for i, arr in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
             frame.pts = i
