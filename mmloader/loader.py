@@ -157,7 +157,9 @@ class WindowLoader:
             node = tn.Mapper(node, fetch)
         if self.pin_memory and torch.cuda.is_available():
             node = tn.PinMemory(node)
-        if self.prefetch > 0:
+        if self.prefetch > 0 and self.num_workers > 0:
+            # with num_workers=0 everything stays in the calling thread: no decoder is ever shared
+            # between a background thread and the caller
             node = tn.Prefetcher(node, prefetch_factor=self.prefetch)
         return node
 

@@ -19,6 +19,7 @@ key                 type                        meaning
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -56,6 +57,7 @@ class WindowSet:
         self._readers: ReaderPool | None = None
         self._video_index: OrderedDict = OrderedDict()
         self._rates: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
 
     # -- map-style -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -97,7 +99,8 @@ class WindowSet:
         spec = self.spec
         grid = t0 + spec.grid_offsets_ns()
         src_hz = self._rate(rid, m) or None
-        margin = filter_support_ns(src_hz, spec.imu_hz) if src_hz else 0
+        # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
+        margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
         t, x = self.store.timeseries_slice(rid, m, int(grid[0]) - margin, int(grid[-1]) + margin)
         period = 1e9 / src_hz if src_hz else (float(np.median(np.diff(t))) if len(t) > 1 else 1e9)
         return resample(t, x, grid, spec.imu_hz, source_hz=src_hz, max_gap_ns=int(5 * period))
@@ -117,8 +120,9 @@ class WindowSet:
     def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
         pts, key = self._pts(rid, v)
         url = self.store.stream_row(rid, v)["uri"]
-        reader = self.readers.get(url, pts, key, self.spec.size)
-        frames = reader.get_frames(idx)
+        with self._lock:  # decoders are not thread-safe: one thread at a time per process
+            reader = self.readers.get(url, pts, key, self.spec.size)
+            frames = reader.get_frames(idx)
         return frames, ((pts[idx] - t0) / NS).astype(np.float32)
 
     # -- lazily opened, per process --------------------------------------------------------------
@@ -144,7 +148,12 @@ class WindowSet:
         state = self.__dict__.copy()
         state["_readers"] = None
         state["_video_index"] = OrderedDict()
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- selection -------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -21,6 +20,7 @@ from ..schema import check_manifest, check_table, load_schema
 from .writer import MANIFEST
 
 HANDLE_CACHE = 64  # open time-series groups kept per process
+CHUNK_CACHE = 64  # decoded time-series chunks kept per process (4096 rows x C float32 each)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class Store:
         self.streams = self._read_table("streams")
         self.gaps = self._read_table("gaps")
         self._handles: OrderedDict = OrderedDict()
+        self._chunks: OrderedDict = OrderedDict()
+        self._stream_rows: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def __reduce__(self):
         # Workers reopen the store from its URL: no tables, handles or file objects are pickled.
@@ -106,14 +108,12 @@ class Store:
 
     def stream_row(self, recording_id: str, stream: str) -> dict[str, Any]:
         """The ``streams`` row of (recording, stream) as a dict."""
-        mask = pc.and_(
-            pc.equal(self.streams["recording_id"], recording_id),
-            pc.equal(self.streams["stream"], stream),
-        )
-        rows = self.streams.filter(mask).to_pylist()
-        if not rows:
+        if self._stream_rows is None:
+            self._stream_rows = {(r["recording_id"], r["stream"]): r for r in self.streams.to_pylist()}
+        row = self._stream_rows.get((recording_id, stream))
+        if row is None:
             raise KeyError(f"{self.url}: recording {recording_id!r} has no stream {stream!r}")
-        return rows[0]
+        return row
 
     def report(self) -> dict[str, Any]:
         """The recipe's prepare report (``reports/prepare.json``), or {} if the store has none."""
@@ -150,23 +150,40 @@ class Store:
     def timeseries_slice(self, recording_id: str, stream: str, t_from_ns: int, t_to_ns: int) -> tuple[np.ndarray, np.ndarray]:
         """The samples with ``t_from_ns <= t <= t_to_ns`` plus one on each side (for interpolation).
 
-        Reads only the chunks that hold them, found through ``t_coarse``.
+        Reads only the chunks that hold them, found through ``t_coarse``; decoded chunks are kept in a
+        small per-process LRU (``CHUNK_CACHE`` chunks), so neighbouring windows cost no further reads.
         """
-        g, coarse, rows = self._timeseries_handle(recording_id, stream)
+        coarse, n_chunks = self._timeseries_handle(recording_id, stream)[1:3]
         c0 = max(int(np.searchsorted(coarse, t_from_ns, side="right")) - 1, 0)
-        c1 = int(np.searchsorted(coarse, t_to_ns, side="right"))
-        i0, i1 = c0 * rows, min(c1 * rows, g["t_ns"].shape[0])
-        t = g["t_ns"][i0:i1]
+        c1 = min(int(np.searchsorted(coarse, t_to_ns, side="right")), n_chunks)
+        parts = [self._chunk(recording_id, stream, c) for c in range(c0, c1)]
+        t = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        x = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
         a = max(int(np.searchsorted(t, t_from_ns, side="left")) - 1, 0)
         b = min(int(np.searchsorted(t, t_to_ns, side="right")) + 1, t.shape[0])
-        return t[a:b], g["data"][i0 + a:i0 + b]
+        return t[a:b], x[a:b]
+
+    def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (recording_id, stream, c)
+        hit = self._chunks.get(key)
+        if hit is None:
+            t_arr, data_arr, rows = self._timeseries_handle(recording_id, stream)[3:6]
+            hit = (t_arr[c * rows:(c + 1) * rows], data_arr[c * rows:(c + 1) * rows])
+            self._chunks[key] = hit
+            while len(self._chunks) > CHUNK_CACHE:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(key)
+        return hit
 
     def _timeseries_handle(self, recording_id: str, stream: str):
+        """(group, t_coarse, number of chunks, t_ns array, data array, rows per chunk), cached."""
         key = (recording_id, stream)
         handle = self._handles.get(key)
         if handle is None:
             g = self.timeseries_group(recording_id, stream)
-            handle = (g, g["t_coarse"][:], int(g.attrs["chunk_rows"]))
+            coarse = g["t_coarse"][:]
+            handle = (g, coarse, len(coarse), g["t_ns"], g["data"], int(g.attrs["chunk_rows"]))
             self._handles[key] = handle
             while len(self._handles) > HANDLE_CACHE:
                 self._handles.popitem(last=False)
