@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 from .dataset import Dataset, open  # noqa: E402,A004
 from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
 from .store import Store, StoreWriter  # noqa: E402
+from .windows import WindowSpec  # noqa: E402
+from .windowset import WindowSet  # noqa: E402
 
 __all__ = [
     "Dataset",
@@ -19,6 +21,8 @@ __all__ = [
     "Store",
     "StoreFormatError",
     "StoreWriter",
+    "WindowSet",
+    "WindowSpec",
     "__version__",
     "open",
 ]

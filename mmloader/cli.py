@@ -75,6 +75,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_windows(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    ds = Dataset(Store(args.store))
+    kw = {"frames": args.frames} if "video" in args.modalities else {}
+    ws = ds.windows(sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor,
+                    imu_hz=args.imu_hz, size=tuple(args.size) if args.size else None, split=args.split,
+                    video_backend=args.backend, **kw)
+    report = ws.report()
+    print(f"{ws!r}")
+    print(f"candidates {report['candidates']}  kept {report['kept']}  dropped " + json.dumps(report["dropped"]))
+    if ws.modalities.video:
+        print(f"video backend {ws.video_backend}")
+    if len(ws) == 0 or args.epochs == 0:
+        return 0
+    loader = ws.loader(batch_size=args.batch_size, shuffle=True, seed=0, num_workers=args.workers)
+    for epoch in range(args.epochs):
+        t = time.perf_counter()
+        n = 0
+        for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=args.quiet):
+            if n == 0 and epoch == 0:
+                shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")}
+                print("first batch: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+            n += len(batch["index"])
+        dt = time.perf_counter() - t
+        print(f"epoch {epoch}: {n} windows in {dt:.2f} s ({n / dt:.1f} windows/s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmloader", description="Timestamp-aligned multimodal windows from egocentric recordings.")
     p.add_argument("--version", action="version", version=f"mmloader {__version__}")
@@ -98,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a bad source file: abort (default) or skip that recording and report it")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("windows", help="build windows on a store, print the report, optionally load them")
+    s.add_argument("store")
+    s.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
+    s.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
+    s.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
+    s.add_argument("--anchor", choices=["tile", "events"], default="tile")
+    s.add_argument("--imu-hz", type=float, default=200.0)
+    s.add_argument("--frames", type=int, default=4, help="frames per window")
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
+    s.add_argument("--split", default=None)
+    s.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+    s.add_argument("--epochs", type=int, default=1, help="epochs to load (0: only build and report)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_windows)
 
     s = sub.add_parser("sample", help="write a small synthetic dataset in its native layout")
     s.add_argument("dataset", help="ego4d")

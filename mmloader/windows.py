@@ -6,7 +6,8 @@ A window is ``[t0, t1)`` on one recording's clock (int64 ns), ``t1 = t0 + sec``.
 anchor         candidates
 =============  ==================================================================================
 ``tile``       ``t0 = start + k * stride`` for k = 0, 1, ... while ``t0 + sec <= end``, where
-               [start, end] is the union of the recording's requested non-text streams.
+               [start, end] is the span covered by all of the recording's requested non-text streams
+               (their intersection: a window needs every modality).
                ``sec=5, stride=None`` → 0–5 s, 5–10 s, ...; ``sec=5, stride=2.5`` → 0–5, 2.5–7.5, ...
 ``events``     one window centred on each narration (``text_stream``), clamped into [start, end]:
                a narration at 1.0 s with ``sec=5`` gives 0–5 s, not -1.5–3.5 s.
@@ -164,8 +165,8 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
         ]
         if not span_streams:
             continue
-        start = min(s["t_start_ns"] for s in span_streams)
-        end = max(s["t_end_ns"] for s in span_streams)
+        start = max(s["t_start_ns"] for s in span_streams)
+        end = min(s["t_end_ns"] for s in span_streams)
         rec_events = sorted(events.get(rid, [])) if events is not None else []
         if spec.anchor == "tile":
             n = (end - start - sec) // spec.stride_ns + 1 if end - start >= sec else 0

@@ -134,3 +134,20 @@ def test_reading_errors_surface_with_the_file_name(windows, workers):
     broken._columns.video_idx["video"][0] = np.array([10**6])  # a frame that does not exist
     with pytest.raises(Exception, match=r"\.mp4: (decord|pyav) could not decode frame"):
         list(broken.loader(batch_size=2, num_workers=workers))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_stays_flat_over_many_epochs(windows):
+    loader = windows.loader(batch_size=8, shuffle=True, seed=0)
+    for _ in range(3):  # warm-up: decoders, chunk caches, allocator pools
+        list(loader)
+    before = _rss_mb()
+    for _ in range(12):
+        list(loader)
+    growth = _rss_mb() - before
+    assert growth < 25, f"resident memory grew by {growth:.1f} MB over 12 epochs"
+    assert len(windows.readers) <= windows.reader_capacity

@@ -46,7 +46,7 @@ def test_report_accounts_for_every_candidate(sample_ds):
     streams = sample_ds.streams.to_pylist()
     for rid in sample_ds.recording_ids:
         rows = [s for s in streams if s["recording_id"] == rid and s["stream"] in ("imu", "video")]
-        start, end = min(s["t_start_ns"] for s in rows), max(s["t_end_ns"] for s in rows)
+        start, end = max(s["t_start_ns"] for s in rows), min(s["t_end_ns"] for s in rows)
         expected += max(0, (end - start - 5 * NS) // (NS * 5 // 2) + 1)
     assert r["candidates"] == expected
     assert r["dropped"].get("missing_imu", 0) > 0  # the video without IMU is counted, not silently skipped
