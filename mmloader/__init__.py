@@ -10,8 +10,6 @@ __version__ = "0.1.0"
 from .dataset import Dataset, open  # noqa: E402,A004
 from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
 from .store import Store, StoreWriter  # noqa: E402
-from .windows import WindowSpec  # noqa: E402
-from .windowset import WindowSet  # noqa: E402
 
 __all__ = [
     "Dataset",
@@ -26,3 +24,16 @@ __all__ = [
     "__version__",
     "open",
 ]
+
+
+def __getattr__(name: str):
+    # torch is imported only when windows are used: `import mmloader` and the CLI stay light
+    if name == "WindowSet":
+        from .windowset import WindowSet
+
+        return WindowSet
+    if name == "WindowSpec":
+        from .windows import WindowSpec
+
+        return WindowSpec
+    raise AttributeError(f"module 'mmloader' has no attribute {name!r}")
