@@ -45,6 +45,22 @@ def _prepare_context(name: str) -> None:
         torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["mmloader.windowset", "mmloader.loader"])
 
 
+def _shutdown(obj: Any, _seen: set | None = None) -> None:
+    """Stop every thread and worker process of a torchdata pipeline now (prefetcher first), rather than
+    whenever the garbage collector gets to it — an abandoned epoch must not leave workers behind."""
+    seen = _seen if _seen is not None else set()
+    if obj is None or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if hasattr(obj, "_shutdown"):
+        try:
+            obj._shutdown()
+        except Exception:  # best effort: shutting down must never mask the loop's own exception
+            pass
+    for attr in ("root", "_it", "source"):
+        _shutdown(getattr(obj, attr, None), seen)
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -176,4 +192,4 @@ class WindowLoader:
                 yield batch
             self.set_epoch(self.epoch + 1)
         finally:
-            del loader
+            _shutdown(loader)
