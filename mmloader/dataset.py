@@ -157,6 +157,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
     *,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Dataset:
     """Open a dataset.
@@ -165,6 +166,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
     - ``open("ego4d", root=SRC)``: the native download at ``SRC``, prepared once into the cache
       (``cache`` or ``$MMLOADER_CACHE_DIR/stores``); prepared again when the source changes.
     - ``open("sample:ego4d", videos=8, seconds=60, seed=0)``: the built-in sample, generated once.
+
+    ``storage_options`` configure the store's filesystem (fsspec), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
+    for an S3-compatible server; they travel with the dataset into loader workers.
     """
     name = os.fspath(name_or_url)
     if name.startswith("sample:"):
@@ -172,7 +176,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
     if root is None:
         if name in available() and not _looks_like_path(name):
             raise ValueError(f"mmloader.open({name!r}) needs root=<folder of the native {name} data>")
-        return Dataset(Store(name))
+        return Dataset(Store(name, **(storage_options or {})))
     adapter = get_adapter(name)
     fingerprint = adapter.fingerprint(os.fspath(root))
     base = os.fspath(cache) if cache is not None else str(cache_dir() / "stores")

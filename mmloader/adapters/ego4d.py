@@ -154,9 +154,11 @@ class Ego4DAdapter:
         errors: str = "raise",
         split_fields: tuple[str, ...] = SPLIT_FIELDS,
         imu_gap_factor: float = 5.0,
+        storage_options: dict[str, Any] | None = None,
     ) -> str:
         """Write the store. ``errors="raise"`` aborts on the first bad file (nothing is left at ``dst``);
-        ``errors="skip"`` leaves that recording out and records why in the prepare report."""
+        ``errors="skip"`` leaves that recording out and records why in the prepare report.
+        ``storage_options`` configure the filesystem of ``dst`` (e.g. an S3 endpoint and keys)."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
         layout = Ego4DLayout(root)
@@ -172,7 +174,7 @@ class Ego4DAdapter:
         report: dict[str, Any] = {"dataset": "ego4d", "source": layout.root, "metadata": layout.metadata,
                                   "recordings": {}, "skipped": {}, "failed": {}}
         with StoreWriter(dst, dataset="ego4d", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite) as writer:
+                         overwrite=overwrite, **(storage_options or {})) as writer:
             for video in tqdm(videos, desc="prepare ego4d", unit="video", disable=not progress):
                 uid = video["video_uid"]
                 if uid not in mp4s and uid not in csvs:
