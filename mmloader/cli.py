@@ -106,6 +106,133 @@ def cmd_windows(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cache (mmloader.cache): build | info | clear ---------------------------------------------------
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _format_spec(spec: dict) -> str:
+    keys = ("sec", "stride", "modalities", "anchor", "imu_hz", "frames", "video_fps", "size", "video_backend")
+    return " ".join(f"{k}={','.join(map(str, spec[k])) if isinstance(spec[k], list) else spec[k]}"
+                    for k in keys if spec.get(k) is not None)
+
+
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    import time
+
+    ds = Dataset(Store(args.store))
+    kw = {"frames": args.frames} if "video" in args.modalities else {}
+    ws = ds.windows(sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor,
+                    imu_hz=args.imu_hz, size=tuple(args.size) if args.size else None, split=args.split,
+                    video_backend=args.backend, **kw)
+    t = time.perf_counter()
+    cached = ws.cache(args.url, fill="lazy", shard_size=args.shard_size, overwrite=args.overwrite)
+    counts = cached.window_cache.fill(progress=not args.quiet)
+    st = cached.window_cache.status(verify=False)
+    print(f"cache        {cached.window_cache.url}")
+    print(f"fingerprint  {cached.window_cache.fingerprint}")
+    print(f"windows      {len(ws)} in {st['shards_total']} shards; filled {counts['filled']}, already complete "
+          f"{counts['already_complete']}, by other processes {counts['filled_by_others']} "
+          f"({time.perf_counter() - t:.1f} s)")
+    print(f"size         {_format_bytes(st['bytes'])}")
+    return 0
+
+
+def _cache_summary(url: str, verify: bool) -> dict:
+    from .cache import WindowCache
+
+    cache = WindowCache.inspect(url)
+    st = cache.status(verify=verify)
+    return {**st, "verified": verify, "stale": cache.stale_reason(), "spec": cache.components["spec"],
+            "store_url": cache.components["store_url"], "transforms": cache.components["transforms"]}
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from .cache import cache_root, list_caches
+
+    if args.url is None:
+        urls = list_caches()
+        infos = [_cache_summary(u, args.verify) for u in urls]
+        if args.json:
+            print(json.dumps(infos, indent=1))
+            return 0
+        print(f"{len(infos)} window cache(s) under {cache_root()}")
+        for s in infos:
+            state = f"STALE: {s['stale']}" if s["stale"] else "current"
+            print(f"  {s['fingerprint']}  {s['shards_complete']:>5}/{s['shards_total']:<5} shards  "
+                  f"{_format_bytes(s['bytes']):>10}  {state}  {_format_spec(s['spec'])}")
+        return 0
+    s = _cache_summary(args.url, args.verify)
+    bad = s["torn"] or s["corrupt"]
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"cache        {s['url']}")
+        print(f"fingerprint  {s['fingerprint']}")
+        print(f"status       {'STALE: ' + s['stale'] if s['stale'] else 'current'}")
+        print(f"store        {s['store_url']}")
+        print(f"spec         {_format_spec(s['spec'])}" + (f"  transforms={s['transforms']}" if s["transforms"] else ""))
+        print(f"windows      {s['n_windows']} in shards of {s['shard_size']}")
+        print(f"shards       {s['shards_complete']}/{s['shards_total']} complete"
+              f"{' (checksums verified)' if args.verify else ''}; torn {s['torn']}, corrupt {s['corrupt']}")
+        print(f"size         {_format_bytes(s['bytes'])}")
+        for p in s["problems"]:
+            print(p, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from .cache import clear, clear_all
+
+    if (args.url is None) == (not (args.all or args.stale)):
+        print("mmloader cache clear: give a cache URL, or --all, or --stale", file=sys.stderr)
+        return 2
+    if args.url is not None:
+        print(f"{'removed' if clear(args.url) else 'nothing at'} {args.url}")
+        return 0
+    gone = clear_all(stale_only=args.stale)
+    print(f"removed {len(gone)} cache(s)" + "".join(f"\n  {u}" for u in gone))
+    return 0
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    from .cache import DEFAULT_SHARD_SIZE
+
+    cache = sub.add_parser("cache", help="window caches: build, info, clear")
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    s = csub.add_parser("build", help="build (or repair) the cache of a window set now")
+    s.add_argument("store")
+    s.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
+    s.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
+    s.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
+    s.add_argument("--anchor", choices=["tile", "events"], default="tile")
+    s.add_argument("--imu-hz", type=float, default=200.0)
+    s.add_argument("--frames", type=int, default=4, help="frames per window")
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
+    s.add_argument("--split", default=None)
+    s.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+    s.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
+    s.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="windows per shard")
+    s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_cache_build)
+    s = csub.add_parser("info", help="one cache in detail, or every cache in the cache dir (exit 1: torn/corrupt)")
+    s.add_argument("url", nargs="?", default=None)
+    s.add_argument("--verify", action="store_true", help="check every checksum (reads the whole cache)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_cache_info)
+    s = csub.add_parser("clear", help="delete a cache, every cache (--all) or the stale ones (--stale)")
+    s.add_argument("url", nargs="?", default=None)
+    s.add_argument("--all", action="store_true", help="every cache in the cache dir")
+    s.add_argument("--stale", action="store_true", help="the caches whose store changed or is gone")
+    s.set_defaults(func=cmd_cache_clear)
+# -- end cache --------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmloader", description="Timestamp-aligned multimodal windows from egocentric recordings.")
     p.add_argument("--version", action="version", version=f"mmloader {__version__}")
@@ -156,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--defect-fraction", type=float, default=0.3, help="fraction of IMU CSVs carrying the known defects")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+
+    _add_cache_parser(sub)  # mmloader cache build|info|clear
     return p
 
 

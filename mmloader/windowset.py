@@ -68,6 +68,8 @@ class WindowSet:
         if not -n <= i < n:
             raise IndexError(f"window {i} out of range ({n} windows)")
         i = int(i) % n
+        if self._cache is not None:  # -- window cache hook (mmloader.cache): served from / filled into it
+            return self._cache.get(i)
         c = self._columns
         rid = c.recording_id[i]
         t0, t1 = int(c.t0[i]), int(c.t1[i])
@@ -87,6 +89,39 @@ class WindowSet:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    # -- window cache (mmloader.cache) -----------------------------------------------------------
+    _cache: Any = None  # the WindowCache of a set returned by .cache(); None: read from the store
+
+    def cache(self, url: str = "auto", fill: str = "lazy", progress: bool = True, *, transforms: str | None = None,
+              shard_size: int | None = None, overwrite: bool = False, **storage_options: Any) -> "WindowSet":
+        """This set, read through a window cache at ``url`` (any fsspec URL; ``"auto"``:
+        ``mmloader.paths.cache_dir()/windows/<fingerprint>``). See ``docs/cache.md``.
+
+        Reads return exactly (bit-identical tensors, same dtypes and shapes) what this set returns. ``fill=
+        "lazy"`` fills the cache as windows are read (a miss reads its whole shard from the store, once, in
+        whichever process reads it); ``"eager"`` builds every missing, torn or corrupt shard now (``progress``:
+        a progress bar). ``transforms``: an identifier of anything beyond the spec that changes what the set
+        yields, made part of the fingerprint. ``overwrite=True`` replaces another set's cache at ``url``
+        (else ``CacheError``). Selecting (``split``, ``filter``...) on the result gives an uncached set: cache
+        the selection instead.
+        """
+        from .cache import DEFAULT_SHARD_SIZE, WindowCache
+
+        if fill not in ("lazy", "eager"):
+            raise ValueError(f"fill must be 'lazy' or 'eager', got {fill!r}")
+        source = self._cache.source if self._cache is not None else self
+        cached = WindowSet(source._store, source.spec, source.index, source._report, source.reader_capacity)
+        cached._cache = WindowCache.open(source, url, transforms=transforms, overwrite=overwrite,
+                                         shard_size=shard_size or DEFAULT_SHARD_SIZE, **storage_options)
+        if fill == "eager":
+            cached._cache.fill(progress=progress)
+        return cached
+
+    @property
+    def window_cache(self) -> Any:
+        """The ``mmloader.cache.WindowCache`` this set reads through, or None."""
+        return self._cache
 
     # -- reading ---------------------------------------------------------------------------------
     def _rate(self, rid: str, m: str) -> float:
