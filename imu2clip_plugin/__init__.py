@@ -2,6 +2,28 @@
 
 The encoder, towers, trainer and evaluation land with their issues; this package depends on mmloader,
 never the reverse.
+
+``encoder`` and ``loss`` need only torch (``safetensors`` to save/load); ``towers`` needs ``open_clip_torch`` and
+``torchvision`` and is imported on first use of its names.
 """
 
+from typing import Any
+
+from .encoder import IMUEncoder, IMUEncoderConfig, load_encoder, save_encoder
+from .loss import ContrastiveLoss, gather_with_grad, info_nce
+
 __version__ = "0.1.0"
+
+_TOWERS = ("ClipTowers", "WeightsUnavailableError", "TINY_MODEL", "TINY_CONFIG", "register_tiny_config",
+           "register_model_config")
+
+__all__ = ["IMUEncoder", "IMUEncoderConfig", "save_encoder", "load_encoder",
+           "ContrastiveLoss", "info_nce", "gather_with_grad", *_TOWERS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TOWERS:
+        from . import towers
+
+        return getattr(towers, name)
+    raise AttributeError(f"module 'imu2clip_plugin' has no attribute {name!r}")
