@@ -8,11 +8,16 @@
 __version__ = "0.1.0"
 
 from .dataset import Dataset, open  # noqa: E402,A004
+from .byo import InputError, Recording, TimeSeriesInput, write_store  # noqa: E402
 from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
 from .store import Store, StoreWriter  # noqa: E402
 
 __all__ = [
     "Dataset",
+    "InputError",
+    "Recording",
+    "TimeSeriesInput",
+    "write_store",
     "MMLoaderError",
     "MediaError",
     "SourceFormatError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import shutil
@@ -180,6 +181,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
     adapter = get_adapter(name)
     fingerprint = adapter.fingerprint(os.fspath(root))
     base = os.fspath(cache) if cache is not None else str(cache_dir() / "stores")
+    if options:  # the same source prepared with other options is another store
+        key = json.dumps(options, sort_keys=True, default=str)
+        fingerprint += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     dst = join(base, f"{name}-{fingerprint}")
     if not _is_store(dst):
         adapter.prepare(os.fspath(root), dst, overwrite=True, progress=progress, **options)

@@ -34,10 +34,14 @@ class VideoInfo:
 
 
 def ticks_to_ns(ticks: np.ndarray, time_base: Fraction) -> np.ndarray:
-    """Exact conversion of stream ticks to int64 ns (rounded to nearest)."""
-    num = np.asarray(ticks, dtype=np.int64) * np.int64(time_base.numerator) * np.int64(1_000_000_000)
-    den = np.int64(time_base.denominator)
-    return (num + den // 2) // den
+    """Exact conversion of stream ticks to int64 ns (rounded to nearest), without int64 overflow:
+    ``ticks × num × 1e9`` can exceed 2**63 for fine time bases, so the division is done in two steps."""
+    t = np.asarray(ticks, dtype=np.int64)
+    num, den = int(time_base.numerator), int(time_base.denominator)
+    q, r = np.divmod(t * np.int64(num), np.int64(den)) if abs(int(t.max(initial=0))) < 2**62 // max(num, 1) else (None, None)
+    if q is None:  # astronomically large tick counts: Python integers
+        return np.array([(int(x) * num * 1_000_000_000 * 2 + den) // (2 * den) for x in t], dtype=np.int64)
+    return q * np.int64(1_000_000_000) + (r * np.int64(1_000_000_000) + den // 2) // den
 
 
 def probe_video(url: str | os.PathLike) -> VideoInfo:

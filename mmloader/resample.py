@@ -106,6 +106,8 @@ def resample(
     xu, vu = hermite(t, x, uni, gap)
     h = lowpass_kernel(source_hz, CUTOFF_FRACTION * target_hz, TRANSITION_FRACTION * target_hz)
     half = len(h) // 2
+    if len(uni) < len(h):  # shorter than the filter: nothing can be filtered validly
+        return np.zeros((tq.shape[0], x.shape[1]), np.float32), np.zeros(tq.shape[0], bool)
     filt = np.stack([np.convolve(xu[:, c], h, mode="same") for c in range(x.shape[1])], axis=1)
     # a filtered sample is valid only if its whole support was valid
     bad = np.convolve((~vu).astype(np.float64), np.ones(len(h)), mode="same") > 0

@@ -1,6 +1,6 @@
 """Dataset adapters ("recipes"): each reads a native layout and writes a store.
 
-Built-in: ``ego4d``. Third parties register more through the entry-point group ``mmloader.datasets``::
+Built-in: ``ego4d``, ``aria``. Third parties register more through the entry-point group ``mmloader.datasets``::
 
     [project.entry-points."mmloader.datasets"]
     mydata = "mypkg.adapter:MyAdapter"
@@ -31,9 +31,10 @@ class Adapter(Protocol):
 
 
 def _builtin() -> dict[str, Any]:
+    from .aria import AriaAdapter  # imports projectaria-tools only when a recording is read
     from .ego4d import Ego4DAdapter
 
-    return {"ego4d": Ego4DAdapter}
+    return {"aria": AriaAdapter, "ego4d": Ego4DAdapter}
 
 
 def available() -> list[str]:
