@@ -29,7 +29,9 @@ from mmloader.cli import main as cli_main
 from mmloader.errors import SourceFormatError
 from mmloader.media import probe_video
 
-DATA = Path("/work/shared/data/aria")
+# the shared data sits beside the repository (here and in CI); MMLOADER_SHARED overrides
+DATA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "aria"
+assert DATA.is_dir(), f"{DATA}: the genuine Aria test recordings are missing (expected ../shared/data/aria)"
 AEA = DATA / "aea_test_recording"
 ADT = DATA / "adt_test"
 NS = 1_000_000_000
