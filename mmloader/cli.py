@@ -75,16 +75,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _windows_from_args(args: argparse.Namespace):
+    """The WindowSet that the window options of ``windows`` and ``cache build`` describe."""
+    kw = {"frames": args.frames} if "video" in args.modalities else {}
+    return Dataset(Store(args.store)).windows(
+        sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor, imu_hz=args.imu_hz,
+        size=tuple(args.size) if args.size else None, split=args.split, video_backend=args.backend, **kw)
+
+
 def cmd_windows(args: argparse.Namespace) -> int:
     import time
 
     from tqdm.auto import tqdm
 
-    ds = Dataset(Store(args.store))
-    kw = {"frames": args.frames} if "video" in args.modalities else {}
-    ws = ds.windows(sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor,
-                    imu_hz=args.imu_hz, size=tuple(args.size) if args.size else None, split=args.split,
-                    video_backend=args.backend, **kw)
+    ws = _windows_from_args(args)
     report = ws.report()
     print(f"{ws!r}")
     print(f"candidates {report['candidates']}  kept {report['kept']}  dropped " + json.dumps(report["dropped"]))
@@ -124,11 +128,7 @@ def _format_spec(spec: dict) -> str:
 def cmd_cache_build(args: argparse.Namespace) -> int:
     import time
 
-    ds = Dataset(Store(args.store))
-    kw = {"frames": args.frames} if "video" in args.modalities else {}
-    ws = ds.windows(sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor,
-                    imu_hz=args.imu_hz, size=tuple(args.size) if args.size else None, split=args.split,
-                    video_backend=args.backend, **kw)
+    ws = _windows_from_args(args)
     t = time.perf_counter()
     cached = ws.cache(args.url, fill="lazy", shard_size=args.shard_size, overwrite=args.overwrite)
     counts = cached.window_cache.fill(progress=not args.quiet)

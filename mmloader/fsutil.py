@@ -55,3 +55,17 @@ def read_arrow_buffer(url_or_path: str, fs: fsspec.AbstractFileSystem | None = N
     buf = pa.allocate_buffer(len(raw))
     np.frombuffer(buf, dtype=np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
     return buf
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file on any fsspec URL; invalid JSON raises SourceFormatError with line and column."""
+    import json
+
+    from .errors import SourceFormatError
+
+    fs, p = get_fs(path)
+    try:
+        with fs.open(p, "r") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SourceFormatError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

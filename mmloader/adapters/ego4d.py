@@ -23,7 +23,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import SourceFormatError
-from ..fsutil import get_fs, join, normalize_url
+from ..fsutil import get_fs, join, normalize_url, read_json
 from ..media import probe_video
 from ..store.writer import StoreWriter
 from .ego4d_imu import CHANNELS, UNITS, read_imu_csv
@@ -75,12 +75,7 @@ class Ego4DLayout:
 
 def read_metadata(path: str) -> list[dict[str, Any]]:
     """``videos[]`` of ego4d.json, each checked for ``video_uid`` (str) and ``duration_sec`` (number)."""
-    fs, p = get_fs(path)
-    try:
-        with fs.open(p, "r") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SourceFormatError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("videos"), list):
         raise SourceFormatError(path, "no 'videos' list at the top level", "an object with a 'videos' array")
     videos = doc["videos"]
@@ -101,12 +96,7 @@ def read_metadata(path: str) -> list[dict[str, Any]]:
 
 def read_activity_segments(path: str) -> dict[str, list[dict[str, Any]]]:
     """The sample generator's ground-truth segments: ``{uid: [{start_sec, end_sec, activity}]}`` → event rows."""
-    fs, p = get_fs(path)
-    try:
-        with fs.open(p, "r") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SourceFormatError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    doc = read_json(path)
     out: dict[str, list[dict[str, Any]]] = {}
     for uid, segs in doc.items():
         rows = []

@@ -7,14 +7,13 @@ summaries span ``start_sec``..``end_sec``. ``text_raw`` keeps the source text; `
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import pyarrow as pa
 
 from ..errors import SourceFormatError
-from ..fsutil import get_fs
+from ..fsutil import read_json
 
 PASSES = ("narration_pass_1", "narration_pass_2")
 
@@ -57,12 +56,7 @@ def read_narrations(path: str) -> dict[str, list[dict[str, Any]]]:
     Raises SourceFormatError naming the file, the video, the pass, the entry and the field on any
     structural problem.
     """
-    fs, p = get_fs(path)
-    try:
-        with fs.open(p, "r") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SourceFormatError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    doc = read_json(path)
     if not isinstance(doc, dict):
         raise SourceFormatError(path, f"top level is a {type(doc).__name__}", "an object keyed by video_uid")
     out: dict[str, list[dict[str, Any]]] = {}
