@@ -511,6 +511,8 @@ class WindowCache:
         fields = {"recording_id": c.recording_id[i], "t0": int(c.t0[i]) / NS, "t1": int(c.t1[i]) / NS, "index": i}
         if c.text is not None:
             fields["text"] = c.text[i]
+        if c.label is not None:
+            fields["label"] = c.label[i]
         return fields
 
     # -- filling ---------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ class Dataset:
 
         ``modalities``: stream names (``imu``, ``video``...) and ``text``. ``frames=F`` frames at the centres of
         F equal parts of the window, or ``video_fps``; ``size=(H, W)`` resizes at decode time. ``split``
-        keeps the windows of one split. Further options: ``text_stream``, ``video_tolerance_sec``,
+        keeps the windows of one split. ``label_stream="activities"`` adds each window's ``label`` (the segment
+covering most of it). Further options: ``text_stream``, ``video_tolerance_sec``,
         ``max_masked_fraction``, ``video_backend`` ("auto", "pyav", "decord", "torchcodec").
         """
         from .windows import WindowSpec

@@ -17,7 +17,8 @@ Candidates that fail a check are dropped and counted per reason (``WindowSet.rep
 ``missing_<modality>`` (the recording lacks it), ``recording_too_short``, ``<ts>_not_covered`` (the
 grid leaves the stream), ``<ts>_gap`` (more than ``max_masked_fraction`` of the window inside gaps),
 ``video_not_covered`` (a target time has no frame within the tolerance), ``no_text`` (tile mode
-with ``text`` requested and no narration in the window).
+with ``text`` requested and no narration in the window), ``no_label`` (``label_stream`` given and no
+labelled segment overlaps the window).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class WindowSpec:
     video_fps: float | None = None
     size: tuple[int, int] | None = None  # (height, width) of decoded frames
     text_stream: str = "narrations"
+    label_stream: str | None = None  # events whose segment covering most of the window becomes its `label`
     video_tolerance_sec: float | None = None  # default: half a frame period
     max_masked_fraction: float = 0.25
     video_backend: str = "auto"
@@ -145,6 +147,13 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
         events = {}
         for rid, t, text in zip(ev["recording_id"].to_pylist(), ev["t_start_ns"].to_pylist(), ev["text"].to_pylist()):
             events.setdefault(rid, []).append((t, text))
+    labels: dict[str, list[tuple[int, int, str]]] | None = None
+    if spec.label_stream is not None:
+        lab = store.events(spec.label_stream)
+        labels = {}
+        for rid, a, b, text in zip(lab["recording_id"].to_pylist(), lab["t_start_ns"].to_pylist(),
+                                   lab["t_end_ns"].to_pylist(), lab["text"].to_pylist()):
+            labels.setdefault(rid, []).append((a, b, text))
     splits = dict(zip(store.recordings["recording_id"].to_pylist(), store.recordings["split"].to_pylist()))
     rec_ids = recording_ids if recording_ids is not None else store.recordings["recording_id"].to_pylist()
 
@@ -152,6 +161,8 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
     out: dict[str, list] = {"recording_id": [], "split": [], "t0_ns": [], "t1_ns": []}
     if mods.text:
         out["text"] = []
+    if labels is not None:
+        out["label"] = []
     for v in mods.video:
         out[f"{v}_idx"] = []
     n_candidates = 0
@@ -221,6 +232,10 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
             drop(hi == lo, "no_text")
         elif mods.text:
             window_text = texts
+        window_label: list[str | None] = []
+        if labels is not None:
+            window_label = [_covering_label(labels.get(rid, []), int(a), int(a) + sec) for a in t0]
+            drop(np.array([lab is None for lab in window_label], dtype=bool), "no_label")
         dropped.update(r for r in reason[~keep])
         kept = np.flatnonzero(keep)
         out["recording_id"].extend([rid] * len(kept))
@@ -229,11 +244,15 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
         out["t1_ns"].extend((t0[kept] + sec).tolist())
         if mods.text:
             out["text"].extend(window_text[i] for i in kept)
+        if labels is not None:
+            out["label"].extend(window_label[i] for i in kept)
         for v in mods.video:
             out[f"{v}_idx"].extend(frame_idx[v][kept].tolist() if v in frame_idx else [])
     schema = [("recording_id", pa.string()), ("split", pa.string()), ("t0_ns", pa.int64()), ("t1_ns", pa.int64())]
     if mods.text:
         schema.append(("text", pa.string() if spec.anchor == "events" else pa.list_(pa.string())))
+    if labels is not None:
+        schema.append(("label", pa.string()))
     schema += [(f"{v}_idx", pa.list_(pa.int32())) for v in mods.video]
     index = pa.Table.from_pydict(out, schema=pa.schema(schema))
     report = {
@@ -244,3 +263,13 @@ def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None 
     }
     assert report["kept"] + sum(report["dropped"].values()) == n_candidates
     return index, report
+
+
+def _covering_label(segments: list[tuple[int, int, str]], t0: int, t1: int) -> str | None:
+    """The text of the segment overlapping ``[t0, t1)`` the most (ties: the earlier segment), or None."""
+    best, best_overlap = None, 0
+    for a, b, text in segments:
+        overlap = min(t1, b) - max(t0, a)
+        if overlap > best_overlap:
+            best, best_overlap = text, overlap
+    return best

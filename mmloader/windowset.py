@@ -10,6 +10,7 @@ key                 type                        meaning
 ``<video>``         uint8 tensor (F, 3, H, W)   the frames nearest to the requested times
 ``<video>_t``       float32 tensor (F,)         the frames' actual pts − t0, seconds
 ``text``            str or list[str]            the narration (events mode) / narrations inside (tile mode)
+``label``           str                         with ``label_stream``: the segment label covering most of it
 ``recording_id``    str
 ``t0``, ``t1``      float                       window bounds, seconds on the recording clock
 ``index``           int                         position in this WindowSet
@@ -84,6 +85,8 @@ class WindowSet:
             sample[f"{v}_t"] = torch.from_numpy(t)
         if self.modalities.text:
             sample["text"] = c.text[i]
+        if c.label is not None:
+            sample["label"] = c.label[i]
         return sample
 
     def __iter__(self):
@@ -238,6 +241,7 @@ class _Columns:
         self.t0 = index["t0_ns"].to_numpy()
         self.t1 = index["t1_ns"].to_numpy()
         self.text = index["text"].to_pylist() if "text" in index.column_names else None
+        self.label = index["label"].to_pylist() if "label" in index.column_names else None
         self.video_idx: dict[str, list[np.ndarray]] = {}
         for name in index.column_names:
             if name.endswith("_idx"):

@@ -156,3 +156,20 @@ def test_gappy_windows_are_dropped_with_a_reason(analytic_store):
     loose = ds.windows(sec=1, stride=0.5, modalities=["irr"], max_masked_fraction=1.0)
     assert strict.report()["dropped"]["irr_gap"] >= 1
     assert len(loose) == len(strict) + strict.report()["dropped"]["irr_gap"]
+
+
+def test_label_stream_gives_the_covering_segment(sample_ds):
+    ws = sample_ds.windows(sec=5, modalities=["imu"], label_stream="activities")
+    acts = sample_ds.events("activities").to_pylist()
+    assert len(ws) > 0
+    for i in range(len(ws)):
+        s = ws[i]
+        t0, t1 = round(s["t0"] * NS), round(s["t1"] * NS)
+        overlaps = {}
+        for a in acts:
+            if a["recording_id"] == s["recording_id"]:
+                overlaps[a["text"]] = overlaps.get(a["text"], 0) + max(0, min(t1, a["t_end_ns"]) - max(t0, a["t_start_ns"]))
+        assert overlaps[s["label"]] == max(overlaps.values()) > 0
+    assert ws.report()["kept"] + sum(ws.report()["dropped"].values()) == ws.report()["candidates"]
+    cached = ws.cache(progress=False)
+    assert cached[0]["label"] == ws[0]["label"]
