@@ -75,6 +75,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    """The options that describe a window set (``windows`` and ``cache build``)."""
+    p.add_argument("store")
+    p.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
+    p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
+    p.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
+    p.add_argument("--anchor", choices=["tile", "events"], default="tile")
+    p.add_argument("--imu-hz", type=float, default=200.0)
+    p.add_argument("--frames", type=int, default=4, help="frames per window")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
+    p.add_argument("--split", default=None)
+    p.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+
+
 def _windows_from_args(args: argparse.Namespace):
     """The WindowSet that the window options of ``windows`` and ``cache build`` describe."""
     kw = {"frames": args.frames} if "video" in args.modalities else {}
@@ -205,16 +219,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     cache = sub.add_parser("cache", help="window caches: build, info, clear")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     s = csub.add_parser("build", help="build (or repair) the cache of a window set now")
-    s.add_argument("store")
-    s.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
-    s.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
-    s.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
-    s.add_argument("--anchor", choices=["tile", "events"], default="tile")
-    s.add_argument("--imu-hz", type=float, default=200.0)
-    s.add_argument("--frames", type=int, default=4, help="frames per window")
-    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
-    s.add_argument("--split", default=None)
-    s.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+    _add_window_args(s)
     s.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
     s.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="windows per shard")
     s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
@@ -258,16 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("windows", help="build windows on a store, print the report, optionally load them")
-    s.add_argument("store")
-    s.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
-    s.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
-    s.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
-    s.add_argument("--anchor", choices=["tile", "events"], default="tile")
-    s.add_argument("--imu-hz", type=float, default=200.0)
-    s.add_argument("--frames", type=int, default=4, help="frames per window")
-    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
-    s.add_argument("--split", default=None)
-    s.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+    _add_window_args(s)
     s.add_argument("--epochs", type=int, default=1, help="epochs to load (0: only build and report)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--workers", type=int, default=0)

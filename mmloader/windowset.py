@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .lru import LRU
 from .resample import filter_support_ns, resample
 from .store import Store
 from .video.backends import ReaderPool, resolve_backend
@@ -56,7 +56,7 @@ class WindowSet:
         self.reader_capacity = reader_capacity
         self._columns = _Columns(index)
         self._readers: ReaderPool | None = None
-        self._video_index: OrderedDict = OrderedDict()
+        self._video_index: LRU = LRU(VIDEO_INDEX_CACHE)
         self._rates: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
@@ -144,16 +144,7 @@ class WindowSet:
         return resample(t, x, grid, spec.imu_hz, source_hz=src_hz, max_gap_ns=int(5 * period))
 
     def _pts(self, rid: str, v: str) -> tuple[np.ndarray, np.ndarray]:
-        key = (rid, v)
-        hit = self._video_index.get(key)
-        if hit is None:
-            hit = self.store.video_index(rid, v)
-            self._video_index[key] = hit
-            while len(self._video_index) > VIDEO_INDEX_CACHE:
-                self._video_index.popitem(last=False)
-        else:
-            self._video_index.move_to_end(key)
-        return hit
+        return self._video_index.get((rid, v), lambda: self.store.video_index(rid, v))
 
     def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
         pts, key = self._pts(rid, v)
@@ -185,7 +176,7 @@ class WindowSet:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = None
-        state["_video_index"] = OrderedDict()
+        state["_video_index"] = LRU(VIDEO_INDEX_CACHE)
         del state["_lock"]
         return state
 

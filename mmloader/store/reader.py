@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -16,6 +15,7 @@ import zarr
 
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, read_arrow_buffer
+from ..lru import LRU
 from ..schema import check_manifest, check_table, load_schema
 from .writer import MANIFEST
 
@@ -63,8 +63,8 @@ class Store:
         self.recordings = self._read_table("recordings")
         self.streams = self._read_table("streams")
         self.gaps = self._read_table("gaps")
-        self._handles: OrderedDict = OrderedDict()
-        self._chunks: OrderedDict = OrderedDict()
+        self._handles: LRU = LRU(HANDLE_CACHE)
+        self._chunks: LRU = LRU(CHUNK_CACHE)
         self._stream_rows: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def __reduce__(self):
@@ -164,32 +164,20 @@ class Store:
         return t[a:b], x[a:b]
 
     def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (recording_id, stream, c)
-        hit = self._chunks.get(key)
-        if hit is None:
+        def load() -> tuple[np.ndarray, np.ndarray]:
             t_arr, data_arr, rows = self._timeseries_handle(recording_id, stream)[3:6]
-            hit = (t_arr[c * rows:(c + 1) * rows], data_arr[c * rows:(c + 1) * rows])
-            self._chunks[key] = hit
-            while len(self._chunks) > CHUNK_CACHE:
-                self._chunks.popitem(last=False)
-        else:
-            self._chunks.move_to_end(key)
-        return hit
+            return t_arr[c * rows:(c + 1) * rows], data_arr[c * rows:(c + 1) * rows]
+
+        return self._chunks.get((recording_id, stream, c), load)
 
     def _timeseries_handle(self, recording_id: str, stream: str):
         """(group, t_coarse, number of chunks, t_ns array, data array, rows per chunk), cached."""
-        key = (recording_id, stream)
-        handle = self._handles.get(key)
-        if handle is None:
+        def load():
             g = self.timeseries_group(recording_id, stream)
             coarse = g["t_coarse"][:]
-            handle = (g, coarse, len(coarse), g["t_ns"], g["data"], int(g.attrs["chunk_rows"]))
-            self._handles[key] = handle
-            while len(self._handles) > HANDLE_CACHE:
-                self._handles.popitem(last=False)
-        else:
-            self._handles.move_to_end(key)
-        return handle
+            return (g, coarse, len(coarse), g["t_ns"], g["data"], int(g.attrs["chunk_rows"]))
+
+        return self._handles.get((recording_id, stream), load)
 
     def video_index(self, recording_id: str, stream: str = "video") -> tuple[np.ndarray, np.ndarray]:
         """``(pts_ns, keyframe)`` of a video stream."""
