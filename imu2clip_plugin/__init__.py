@@ -1,6 +1,7 @@
 """IMU2CLIP on top of mmloader: an IMU encoder trained against frozen CLIP towers.
 
-The encoder, towers, trainer and evaluation land with their issues; this package depends on mmloader,
+The encoder, towers, embedding cache and trainer (``from imu2clip_plugin.train import TrainConfig, train``);
+evaluation lands with its issue. This package depends on mmloader,
 never the reverse.
 
 ``encoder`` and ``loss`` need only torch (``safetensors`` to save/load); ``towers`` needs ``open_clip_torch`` and
@@ -14,11 +15,14 @@ from .loss import ContrastiveLoss, gather_with_grad, info_nce
 
 __version__ = "0.1.0"
 
+_LAZY = {"TrainConfig": "train", "EmbeddedWindows": "embed", "build_embedding_cache": "embed",
+         "towers_fingerprint": "embed"}
+
 _TOWERS = ("ClipTowers", "WeightsUnavailableError", "TINY_MODEL", "TINY_CONFIG", "register_tiny_config",
            "register_model_config")
 
 __all__ = ["IMUEncoder", "IMUEncoderConfig", "save_encoder", "load_encoder",
-           "ContrastiveLoss", "info_nce", "gather_with_grad", *_TOWERS]
+           "ContrastiveLoss", "info_nce", "gather_with_grad", *_TOWERS, *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +30,8 @@ def __getattr__(name: str) -> Any:
         from . import towers
 
         return getattr(towers, name)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'imu2clip_plugin' has no attribute {name!r}")

@@ -1,0 +1,390 @@
+"""Training the IMU encoder against frozen CLIP towers (plain PyTorch; ``torch.distributed`` under ``torchrun``).
+
+``train(TrainConfig(...)) -> dict`` builds the windows (split by recording), optionally the embedding cache
+(:mod:`imu2clip_plugin.embed`), the encoder and the contrastive loss, and runs AdamW with linear warmup + cosine
+decay, gradient clipping, AMP on CUDA, validation each epoch, JSONL metrics, a checkpoint each epoch and at the end
+(exact resume with ``resume=True``), and exports the encoder with ``save_encoder`` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoder import IMUEncoder, IMUEncoderConfig, save_encoder
+from .loss import ContrastiveLoss
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (JSON round-trip with ``to_dict`` / ``from_dict``)."""
+
+    # data
+    store: str = "sample:ego4d"          # a store URL, or "sample:ego4d"
+    sec: float = 5.0
+    stride: float | None = 1.0
+    anchor: str = "tile"
+    imu_hz: float = 200.0
+    frames: int = 1
+    size: tuple[int, int] | None = (64, 64)
+    train_split: str = "train"
+    val_split: str = "val"
+    val_fraction: float = 0.2          # held-out share of the train recordings when there is no val split
+    # model
+    targets: tuple[str, ...] = ("video",)
+    encoder: dict[str, Any] = field(default_factory=dict)   # IMUEncoderConfig fields; embed_dim follows the towers
+    model_name: str = "imu2clip-tiny"
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    reduce: str = "center"
+    # optimisation
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    num_workers: int = 0
+    amp: bool = True                   # only ever used on CUDA
+    device: str = "auto"
+    # run
+    run_dir: str = "runs/imu2clip"
+    use_cache: bool = True
+    cache_url: str = "auto"
+    resume: bool = False
+    stop_after_steps: int | None = None  # checkpoint and return after this many steps (interruption)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        self.targets = tuple(self.targets)
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        if self.epochs < 1 and self.max_steps is None:
+            raise ValueError("give epochs >= 1 or max_steps")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        d["size"] = list(self.size) if self.size is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}")
+        return cls(**d)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+class _Model(nn.Module):
+    """Encoder + loss in one module, so DDP averages the temperature's gradient too."""
+
+    def __init__(self, encoder: IMUEncoder, loss: ContrastiveLoss):
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss
+
+    def forward(self, imu, mask, video=None, text=None):
+        z = self.encoder(imu, mask, normalize=True)
+        return self.loss(z.float(), video=video, text=text)
+
+
+def _dist_setup(device_pref: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu" if device_pref == "auto" else device_pref)
+    return rank, world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warmup over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        p = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return f
+
+
+def _open_windows(cfg: TrainConfig):
+    import mmloader
+
+    ds = mmloader.open(cfg.store)
+    mods = ["imu"]
+    if "video" in cfg.targets:
+        mods.append("video")
+    if "text" in cfg.targets:
+        mods.append("text")
+    kw: dict[str, Any] = {}
+    if "video" in cfg.targets:
+        kw.update(frames=cfg.frames, size=cfg.size)
+    return ds.windows(sec=cfg.sec, stride=cfg.stride, modalities=mods, anchor=cfg.anchor, imu_hz=cfg.imu_hz, **kw)
+
+
+def split_train_val(windows, cfg: TrainConfig):
+    """``(train, val)``: the ``train_split`` and ``val_split`` windows, or, without a val split, a held-out
+    ``val_fraction`` of the train recordings (chosen with ``seed``; always per recording)."""
+    train = windows.split(cfg.train_split)
+    val = windows.split(cfg.val_split)
+    if len(val) > 0:
+        return train, val
+    recs = sorted(set(train.index["recording_id"].to_pylist()))
+    if len(recs) < 2:
+        raise ValueError(f"no {cfg.val_split!r} split and only {len(recs)} train recording(s): cannot hold out")
+    k = min(len(recs) - 1, max(1, round(cfg.val_fraction * len(recs))))
+    held = set(np.random.default_rng(cfg.seed).choice(recs, size=k, replace=False).tolist())
+    return train.recordings([r for r in recs if r not in held]), train.recordings(sorted(held))
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Targets:
+    """Turns a batch into target embeddings: from the cache (``*_emb``) or the towers online."""
+
+    def __init__(self, towers, targets: Sequence[str], reduce: str, device: torch.device):
+        self.towers, self.targets, self.reduce, self.device = towers, tuple(targets), reduce, device
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        if "video" in self.targets:
+            if "video_emb" in batch:
+                out["video"] = batch["video_emb"].to(self.device, non_blocking=True)
+            else:
+                out["video"] = self.towers.encode_frames(batch["video"].to(self.device), reduce=self.reduce)
+        if "text" in self.targets:
+            if "text_emb" in batch:
+                out["text"] = batch["text_emb"].to(self.device, non_blocking=True)
+            else:
+                from .embed import _text_of
+                out["text"] = self.towers.encode_text([_text_of(t) for t in batch["text"]])
+        return out
+
+
+# -- training ----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
+    """Train; returns ``{"step", "epoch", "train_loss", "val_loss", "val_history", "run_dir", "encoder_dir",
+    "stopped_early"}``. ``windows`` / ``towers`` may be passed in (else built from ``cfg``)."""
+    from tqdm.auto import tqdm
+
+    rank, world, device = _dist_setup(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _barrier(world)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if towers is None:
+        from .towers import ClipTowers
+
+        towers = ClipTowers(cfg.model_name, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, device=device)
+    else:
+        towers = towers.to(device)
+
+    if windows is None:
+        windows = _open_windows(cfg)
+    train_ws, val_ws = split_train_val(windows, cfg)
+    if cfg.use_cache:
+        from .embed import build_embedding_cache
+
+        if rank == 0:
+            train_ws = build_embedding_cache(train_ws, towers, url=_sub_url(cfg.cache_url, "train"), reduce=cfg.reduce)
+            val_ws = build_embedding_cache(val_ws, towers, url=_sub_url(cfg.cache_url, "val"), reduce=cfg.reduce)
+        _barrier(world)
+        if rank != 0:
+            train_ws = build_embedding_cache(train_ws, towers, url=_sub_url(cfg.cache_url, "train"),
+                                             reduce=cfg.reduce, fill="lazy")
+            val_ws = build_embedding_cache(val_ws, towers, url=_sub_url(cfg.cache_url, "val"),
+                                           reduce=cfg.reduce, fill="lazy")
+
+    torch.manual_seed(cfg.seed)
+    enc_cfg = IMUEncoderConfig.from_dict({**cfg.encoder, "embed_dim": towers.embed_dim})
+    model = _Model(IMUEncoder(enc_cfg), ContrastiveLoss(cfg.targets)).to(device)
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    loader = train_ws.loader(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
+                             drop_last=True, even_shards=world > 1, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ws)} train windows on this rank is less than one batch of {cfg.batch_size}")
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    targets = _Targets(towers, cfg.targets, cfg.reduce, device)
+
+    step, history = 0, []
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        loader.load_state_dict(ck["loader"][rank] if isinstance(ck["loader"], list) else ck["loader"])
+        step, history = int(ck["step"]), list(ck.get("val_history", []))
+        _set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+
+    def log(rec: dict[str, Any]) -> None:
+        if rank == 0:
+            with open(run_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint() -> None:
+        states = [loader.state_dict()]
+        rngs = [_rng_state()]
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, (states[0], rngs[0]))
+            states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        if rank == 0:
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "scaler": scaler.state_dict(), "logit_scale": float(model.loss.logit_scale.detach()),
+                          "loader": states if world > 1 else states[0], "rng": rngs if world > 1 else rngs[0],
+                          "step": step, "epoch": loader.epoch, "val_history": history, "config": cfg.to_dict()},
+                         ckpt_path)
+        _barrier(world)
+
+    @torch.no_grad()
+    def validate() -> float:
+        model.eval()
+        # a fixed shuffled order (same batches every time): batches mix recordings, as in training
+        vl = val_ws.loader(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=0,
+                           even_shards=world > 1)
+        tot = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in vl:
+            n = len(b["index"])
+            if n < 2:
+                continue
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = model(b["imu"].to(device), b["imu_mask"].to(device), **targets(b))
+            tot += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(tot)
+        model.train()
+        return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+
+    if step == 0 and not history:
+        v0 = validate()
+        history.append(v0)
+        log({"event": "val", "step": 0, "epoch": loader.epoch, "val_loss": v0})
+
+    model.train()
+    bar = tqdm(total=total, initial=step, disable=rank != 0 or not cfg.progress, desc="train", dynamic_ncols=True)
+    last_loss, stopped, t_start, last_val_step = float("nan"), False, time.perf_counter(), -1
+    while step < total and not stopped:
+        epoch_done = True
+        for batch in loader:
+            imu, mask = batch["imu"].to(device, non_blocking=True), batch["imu_mask"].to(device, non_blocking=True)
+            tg = targets(batch)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = ddp(imu, mask, **tg)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            gnorm = None
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            model.loss.clamp_()
+            step += 1
+            last_loss = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            log({"event": "train", "step": step, "epoch": loader.epoch, "loss": last_loss,
+                 "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                 "logit_scale": float(model.loss.logit_scale.detach())})
+            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                stopped, epoch_done = True, False
+                break
+            if step >= total:
+                epoch_done = loader.offset >= len(loader.order(loader.epoch))
+                break
+        if epoch_done and not stopped:
+            if loader.offset != 0:  # broke out exactly at the end of the epoch: start the next one
+                loader.set_epoch(loader.epoch + 1)
+            v = validate()
+            history.append(v)
+            last_val_step = step
+            log({"event": "val", "step": step, "epoch": loader.epoch - 1, "val_loss": v})
+            checkpoint()
+    bar.close()
+    if not stopped and last_val_step != step:
+        v = validate()
+        history.append(v)
+        log({"event": "val", "step": step, "epoch": loader.epoch, "val_loss": v})
+    checkpoint()
+    enc_dir = None
+    if not stopped and rank == 0:
+        enc_dir = str(save_encoder(model.encoder, run_dir / "encoder"))
+    log({"event": "end", "step": step, "stopped_early": stopped, "seconds": time.perf_counter() - t_start})
+    return {"step": step, "epoch": loader.epoch, "train_loss": last_loss, "val_loss": history[-1] if history else None,
+            "val_history": history, "run_dir": str(run_dir), "encoder_dir": enc_dir, "stopped_early": stopped,
+            "model": model}
+
+
+def _sub_url(url: str, part: str) -> str:
+    return url if url == "auto" else url.rstrip("/") + "/" + part
