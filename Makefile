@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
+DEMO_EPOCHS ?= 10
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test test-all venv clean
@@ -16,18 +17,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-## make demo: generate the sample Ego4D tree, prepare it into a store and summarise it
+## make demo: the whole mission on the built-in sample data: generate the sample Ego4D tree, prepare a store,
+## check it, load windows through the loader, then cache CLIP embeddings, train IMU2CLIP and evaluate it
 demo: venv
-	@echo "== 1/4 generating the sample Ego4D tree in $(DEMO_DIR)/ego4d"
-	rm -rf $(DEMO_DIR)/ego4d
-	$(BIN)/mmloader sample ego4d $(DEMO_DIR)/ego4d --videos 8 --seconds 60 --seed 0
-	@echo "== 2/4 preparing the store $(DEMO_DIR)/store"
-	$(BIN)/mmloader prepare ego4d $(DEMO_DIR)/ego4d $(DEMO_DIR)/store --overwrite
-	@echo "== 3/4 the store"
-	$(BIN)/mmloader info $(DEMO_DIR)/store
-	$(BIN)/mmloader validate $(DEMO_DIR)/store
-	@echo "== 4/4 5-second IMU+video windows, one epoch through the loader"
-	$(BIN)/mmloader windows $(DEMO_DIR)/store --sec 5 --modalities imu video text --frames 4 --size 112 112 --workers 1
+	@echo "== mmloader: sample data -> store -> windows"
+	rm -rf $(DEMO_DIR)/ego4d-small
+	$(BIN)/mmloader sample ego4d $(DEMO_DIR)/ego4d-small --videos 4 --seconds 30 --seed 0
+	$(BIN)/mmloader prepare ego4d $(DEMO_DIR)/ego4d-small $(DEMO_DIR)/store-small --overwrite
+	$(BIN)/mmloader info $(DEMO_DIR)/store-small
+	$(BIN)/mmloader validate $(DEMO_DIR)/store-small
+	$(BIN)/mmloader windows $(DEMO_DIR)/store-small --sec 5 --modalities imu video text --frames 4 --size 112 112 --workers 1
+	@echo "== imu2clip_plugin: embedding cache -> training -> evaluation"
+	$(BIN)/python -m imu2clip_plugin.demo --run-dir $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
 
 ## make test: the test suite (slow tests excluded; `make test-all` runs them too)
 test: venv
