@@ -1,7 +1,7 @@
 """Writing a store atomically.
 
 A store is published in one step: on a local filesystem everything is written under a hidden temporary
-sibling (``.NAME.partial-XXXX``) and renamed into place; on other filesystems (``memory://``, ``s3://``),
+sibling (``.NAME.partial-<random>``) and renamed into place; on other filesystems (``memory://``, ``s3://``),
 where directories cannot be renamed atomically, the files are written in place and ``mmloader.json`` is
 written *last*. Either way a store without its manifest is refused by the reader, and a writer that fails
 removes what it wrote.
