@@ -57,7 +57,6 @@ class WindowSet:
         self._columns = _Columns(index)
         self._readers: ReaderPool | None = None
         self._video_index: LRU = LRU(VIDEO_INDEX_CACHE)
-        self._rates: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     # -- map-style -------------------------------------------------------------------------------
@@ -127,16 +126,10 @@ class WindowSet:
         return self._cache
 
     # -- reading ---------------------------------------------------------------------------------
-    def _rate(self, rid: str, m: str) -> float:
-        key = (rid, m)
-        if key not in self._rates:
-            self._rates[key] = float(self.store.stream_row(rid, m)["rate_hz"] or 0.0)
-        return self._rates[key]
-
     def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec
         grid = t0 + spec.grid_offsets_ns()
-        src_hz = self._rate(rid, m) or None
+        src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
         # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
         margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
         t, x = self.store.timeseries_slice(rid, m, int(grid[0]) - margin, int(grid[-1]) + margin)
