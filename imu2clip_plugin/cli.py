@@ -1,4 +1,5 @@
-"""``imu2clip`` command line: ``imu2clip train --config FILE [--set key=value ...]`` and ``imu2clip embed STORE ...``.
+"""``imu2clip`` command line: ``imu2clip train --config FILE [--set key=value ...]``, ``imu2clip embed STORE ...`` and
+``imu2clip evaluate ENCODER_DIR STORE [--splits val test] [--out DIR]``.
 
 Configs are JSON (or TOML) files of :class:`imu2clip_plugin.train.TrainConfig` fields; ``--config imu_video`` (a bare
 name) picks one of the packaged configs (``imu_video``, ``imu_text``, ``imu_video_text``). ``--set`` values are
@@ -69,7 +70,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--reduce", default="center", choices=["center", "mean"])
     e.add_argument("--url", default="auto")
     e.add_argument("--seed", type=int, default=0, help="seeds random-init towers")
+    v = sub.add_parser("evaluate", help="retrieval and activity recognition of a trained encoder on held-out recordings")
+    v.add_argument("encoder", help="directory written by save_encoder (run_dir/encoder)")
+    v.add_argument("store")
+    v.add_argument("--out", default=None, help="report directory (default: ENCODER/../report)")
+    v.add_argument("--sec", type=float, default=5.0)
+    v.add_argument("--stride", type=float, default=None, help="default: sec / 2")
+    v.add_argument("--frames", type=int, default=1)
+    v.add_argument("--size", type=int, nargs=2, default=[64, 64])
+    v.add_argument("--splits", nargs="+", default=["val", "test"], help="held-out splits (queries and candidates)")
+    v.add_argument("--train-split", default="train", help="split the probes and fine-tuning train on")
+    v.add_argument("--label-stream", default="activities", help="event stream with the class labels (if present)")
+    v.add_argument("--model", default="imu2clip-tiny")
+    v.add_argument("--pretrained", default=None)
+    v.add_argument("--checkpoint", default=None)
+    v.add_argument("--reduce", default="center", choices=["center", "mean"])
+    v.add_argument("--fine-tune-epochs", type=int, default=15)
+    v.add_argument("--seed", type=int, default=0, help="seeds random-init towers and the baseline encoder")
     args = ap.parse_args(argv)
+
+    if args.cmd == "evaluate":
+        return _evaluate(args)
 
     if args.cmd == "train":
         from .train import TrainConfig, train
@@ -107,6 +128,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     cached = build_embedding_cache(wins, towers, url=args.url, reduce=args.reduce, progress=True)
     c = cached.window_cache
     print(json.dumps({"url": c.url, "fingerprint": c.fingerprint, "windows": len(cached)}, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import mmloader
+    import torch
+
+    from .encoder import IMUEncoder, load_encoder
+    from .evaluate import evaluate_encoder
+    from .towers import ClipTowers
+
+    torch.manual_seed(args.seed)
+    towers = ClipTowers(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    encoder = load_encoder(args.encoder)
+    if encoder.config.embed_dim != towers.embed_dim:
+        raise SystemExit(f"{args.encoder}: the encoder embeds into {encoder.config.embed_dim} dimensions but "
+                         f"{args.model} has {towers.embed_dim}: evaluate with the towers it was trained against")
+    ds = mmloader.open(args.store)
+    labels = args.label_stream if args.label_stream in ds.modalities else None
+    wins = ds.windows(sec=args.sec, stride=args.stride if args.stride else args.sec / 2,
+                      modalities=["imu", "video", "text"], frames=args.frames, size=tuple(args.size), label_stream=labels)
+    splits = wins.index["split"].to_pylist()
+    held_out = wins.filter([s in args.splits for s in splits])
+    if len(held_out) == 0:
+        raise SystemExit(f"{args.store}: no windows in the splits {args.splits} (the store has {sorted(set(splits))})")
+    torch.manual_seed(args.seed + 1)
+    baseline = IMUEncoder(encoder.config)
+    out = args.out or str(Path(args.encoder).resolve().parent / "report")
+    res = evaluate_encoder(encoder, wins.split(args.train_split) if labels else None, held_out, towers,
+                           baseline_encoder=baseline, fine_tune_epochs=args.fine_tune_epochs, reduce=args.reduce,
+                           run_dir=out)
+    for name, m in res["retrieval"].items():
+        print(f"{name:<12} N={m['N']:<6} R@1={m['R@1']:.3f} R@5={m['R@5']:.3f} R@10={m['R@10']:.3f} "
+              f"MRR={m['MRR']:.3f} (chance R@1 {m['chance_R@1']:.4f})")
+    for method, m in res.get("activity_recognition", {}).items():
+        if isinstance(m, dict) and "accuracy" in m:
+            print(f"{method:<24} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f}")
+    print(f"report: {res['report']}")
     return 0
 
 

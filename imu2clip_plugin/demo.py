@@ -2,7 +2,10 @@
 
 sample Ego4D tree → store → windows → embedding cache → IMU↔video↔text training → evaluation report.
 
-    python -m imu2clip_plugin.demo [--run-dir runs/demo] [--videos 12] [--seconds 60] [--epochs 4]
+    python -m imu2clip_plugin.demo [--run-dir runs/demo] [--videos 24] [--seconds 60] [--epochs 15]
+
+Training uses windows every ``sec/4`` seconds of the train recordings (overlapping windows: more IMU/frame pairs
+for the same data); evaluation uses windows every ``sec/2`` seconds of the val and test recordings only.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ def _stage(n: int, total: int, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--videos", type=int, default=12)
+    p.add_argument("--videos", type=int, default=24)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--sec", type=float, default=4.0, help="window length")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--fine-tune-epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmloader.samples import generate_ego4d_sample
 
     from .encoder import IMUEncoder, IMUEncoderConfig
-    from .evaluate import activity_recognition, embed_windows, retrieval, write_report
+    from .evaluate import AR_METHODS, evaluate_encoder
     from .towers import ClipTowers
     from .train import TrainConfig, train
 
@@ -51,37 +55,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(ds.recording_ids)} recordings, splits {ds.splits}, modalities {ds.modalities}")
 
     _stage(3, total, f"{args.sec:g}-second windows with IMU, a video frame, narrations and activity labels")
-    wins = ds.windows(sec=args.sec, stride=args.sec / 2, modalities=["imu", "video", "text"], frames=1, size=(64, 64),
-                      label_stream="activities")
+    common = dict(modalities=["imu", "video", "text"], frames=1, size=(64, 64), label_stream="activities")
+    train_stride, eval_stride = args.sec / 4, args.sec / 2
+    train_wins = ds.windows(sec=args.sec, stride=train_stride, **common)   # train + val recordings
+    wins = ds.windows(sec=args.sec, stride=eval_stride, **common)
     print(wins, wins.report())
     held_out = wins.filter([s in ("val", "test") for s in wins.index["split"].to_pylist()])
     train_set = wins.split("train")
-    print(f"train {len(train_set)} windows; held-out (val+test recordings) {len(held_out)} windows")
+    print(f"training on {len(train_wins.split('train'))} windows (stride {train_stride:g} s) of the train recordings; "
+          f"evaluating on {len(held_out)} windows (stride {eval_stride:g} s) of the val + test recordings")
 
     _stage(4, total, "caching frozen CLIP embeddings and training the IMU encoder (IMU <-> video <-> text)")
     torch.manual_seed(args.seed)
     towers = ClipTowers("imu2clip-tiny")
-    cfg = TrainConfig(store=store, sec=args.sec, stride=args.sec / 2, frames=1, size=(64, 64),
+    cfg = TrainConfig(store=store, sec=args.sec, stride=train_stride, frames=1, size=(64, 64),
                       targets=("video", "text"), epochs=args.epochs, batch_size=32, lr=2e-3,
                       run_dir=os.path.join(run, "train"), seed=args.seed,
                       encoder={"conv_channels": [32, 64], "kernel_sizes": [5, 5], "gru_hidden": 64, "gru_layers": 1})
-    result = train(cfg, windows=wins, towers=towers)
+    result = train(cfg, windows=train_wins, towers=towers)
     encoder = result["model"].encoder
     print(f"validation loss {result['val_history'][0]:.3f} -> {result['val_loss']:.3f}")
 
-    _stage(5, total, "evaluating on held-out recordings")
+    _stage(5, total, "evaluating on held-out recordings (retrieval, zero-shot, linear probe, fine-tuning)")
     enc_cfg = IMUEncoderConfig.from_dict({**IMUEncoderConfig().to_dict(), **cfg.encoder, "embed_dim": towers.embed_dim})
+    torch.manual_seed(args.seed + 1)
     baseline = IMUEncoder(enc_cfg)
-    test_emb = embed_windows(encoder, held_out, towers)
-    classes = sorted(set(train_set.index["label"].to_pylist()) | set(held_out.index["label"].to_pylist()))
-    results = {
-        "retrieval": retrieval(test_emb),
-        "activity_recognition": activity_recognition(
-            embed_windows(encoder, train_set), test_emb, classes,
-            embed_windows(baseline, train_set), embed_windows(baseline, held_out), towers=towers),
-        "training": {k: result[k] for k in ("step", "train_loss", "val_loss", "val_history")},
-    }
-    report = write_report(results, os.path.join(run, "report"))
+    results = evaluate_encoder(encoder, train_set, held_out, towers, baseline_encoder=baseline,
+                               fine_tune_epochs=args.fine_tune_epochs, run_dir=os.path.join(run, "report"),
+                               extra={"training": {k: result[k] for k in ("step", "train_loss", "val_loss", "val_history")}})
+    report = results["report"]
+    classes = results["activity_recognition"]["classes"]
 
     _stage(6, total, "results")
     print(f"{'direction':<12} {'N':>5} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MRR':>6} {'chance R@1':>11}")
@@ -89,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {m['N']:>5} {m['R@1']:>6.3f} {m['R@5']:>6.3f} {m['R@10']:>6.3f} {m['MRR']:>6.3f} {m['chance_R@1']:>11.4f}")
     act = results["activity_recognition"]
     print(f"\n{'activity recognition':<28} {'accuracy':>9} {'macro-F1':>9}   ({len(classes)} classes)")
-    for method in ("zero_shot", "linear_probe", "random_init_linear_probe"):
-        print(f"{method.replace('_', ' '):<28} {act[method]['accuracy']:>9.3f} {act[method]['macro_f1']:>9.3f}")
+    for method in AR_METHODS:
+        if method in act:
+            print(f"{method.replace('_', ' '):<28} {act[method]['accuracy']:>9.3f} {act[method]['macro_f1']:>9.3f}")
     print(f"\nreport: {report}   ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 

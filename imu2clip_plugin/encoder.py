@@ -146,17 +146,25 @@ class MaskedGroupNorm(nn.Module):
         return cls([range(g * size, (g + 1) * size) for g in range(num_groups)], num_channels, eps)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        # statistics in float32 even under autocast (as torch's own group_norm): float16 sums of squares overflow
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return self._normalise(x, None if mask is None else mask.to(x.dtype))
+
+    def _normalise(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if mask is None:
             mask = x.new_ones(x.shape[0], 1, x.shape[2])
-        count = mask.sum(-1) * self.assign.sum(0)                        # (B, G) valid values per group
+        a = self.assign.to(x.dtype)
+        count = mask.sum(-1) * a.sum(0)                        # (B, G) valid values per group
         count = count.clamp_min(1.0)
-        mean_g = (x * mask).sum(-1) @ self.assign / count               # (B, G)
-        mean_c = (mean_g @ self.assign.T).unsqueeze(-1)                  # (B, C, 1)
+        mean_g = (x * mask).sum(-1) @ a / count               # (B, G)
+        mean_c = (mean_g @ a.T).unsqueeze(-1)                  # (B, C, 1)
         centred = (x - mean_c) * mask
-        var_g = (centred * centred).sum(-1) @ self.assign / count        # (B, G), biased like nn.GroupNorm
-        inv_c = torch.rsqrt(var_g + self.eps) @ self.assign.T            # (B, C)
+        var_g = (centred * centred).sum(-1) @ a / count        # (B, G), biased like nn.GroupNorm
+        inv_c = torch.rsqrt(var_g + self.eps) @ a.T            # (B, C)
         y = centred * inv_c.unsqueeze(-1)
-        return (y * self.weight[:, None] + self.bias[:, None]) * mask
+        return (y * self.weight.to(x.dtype)[:, None] + self.bias.to(x.dtype)[:, None]) * mask
 
 
 class ConvBlock(nn.Module):

@@ -3,9 +3,12 @@
 - Retrieval: IMU→video, video→IMU, IMU→text, text→IMU over one window set (use held-out recordings:
   ``windows.split("test")`` — splits are per recording), each with R@1/5/10/50, MRR, median rank and N.
 - Activity recognition on windows with labels (``windows(..., label_stream="activities")``): zero-shot (nearest
-  CLIP text embedding of a class prompt) and a linear probe on the frozen encoder, the same probe on a randomly
-  initialised encoder as the baseline; accuracy and macro-F1.
-- ``write_report``: ``report.md``, ``metrics.json`` and PNG plots (recall-at-k curves, confusion matrices).
+  CLIP text embedding of a class prompt), a linear probe on the frozen encoder and fine-tuning of the whole encoder
+  with a linear head; the probe and the fine-tuning are repeated on a randomly initialised encoder as the baseline;
+  accuracy and macro-F1.
+- ``evaluate_encoder``: all of the above for a train / held-out pair of window sets, optionally with the report.
+- ``write_report``: ``report.md``, ``metrics.json`` and PNG plots (recall-at-k curves, confusion matrices, and
+  retrieval examples: query IMU traces next to the top retrieved frames).
 """
 
 from __future__ import annotations
@@ -32,17 +35,35 @@ class WindowEmbeddings:
     text: np.ndarray | None
     labels: list[str] | None
     recording_ids: list[str]
+    imu_raw: np.ndarray | None = None       # (N, C, T) float32 input windows, with ``keep_inputs=True``
+    imu_mask: np.ndarray | None = None      # (N, T) bool
+    frames: np.ndarray | None = None        # (N, H, W, 3) uint8 centre frames, with ``keep_inputs=True``
+    t0: np.ndarray | None = None            # (N,) window start (ns, recording clock)
 
 
 @torch.no_grad()
 def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: int = 64, reduce: str = "center",
-                  num_workers: int = 0) -> WindowEmbeddings:
-    """Run the encoder (and the frozen towers, when given) over every window, in order."""
+                  num_workers: int = 0, keep_inputs: bool = False) -> WindowEmbeddings:
+    """Run the encoder (and the frozen towers, when given) over every window, in order.
+
+    ``keep_inputs=True`` also keeps the IMU windows and the centre video frame of each window (for fine-tuning and
+    the retrieval-example plots)."""
     was_training = encoder.training
     encoder.eval()
+    device = next(encoder.parameters()).device
     imu, video, text, labels, rids = [], [], [], [], []
+    raw, masks, frames, t0s = [], [], [], []
     for batch in windows.loader(batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        imu.append(encoder(batch["imu"], batch.get("imu_mask"), normalize=True).float().cpu().numpy())
+        x = batch["imu"].to(device)
+        m = batch["imu_mask"].to(device) if "imu_mask" in batch else None
+        imu.append(encoder(x, m, normalize=True).float().cpu().numpy())
+        if keep_inputs:
+            raw.append(batch["imu"].float().numpy())
+            masks.append(batch["imu_mask"].numpy() if "imu_mask" in batch else np.ones(batch["imu"].shape[::2], bool))
+            t0s.append(np.asarray(batch["t0"]))
+            if "video" in batch:
+                v = batch["video"]                              # (B, F, 3, H, W) uint8
+                frames.append(v[:, v.shape[1] // 2].permute(0, 2, 3, 1).numpy())
         if towers is not None and "video" in batch:
             video.append(towers.encode_frames(batch["video"], reduce=reduce).float().cpu().numpy())
         if towers is not None and "text" in batch:
@@ -53,7 +74,8 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
         rids.extend(batch["recording_id"])
     encoder.train(was_training)
     cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
-    return WindowEmbeddings(cat(imu), cat(video), cat(text), labels or None, rids)
+    return WindowEmbeddings(cat(imu), cat(video), cat(text), labels or None, rids,
+                            imu_raw=cat(raw), imu_mask=cat(masks), frames=cat(frames), t0=cat(t0s))
 
 
 def retrieval(emb: WindowEmbeddings, ks: Sequence[int] = RECALL_KS) -> dict[str, dict]:
@@ -103,13 +125,58 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray
             "confusion": confusion_matrix(y_test, pred, num_classes).tolist()}
 
 
+def fine_tune(encoder: torch.nn.Module, train: WindowEmbeddings, test: WindowEmbeddings, train_y: Sequence[int],
+              test_y: Sequence[int], num_classes: int, epochs: int = 15, lr: float = 1e-3, batch_size: int = 64,
+              weight_decay: float = 0.01, seed: int = 0) -> dict:
+    """Fine-tune a copy of ``encoder`` with a linear head on its (un-normalised) embedding (cross-entropy, AdamW).
+
+    Needs the raw IMU windows: ``embed_windows(..., keep_inputs=True)``. ``encoder`` itself is not modified."""
+    import copy
+
+    if train.imu_raw is None or test.imu_raw is None:
+        raise ValueError("fine-tuning needs the IMU windows: embed_windows(..., keep_inputs=True)")
+    g = torch.Generator().manual_seed(seed)
+    device = next(encoder.parameters()).device
+    model = copy.deepcopy(encoder).train()
+    head = torch.nn.Linear(model.config.embed_dim, num_classes).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    x, m = torch.as_tensor(train.imu_raw), torch.as_tensor(train.imu_mask)
+    y = torch.as_tensor(list(train_y), dtype=torch.int64)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(order), batch_size):
+            j = order[i:i + batch_size]
+            logits = head(model(x[j].to(device), m[j].to(device)))
+            loss = torch.nn.functional.cross_entropy(logits, y[j].to(device))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        xt, mt = torch.as_tensor(test.imu_raw), torch.as_tensor(test.imu_mask)
+        for i in range(0, len(xt), batch_size):
+            preds.append(head(model(xt[i:i + batch_size].to(device), mt[i:i + batch_size].to(device))).argmax(1).cpu())
+    pred = torch.cat(preds).numpy()
+    y_test = list(test_y)
+    return {**classification_metrics(y_test, pred, num_classes),
+            "confusion": confusion_matrix(y_test, pred, num_classes).tolist(), "epochs": epochs}
+
+
 def activity_recognition(train: WindowEmbeddings, test: WindowEmbeddings, classes: Sequence[str],
                          baseline_train: WindowEmbeddings | None = None, baseline_test: WindowEmbeddings | None = None,
-                         towers=None) -> dict:
-    """Zero-shot (when towers are given), linear probe, and the random-init baseline's linear probe."""
+                         towers=None, encoder: torch.nn.Module | None = None,
+                         baseline_encoder: torch.nn.Module | None = None, fine_tune_epochs: int = 15) -> dict:
+    """Zero-shot (when towers are given), linear probe, and the random-init baseline's linear probe; with
+    ``encoder`` (and ``baseline_encoder``) and raw inputs in the embeddings, fine-tuning too."""
     if train.labels is None or test.labels is None:
         raise ValueError("activity recognition needs labelled windows: build them with label_stream=...")
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(train.labels) - set(index)) + sorted(set(test.labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the classes {list(classes)}")
     ytr, yte = [index[v] for v in train.labels], [index[v] for v in test.labels]
     out: dict[str, Any] = {"classes": list(classes), "train_windows": len(ytr), "test_windows": len(yte)}
     if towers is not None:
@@ -117,11 +184,103 @@ def activity_recognition(train: WindowEmbeddings, test: WindowEmbeddings, classe
     out["linear_probe"] = linear_probe(train.imu, ytr, test.imu, yte, len(classes))
     if baseline_train is not None and baseline_test is not None:
         out["random_init_linear_probe"] = linear_probe(baseline_train.imu, ytr, baseline_test.imu, yte, len(classes))
+    if encoder is not None and train.imu_raw is not None and fine_tune_epochs > 0:
+        out["fine_tune"] = fine_tune(encoder, train, test, ytr, yte, len(classes), epochs=fine_tune_epochs)
+        if baseline_encoder is not None:
+            out["random_init_fine_tune"] = fine_tune(baseline_encoder, train, test, ytr, yte, len(classes),
+                                                     epochs=fine_tune_epochs)
     return out
 
 
-def write_report(results: dict, run_dir: str | os.PathLike) -> str:
-    """``report.md`` + ``metrics.json`` + PNG plots in ``run_dir``; returns the report's path."""
+AR_METHODS = ("zero_shot", "linear_probe", "random_init_linear_probe", "fine_tune", "random_init_fine_tune")
+
+
+def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towers, *, classes: Sequence[str] | None = None,
+                     baseline_encoder: torch.nn.Module | None = None, fine_tune_epochs: int = 15,
+                     reduce: str = "center", run_dir: str | os.PathLike | None = None,
+                     extra: dict | None = None) -> dict:
+    """Retrieval on ``test_windows`` (use held-out recordings) and, when both sets carry labels, activity
+    recognition trained on ``train_windows``; writes the report into ``run_dir`` when given
+    (``results["report"]`` is its path). ``baseline_encoder``: a randomly initialised encoder of the same config."""
+    test = embed_windows(encoder, test_windows, towers, reduce=reduce, keep_inputs=True)
+    results: dict[str, Any] = {"retrieval": retrieval(test)}
+    if test.labels is not None and train_windows is not None:
+        train = embed_windows(encoder, train_windows, keep_inputs=True)
+        if train.labels is not None:
+            classes = list(classes) if classes is not None else sorted(set(train.labels) | set(test.labels))
+            b_train = b_test = None
+            if baseline_encoder is not None:
+                b_train, b_test = embed_windows(baseline_encoder, train_windows), embed_windows(baseline_encoder, test_windows)
+            results["activity_recognition"] = activity_recognition(
+                train, test, classes, b_train, b_test, towers=towers, encoder=encoder,
+                baseline_encoder=baseline_encoder, fine_tune_epochs=fine_tune_epochs)
+    results.update(extra or {})
+    if run_dir is not None:
+        results["report"] = write_report(results, run_dir, examples=test)
+    return results
+
+
+def plot_retrieval_examples(emb: WindowEmbeddings, path: str | os.PathLike, queries: int = 4, k: int = 5,
+                            seed: int = 0) -> str:
+    """A PNG: for a few IMU queries, the query's IMU trace (channels 0-2 solid on the left axis, 3-5 dashed on the
+    right: accelerometer m/s² and gyroscope rad/s for the Ego4D and Aria recipes) next to its
+    true frame and the top-``k`` retrieved frames (IMU→video), each titled with its recording and time; the
+    true match is framed in green where it was retrieved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if emb.frames is None or emb.imu_raw is None or emb.video is None:
+        raise ValueError("retrieval examples need frames, IMU windows and video embeddings: "
+                         "embed_windows(encoder, windows, towers, keep_inputs=True)")
+    sim = emb.imu @ emb.video.T
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(sim), size=min(queries, len(sim)), replace=False).tolist())
+    fig, axes = plt.subplots(len(picks), k + 2, figsize=(2.0 * (k + 2) + 1.5, 2.0 * len(picks)),
+                             gridspec_kw={"width_ratios": [2.2] + [1] * (k + 1)}, squeeze=False)
+    for row, q in zip(axes, picks):
+        x = emb.imu_raw[q]
+        t = np.arange(x.shape[-1])
+        ax = row[0]
+        if x.shape[0] >= 6:
+            ax.plot(t, x[:3].T, lw=0.6)
+            ax.set_ylabel("ch 0-2 (solid)", fontsize=6)
+            ax2 = ax.twinx()
+            ax2.plot(t, x[3:6].T, lw=0.6, alpha=0.7, linestyle="--")
+            ax2.tick_params(labelsize=6)
+            ax2.set_ylabel("ch 3-5 (dashed)", fontsize=6)
+        else:
+            ax.plot(t, x.T, lw=0.6)
+        label = f" [{emb.labels[q]}]" if emb.labels else ""
+        ax.set_title(f"query IMU {q}{label}", fontsize=7)
+        ax.set_xlabel("sample", fontsize=6)
+        ax.tick_params(labelsize=6)
+        order = np.argsort(-sim[q])
+        rank = int(np.nonzero(order == q)[0][0]) + 1
+        row[1].imshow(emb.frames[q])
+        row[1].set_title(f"true frame (rank {rank})", fontsize=7)
+        for j, c in enumerate(order[:k]):
+            a = row[2 + j]
+            a.imshow(emb.frames[c])
+            a.set_title(f"#{j + 1} cos {sim[q, c]:.2f}", fontsize=7)
+            if c == q:
+                for spine in a.spines.values():
+                    spine.set_edgecolor("green")
+                    spine.set_linewidth(3)
+        for a in row[1:]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(f"IMU→video retrieval examples (N = {len(sim)} candidates)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_report(results: dict, run_dir: str | os.PathLike, examples: WindowEmbeddings | None = None) -> str:
+    """``report.md`` + ``metrics.json`` + PNG plots in ``run_dir``; returns the report's path. ``examples``:
+    held-out embeddings with inputs kept, for the retrieval-example figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,11 +308,15 @@ def write_report(results: dict, run_dir: str | os.PathLike) -> str:
         fig.savefig(os.path.join(run_dir, "recall_at_k.png"), dpi=120)
         plt.close(fig)
         lines += ["", "![recall at k](recall_at_k.png)", ""]
+        if examples is not None and examples.frames is not None and examples.video is not None:
+            plot_retrieval_examples(examples, os.path.join(run_dir, "retrieval_examples.png"))
+            lines += ["Query IMU windows (left), their true frame and the top-5 retrieved frames (green: correct):", "",
+                      "![retrieval examples](retrieval_examples.png)", ""]
     act = results.get("activity_recognition")
     if act:
         lines += ["## Activity recognition", "", f"{act['train_windows']} training / {act['test_windows']} test windows, "
                   f"{len(act['classes'])} classes.", "", "| method | accuracy | macro-F1 |", "|---|---|---|"]
-        for method in ("zero_shot", "linear_probe", "random_init_linear_probe"):
+        for method in AR_METHODS:
             if method in act:
                 lines.append(f"| {method.replace('_', ' ')} | {act[method]['accuracy']:.3f} | {act[method]['macro_f1']:.3f} |")
                 fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -170,8 +333,7 @@ def write_report(results: dict, run_dir: str | os.PathLike) -> str:
                 fig.tight_layout()
                 fig.savefig(os.path.join(run_dir, f"confusion_{method}.png"), dpi=120)
                 plt.close(fig)
-        lines += [""] + [f"![{m}](confusion_{m}.png)" for m in ("zero_shot", "linear_probe", "random_init_linear_probe")
-                         if m in act]
+        lines += [""] + [f"![{m}](confusion_{m}.png)" for m in AR_METHODS if m in act]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

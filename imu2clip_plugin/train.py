@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     amp: bool = True                   # only ever used on CUDA
+    amp_dtype: str = "auto"            # "bfloat16", "float16", or "auto": bfloat16 where the GPU supports it
     device: str = "auto"
     # run
     run_dir: str = "runs/imu2clip"
@@ -170,6 +171,16 @@ def split_train_val(windows, cfg: TrainConfig):
     return train.recordings([r for r in recs if r not in held]), train.recordings(sorted(held))
 
 
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``TrainConfig.amp_dtype`` on ``device``."""
+    if name not in ("auto", "bfloat16", "float16"):
+        raise ValueError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {name!r}")
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 or device.type != "cuda" else torch.float16
+    return getattr(torch, name)
+
+
 def _rng_state() -> dict[str, Any]:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -178,11 +189,12 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
+    # RNG states are CPU ByteTensors; a checkpoint loaded with map_location="cuda" would have moved them
+    torch.set_rng_state(st["torch"].cpu())
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -271,7 +283,9 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
     use_amp = bool(cfg.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = _amp_dtype(cfg.amp_dtype, device)
+    # the loss scaler only for float16 (bfloat16 has float32's range)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     targets = _Targets(towers, cfg.targets, cfg.reduce, device)
 
     step, history = 0, []
@@ -317,7 +331,7 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
             n = len(b["index"])
             if n < 2:
                 continue
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = model(b["imu"].to(device), b["imu_mask"].to(device), **targets(b))
             tot += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
         if world > 1:
@@ -338,7 +352,7 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
         for batch in loader:
             imu, mask = batch["imu"].to(device, non_blocking=True), batch["imu_mask"].to(device, non_blocking=True)
             tg = targets(batch)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = ddp(imu, mask, **tg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -164,3 +164,19 @@ def test_encodes_a_loader_batch(ego4d_tree):
     assert batch["imu"].shape[:2] == (2, 6) and batch["imu_mask"].shape == (2, batch["imu"].shape[-1])
     y = small()(batch["imu"], batch["imu_mask"], normalize=True)
     assert y.shape == (2, 20) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_statistics_stay_float32_under_autocast(dtype):
+    """Sums of squares of 1000 samples of ~100 overflow float16 (max 65504); the norm must compute them in float32
+    under autocast, as torch's own group_norm does, and match the float32 result."""
+    from imu2clip_plugin.encoder import MaskedGroupNorm
+
+    norm = MaskedGroupNorm([(0, 1, 2), (3, 4, 5)], 6)
+    x = 100.0 * torch.randn(2, 6, 1000, generator=torch.Generator().manual_seed(0))
+    ref = norm(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = norm(x.to(dtype))
+    assert torch.isfinite(out).all()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

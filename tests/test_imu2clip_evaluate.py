@@ -10,7 +10,8 @@ import torch
 
 import mmloader
 from imu2clip_plugin import ClipTowers, IMUEncoder, IMUEncoderConfig
-from imu2clip_plugin.evaluate import activity_recognition, embed_windows, linear_probe, retrieval, write_report
+from imu2clip_plugin.evaluate import (AR_METHODS, WindowEmbeddings, activity_recognition, embed_windows, evaluate_encoder,
+                                      fine_tune, linear_probe, retrieval, write_report)
 from mmloader.adapters.ego4d import Ego4DAdapter
 from mmloader.samples import ACTIVITIES, generate_ego4d_sample
 
@@ -62,3 +63,53 @@ def test_evaluation_report_on_the_sample(ds, tmp_path):
         assert (tmp_path / "run" / png).stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["retrieval"]["imu->text"]["N"] == n
     assert set(classes) <= set(ACTIVITIES)
+
+
+def _small_encoder(embed_dim=16, seed=0):
+    torch.manual_seed(seed)
+    return IMUEncoder(IMUEncoderConfig(conv_channels=(8, 16), kernel_sizes=(5, 5), norm_groups=4, gru_hidden=16,
+                                       gru_layers=1, embed_dim=embed_dim, dropout=0.0))
+
+
+def test_fine_tune_learns_a_separable_task_and_leaves_the_encoder_untouched():
+    # class = the sign of a slow ramp on channel 0 (its direction over time), hidden in noise on 6 channels
+    g = np.random.default_rng(0)
+
+    def make(n):
+        y = g.integers(0, 2, n)
+        ramp = np.linspace(-1, 1, 100)[None, :] * np.where(y == 1, 1.0, -1.0)[:, None]
+        x = g.normal(0, 0.3, (n, 6, 100)).astype(np.float32)
+        x[:, 0] += ramp.astype(np.float32)
+        return WindowEmbeddings(np.zeros((n, 16), np.float32), None, None, None, [""] * n,
+                                imu_raw=x, imu_mask=np.ones((n, 100), bool)), y.tolist()
+
+    (train, ytr), (test, yte) = make(128), make(64)
+    enc = _small_encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    out = fine_tune(enc, train, test, ytr, yte, num_classes=2, epochs=8, lr=3e-3)
+    assert out["accuracy"] > 0.9, out
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    with pytest.raises(ValueError, match="keep_inputs"):
+        fine_tune(enc, WindowEmbeddings(train.imu, None, None, None, []), test, ytr, yte, num_classes=2)
+
+
+def test_evaluate_encoder_writes_every_method_and_the_retrieval_examples(ds, tmp_path):
+    torch.manual_seed(0)
+    towers = ClipTowers("imu2clip-tiny")
+    wins = ds.windows(sec=2, stride=1, modalities=["imu", "video", "text"], frames=1, size=(48, 64),
+                      label_stream="activities")
+    recs = sorted(set(wins.index["recording_id"].to_pylist()))
+    half = len(recs) // 2
+    train_w, test_w = wins.recordings(recs[:half]), wins.recordings(recs[half:])
+    res = evaluate_encoder(_small_encoder(towers.embed_dim), train_w, test_w, towers,
+                           baseline_encoder=_small_encoder(towers.embed_dim, seed=1), fine_tune_epochs=1,
+                           run_dir=tmp_path / "rep")
+    assert res["retrieval"]["imu->video"]["N"] == len(test_w)
+    act = res["activity_recognition"]
+    assert set(AR_METHODS) <= set(act)
+    for m in AR_METHODS:
+        assert np.sum(act[m]["confusion"]) == len(test_w)
+    text = open(res["report"]).read()
+    assert "retrieval_examples.png" in text and "random init fine tune" in text
+    assert (tmp_path / "rep" / "retrieval_examples.png").stat().st_size > 5000
+    assert (tmp_path / "rep" / "confusion_fine_tune.png").stat().st_size > 1000

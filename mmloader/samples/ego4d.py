@@ -76,9 +76,13 @@ IMU_RATE_HZ = 200.0  # nominal
 _GRID_HZ = 400.0  # internal simulation grid
 _SHORT_RAMP_SEC = 0.6  # blend between activities (motion, orientation)
 _LONG_RAMP_SEC = 1.2  # blend of the posture height (seated / standing)
+_HEADING_SD_RAD = 0.1  # per-segment offset of the heading from the place's direction
+_GAZE_PITCH_RAD = 0.3  # amplitude of the slow look-up / look-down on top of every activity's pitch
+_GAZE_HZ = (0.015, 0.05)  # its frequencies
 _SEGMENT_SEC = (8.0, 20.0)
 _MIN_LAST_SEGMENT_SEC = 4.0
 _FOV_RAD = math.pi / 2  # horizontal field of view of the rendered window
+_PANO_ROWS = 3  # panorama height in frame heights (the pitch range the frames can follow)
 _BOB_PX_PER_M = 250.0  # exaggerated vertical bob in the image
 _HEIGHT_PX_PER_M = 60.0  # posture height in the image
 _TAU = 2.0 * math.pi
@@ -126,8 +130,11 @@ def generate_ego4d_sample(
     width, height = int(size[0]), int(size[1])
 
     seq = np.random.SeedSequence(seed)
-    plan_seq, *video_seqs = seq.spawn(1 + videos)
+    plan_seq, scene_seq, *video_seqs = seq.spawn(2 + videos)
     plans = _plan_dataset(np.random.default_rng(plan_seq), videos, duration, defect_fraction)
+    # One place per activity, shared by every video of the dataset (as recurring scenario locations).
+    panoramas = {a: _panorama(a, np.random.default_rng(s), (width, height))
+                 for a, s in zip(ACTIVITIES, scene_seq.spawn(len(ACTIVITIES)))}
 
     v2 = root / "v2"
     for sub in ("full_scale", "imu", "annotations"):
@@ -138,7 +145,7 @@ def generate_ego4d_sample(
     for plan, vseq in tqdm(list(zip(plans, video_seqs)), desc="ego4d sample", unit="video", disable=not progress):
         motion_seq, imu_seq, frame_seq, text_seq, defect_seq = vseq.spawn(5)
         head = _simulate_head(plan.segments, duration, np.random.default_rng(motion_seq))
-        frames = _render_frames(head, plan.segments, num_frames, float(rate), (width, height),
+        frames = _render_frames(head, plan.segments, num_frames, float(rate), (width, height), panoramas,
                                 np.random.default_rng(frame_seq))
         _encode_mp4(v2 / "full_scale" / f"{plan.video_uid}.mp4", frames, rate, (width, height))
         imu_info: dict[str, Any] = {}
@@ -486,6 +493,17 @@ _MOTION_MODELS: dict[str, Callable[[np.ndarray, np.random.Generator], _Motion]] 
 }
 
 
+def _gaze(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Slow looking up and down (rad, + up) that every activity shares: two sinusoids at ``_GAZE_HZ``,
+    peak ≈ ±``_GAZE_PITCH_RAD``. It tilts gravity in the accelerometer and moves the horizon in the frames,
+    so it is what lets a window's IMU tell *which* frame of an activity it belongs to."""
+    out = np.zeros_like(t)
+    for share in (0.6, 0.4):
+        f, ph = float(rng.uniform(*_GAZE_HZ)), float(rng.uniform(0, _TAU))
+        out += share * _GAZE_PITCH_RAD * _sin(t, f, ph)
+    return out
+
+
 def _blend_weights(segments: Sequence[_Segment], t: np.ndarray, ramp_sec: float) -> np.ndarray:
     """(S, N) partition of unity: segment indicators smoothed by a Hann window of ``ramp_sec``."""
     starts = np.array([s.start_sec for s in segments])
@@ -532,13 +550,22 @@ def _simulate_head(segments: Sequence[_Segment], duration: float, rng: np.random
 
     lateral, bob, forward = mix("lateral", w_short), mix("bob", w_short), mix("forward", w_short)
     height = mix("height", w_long)
-    pitch_target, roll_target = mix("pitch", w_short), mix("roll", w_short)
+    pitch_target, roll_target = mix("pitch", w_short) + _gaze(t, rng), mix("roll", w_short)
     pitch_rate, roll_rate = np.gradient(pitch_target, dt), np.gradient(roll_target, dt)
-    yaw_rate = mix("yaw_rate", w_short)
+    # Heading: during a segment the head turns about the direction of its place (azimuth 0 of the
+    # activity's panorama, + a small per-segment offset), e.g. along the corridor; between segments it
+    # turns to the next one within the blend.
+    yaw_parts = []
+    for seg, part in zip(segments, parts):
+        turn = _cumtrapz(np.broadcast_to(part.yaw_rate, t.shape), dt)
+        inside = (t >= seg.start_sec) & (t < seg.end_sec)
+        yaw_parts.append(float(rng.normal(0.0, _HEADING_SD_RAD)) + turn - turn[inside].mean())
+    yaw_target = np.sum([wi * y for wi, y in zip(w_short, yaw_parts)], axis=0)
+    yaw_rate = np.gradient(yaw_target, dt)
     # Orientation = integral of the Euler rates (what the gyro below measures).
     pitch = float(pitch_target[0]) + _cumtrapz(pitch_rate, dt)
     roll = float(roll_target[0]) + _cumtrapz(roll_rate, dt)
-    yaw = float(rng.uniform(0, _TAU)) + _cumtrapz(yaw_rate, dt)
+    yaw = float(yaw_target[0]) + _cumtrapz(yaw_rate, dt)
 
     zeros = np.zeros_like(t)
     yaw_body = _rot_z_t(_rot_x_t(np.stack([zeros, yaw_rate, zeros], axis=1), pitch), roll)
@@ -873,22 +900,23 @@ _SCENES: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
 
 def _panorama(activity: str, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     """A 360° panorama (uint8, H_pan x (W_pan + W) x 3, the first W columns repeated at the right so a
-    window never needs wrapping). W_pan covers 2π of yaw; H_pan = 2H covers the pitch range."""
+    window never needs wrapping). W_pan covers 2π of yaw; H_pan = _PANO_ROWS·H covers the pitch range."""
     width, height = size
     pano_w = int(round(width * _TAU / _FOV_RAD))
-    img = np.clip(_SCENES[activity](rng, 2 * height, pano_w), 0, 255).astype(np.uint8)
+    img = np.clip(_SCENES[activity](rng, _PANO_ROWS * height, pano_w), 0, 255).astype(np.uint8)
     return np.concatenate([img, img[:, :width]], axis=1)
 
 
 def _render_frames(head: _HeadTrack, segments: Sequence[_Segment], num_frames: int, fps: float,
-                   size: tuple[int, int], rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """RGB frames (H, W, 3 uint8) at t = i / fps: the current activity's panorama seen through a window
-    offset by the integrated yaw (horizontal), pitch and head height (vertical), plus sensor noise."""
+                   size: tuple[int, int], panos: dict[str, np.ndarray],
+                   rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """RGB frames (H, W, 3 uint8) at t = i / fps: the current activity's panorama (``panos``, from
+    :func:`_panorama`) seen through a window offset by the integrated yaw (horizontal), pitch and head
+    height (vertical), plus sensor noise."""
     width, height = size
-    panos = {a: _panorama(a, rng, size) for a in dict.fromkeys(s.activity for s in segments)}
     pano_w = next(iter(panos.values())).shape[1] - width
     px_per_rad = pano_w / _TAU
-    margin = height // 2
+    margin = (_PANO_ROWS - 1) * height // 2
     t = np.arange(num_frames) / fps
     yaw, pitch = np.interp(t, head.t, head.yaw), np.interp(t, head.t, head.pitch)
     bob, posture = np.interp(t, head.t, head.bob), np.interp(t, head.t, head.height)
