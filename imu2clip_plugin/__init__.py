@@ -1,8 +1,8 @@
 """IMU2CLIP on top of mmloader: an IMU encoder trained against frozen CLIP towers.
 
-The encoder, towers, embedding cache and trainer (``from imu2clip_plugin.train import TrainConfig, train``);
-evaluation lands with its issue. This package depends on mmloader,
-never the reverse.
+The encoder, towers, embedding cache, trainer (``from imu2clip_plugin.train import TrainConfig, train``) and
+evaluation (``from imu2clip_plugin.evaluate import evaluate_encoder``). This package depends on mmloader, never the
+reverse.
 
 ``encoder`` and ``loss`` need only torch (``safetensors`` to save/load); ``towers`` needs ``open_clip_torch`` and
 ``torchvision`` and is imported on first use of its names.

@@ -62,7 +62,9 @@ def towers_fingerprint(towers: Any, reduce: str = "center") -> str:
     return f"imu2clip-emb/v{EMBED_FORMAT}:{towers.model_name}:{reduce}:{digest}"
 
 
-def _text_of(t: Any) -> str:
+def text_of(t: Any) -> str:
+    """The one string a window's ``text`` is embedded as (narrations joined with ". "), in training, in the
+    embedding cache and in evaluation alike."""
     if t is None:
         return ""
     if isinstance(t, (list, tuple)):
@@ -106,7 +108,7 @@ class EmbeddedWindows(WindowSet):
             for o, e in zip(out, emb):
                 o["video_emb"] = e.clone()
         if self.modalities.text:
-            emb = self.towers.encode_text([_text_of(s.get("text")) for s in samples]).float().cpu()
+            emb = self.towers.encode_text([text_of(s.get("text")) for s in samples]).float().cpu()
             for o, e in zip(out, emb):
                 o["text_emb"] = e.clone()
         return out

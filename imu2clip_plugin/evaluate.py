@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .embed import text_of
 from .metrics import classification_metrics, confusion_matrix, retrieval_metrics
 
 RECALL_KS = (1, 5, 10, 50)
@@ -67,8 +68,7 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
         if towers is not None and "video" in batch:
             video.append(towers.encode_frames(batch["video"], reduce=reduce).float().cpu().numpy())
         if towers is not None and "text" in batch:
-            texts = [t if isinstance(t, str) else " ".join(t) for t in batch["text"]]
-            text.append(towers.encode_text(texts).float().cpu().numpy())
+            text.append(towers.encode_text([text_of(t) for t in batch["text"]]).float().cpu().numpy())
         if "label" in batch:
             labels.extend(batch["label"])
         rids.extend(batch["recording_id"])

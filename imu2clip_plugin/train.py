@@ -220,8 +220,8 @@ class _Targets:
             if "text_emb" in batch:
                 out["text"] = batch["text_emb"].to(self.device, non_blocking=True)
             else:
-                from .embed import _text_of
-                out["text"] = self.towers.encode_text([_text_of(t) for t in batch["text"]])
+                from .embed import text_of
+                out["text"] = self.towers.encode_text([text_of(t) for t in batch["text"]])
         return out
 
 

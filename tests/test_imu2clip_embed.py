@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from mmloader.samples import generate_ego4d_sample
 
 pytest.importorskip("open_clip")
 
-from imu2clip_plugin.embed import EmbeddedWindows, _text_of, build_embedding_cache, towers_fingerprint  # noqa: E402
+from imu2clip_plugin.embed import EmbeddedWindows, text_of, build_embedding_cache, towers_fingerprint  # noqa: E402
 from imu2clip_plugin.towers import ClipTowers  # noqa: E402
 
 
@@ -37,10 +38,23 @@ def test_cached_embeddings_equal_fresh_ones(windows, towers, tmp_path):
         assert torch.equal(s["imu"], raw["imu"]) and torch.equal(s["imu_mask"], raw["imu_mask"])
         assert s["text"] == raw["text"]
         fresh_v = towers.encode_frames(raw["video"][None], reduce="mean")[0]
-        fresh_t = towers.encode_text([_text_of(raw["text"])])[0]
+        fresh_t = towers.encode_text([text_of(raw["text"])])[0]
         assert s["video_emb"].shape == (towers.embed_dim,) and s["video_emb"].dtype == torch.float32
         torch.testing.assert_close(s["video_emb"], fresh_v, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s["text_emb"], fresh_t, rtol=1e-5, atol=1e-6)
+    # evaluation embeds a window's text exactly as the cache (and so the training targets) did
+    from imu2clip_plugin import IMUEncoder, IMUEncoderConfig
+    from imu2clip_plugin.evaluate import embed_windows
+
+    enc = IMUEncoder(IMUEncoderConfig(conv_channels=(8,), kernel_sizes=(3,), norm_groups=4, gru_hidden=8,
+                                      gru_layers=1, embed_dim=towers.embed_dim))
+    ev = embed_windows(enc, windows, towers, reduce="mean")
+    multi = [i for i in range(len(windows)) if isinstance(windows[i]["text"], (list, tuple)) and len(windows[i]["text"]) > 1]
+    assert multi, "the fixture should have windows with several narrations"
+    for i in [0, len(windows) - 1] + multi[:2]:
+        want = torch.nn.functional.normalize(cached[i]["text_emb"], dim=-1).numpy()
+        got = ev.text[i] / np.linalg.norm(ev.text[i])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_set_reads_no_video(windows, towers, tmp_path, monkeypatch):
