@@ -75,8 +75,12 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x, sizes, rank), sum(sizes[:rank])
 
 
+DUPLICATE_COS = 1.0 - 1e-5
+"""Keys whose cosine reaches this are the same target (the same narration text, the same frame)."""
+
+
 def info_nce(q: Tensor, k: Tensor, logit_scale: Tensor, q_all: Tensor | None = None, k_all: Tensor | None = None,
-             offset: int = 0) -> Tensor:
+             offset: int = 0, mask_duplicates: bool = False) -> Tensor:
     """Symmetric InfoNCE for L2-normalised pairs, mean of the two directions.
 
     Args:
@@ -84,6 +88,8 @@ def info_nce(q: Tensor, k: Tensor, logit_scale: Tensor, q_all: Tensor | None = N
         logit_scale: scalar, the scale is ``exp(logit_scale)`` (already clamped by the caller).
         q_all, k_all: ``(N, D)`` negatives pool (all ranks' q and k); default ``q`` and ``k`` (N = B).
         offset: index of this rank's first row inside ``q_all``/``k_all``.
+        mask_duplicates: drop from both softmaxes the pairs whose key duplicates row i's key (cosine >=
+            ``DUPLICATE_COS``, e.g. two windows narrated with the same sentence): they are not negatives.
 
     Returns:
         scalar: ``½ (CE(s·q k_allᵀ) + CE(s·k q_allᵀ))``, each a mean over the B rows, labels ``offset + i``.
@@ -92,8 +98,15 @@ def info_nce(q: Tensor, k: Tensor, logit_scale: Tensor, q_all: Tensor | None = N
     k_all = k if k_all is None else k_all
     scale = logit_scale.exp()
     labels = torch.arange(q.shape[0], device=q.device) + offset
-    loss_qk = F.cross_entropy(scale * q @ k_all.T, labels)
-    loss_kq = F.cross_entropy(scale * k @ q_all.T, labels)
+    logits_qk, logits_kq = scale * q @ k_all.T, scale * k @ q_all.T
+    if mask_duplicates:
+        with torch.no_grad():
+            dup = (k.detach() @ k_all.detach().T) >= DUPLICATE_COS            # (B, N): key j is row i's target
+            dup[torch.arange(q.shape[0], device=q.device), labels] = False
+        logits_qk = logits_qk.masked_fill(dup, float("-inf"))
+        logits_kq = logits_kq.masked_fill(dup, float("-inf"))
+    loss_qk = F.cross_entropy(logits_qk, labels)
+    loss_kq = F.cross_entropy(logits_kq, labels)
     return 0.5 * (loss_qk + loss_kq)
 
 
@@ -106,13 +119,17 @@ class ContrastiveLoss(nn.Module):
         max_logit_scale: the scale used is ``exp(min(logit_scale, max_logit_scale))``, CLIP's ``log(100)``.
         learnable_scale: train ``logit_scale`` (else it is a fixed buffer).
         gather: pool negatives across ranks when ``torch.distributed`` is initialised with world size > 1.
+        mask_duplicates: duplicated targets in the pool (the same narration sentence for several windows) are not
+            used as negatives of each other (see :func:`info_nce`).
+        weights: per-target weight of its term in the sum (default 1 each, the paper's plain sum).
 
     ``forward(imu, video=None, text=None) -> scalar``: each input ``(B, D)`` and L2-normalised (the towers'
     outputs and ``IMUEncoder(..., normalize=True)``); targets not listed in ``targets`` are ignored.
     """
 
     def __init__(self, targets: Sequence[str] = ("video",), init_logit_scale: float = INIT_LOGIT_SCALE,
-                 max_logit_scale: float = MAX_LOGIT_SCALE, learnable_scale: bool = True, gather: bool = True):
+                 max_logit_scale: float = MAX_LOGIT_SCALE, learnable_scale: bool = True, gather: bool = True,
+                 mask_duplicates: bool = True, weights: dict[str, float] | None = None):
         super().__init__()
         if isinstance(targets, str):
             targets = (targets,)
@@ -123,6 +140,11 @@ class ContrastiveLoss(nn.Module):
         self.targets = targets
         self.max_logit_scale = float(max_logit_scale)
         self.gather = gather
+        self.mask_duplicates = mask_duplicates
+        weights = dict(weights or {})
+        if set(weights) - set(targets) or any(float(w) < 0 for w in weights.values()):
+            raise ValueError(f"weights {weights} must be non-negative and name only the targets {targets}")
+        self.weights = {t: float(weights.get(t, 1.0)) for t in targets}
         init = torch.tensor(float(init_logit_scale))
         if learnable_scale:
             self.logit_scale = nn.Parameter(init)
@@ -157,11 +179,12 @@ class ContrastiveLoss(nn.Module):
             if k.shape != imu.shape:
                 raise ValueError(f"imu {tuple(imu.shape)} and {t} {tuple(k.shape)} embeddings must have the same shape")
             k_all = gather_with_grad(k)[0] if distributed else k
-            out[t] = info_nce(imu, k, ls, q_all, k_all, offset)
+            out[t] = info_nce(imu, k, ls, q_all, k_all, offset, mask_duplicates=self.mask_duplicates)
         return out
 
     def forward(self, imu: Tensor, video: Tensor | None = None, text: Tensor | None = None) -> Tensor:
-        return sum(self.terms(imu, video, text).values())  # type: ignore[return-value]
+        return sum(self.weights[t] * v for t, v in self.terms(imu, video, text).items())  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
-        return f"targets={self.targets}, max_logit_scale={self.max_logit_scale:.4f}, gather={self.gather}"
+        return (f"targets={self.targets}, weights={self.weights}, max_logit_scale={self.max_logit_scale:.4f}, "
+                f"gather={self.gather}, mask_duplicates={self.mask_duplicates}")

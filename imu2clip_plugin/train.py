@@ -46,6 +46,7 @@ class TrainConfig:
     val_fraction: float = 0.2          # held-out share of the train recordings when there is no val split
     # model
     targets: tuple[str, ...] = ("video",)
+    target_weights: dict[str, float] = field(default_factory=dict)  # weight of each target's loss term (default 1)
     encoder: dict[str, Any] = field(default_factory=dict)   # IMUEncoderConfig fields; embed_dim follows the towers
     model_name: str = "imu2clip-tiny"
     pretrained: str | None = None
@@ -266,7 +267,7 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     enc_cfg = IMUEncoderConfig.from_dict({**cfg.encoder, "embed_dim": towers.embed_dim})
-    model = _Model(IMUEncoder(enc_cfg), ContrastiveLoss(cfg.targets)).to(device)
+    model = _Model(IMUEncoder(enc_cfg), ContrastiveLoss(cfg.targets, weights=cfg.target_weights)).to(device)
     ddp = model
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

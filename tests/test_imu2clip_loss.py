@@ -206,3 +206,36 @@ def test_gathered_negatives_match_one_process_on_the_concatenated_batch(tmp_path
             torch.testing.assert_close(got["grads"][k], ref[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
             torch.testing.assert_close(got["ddp_grads"][k.replace("logit_scale", "loss.logit_scale")], ref[k],
                                        atol=1e-5, rtol=1e-5, msg=lambda m: f"DDP {k}: {m}")
+
+
+def test_duplicated_targets_are_not_negatives_of_each_other():
+    """Rows 1 and 2 share one narration: with masking, row 1's softmax runs over its own key and the other
+    distinct keys only, i.e. it equals InfoNCE on the pool without the duplicate column."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    k = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    k[2] = k[1]
+    ls = torch.tensor(2.0)
+    s = ls.exp()
+    masked = info_nce(q, k, ls, mask_duplicates=True)
+    plain = info_nce(q, k, ls)
+    assert not torch.allclose(masked, plain)
+
+    def ce(logits, label, keep):
+        return F.cross_entropy(logits[keep][None], torch.tensor([keep.index(label)]))
+
+    want = 0.0
+    for i in range(4):
+        keep = [j for j in range(4) if not (j != i and {i, j} == {1, 2})]
+        want += 0.5 * (ce(s * q[i] @ k.T, i, keep) + ce(s * k[i] @ q.T, i, keep)) / 4
+    torch.testing.assert_close(masked, torch.as_tensor(want, dtype=masked.dtype))
+
+
+def test_target_weights_scale_each_term():
+    g = torch.Generator().manual_seed(1)
+    imu, vid, txt = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(3))
+    loss = ContrastiveLoss(("video", "text"), weights={"text": 0.25})
+    t = loss.terms(imu, vid, txt)
+    torch.testing.assert_close(loss(imu, vid, txt), t["video"] + 0.25 * t["text"])
+    with pytest.raises(ValueError, match="weights"):
+        ContrastiveLoss(("video",), weights={"text": 1.0})

@@ -83,7 +83,7 @@ _SEGMENT_SEC = (8.0, 20.0)
 _MIN_LAST_SEGMENT_SEC = 4.0
 _FOV_RAD = math.pi / 2  # horizontal field of view of the rendered window
 _PANO_ROWS = 3  # panorama height in frame heights (the pitch range the frames can follow)
-_BOB_PX_PER_M = 250.0  # exaggerated vertical bob in the image
+_BOB_PX_PER_M = 60.0  # vertical bob in the image (exaggerated: a distant scene would barely move)
 _HEIGHT_PX_PER_M = 60.0  # posture height in the image
 _TAU = 2.0 * math.pi
 
