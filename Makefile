@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
-DEMO_EPOCHS ?= 40
+DEMO_EPOCHS ?= 80
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test test-all venv clean

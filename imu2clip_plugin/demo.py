@@ -2,7 +2,7 @@
 
 sample Ego4D tree → store → windows → embedding cache → IMU↔video↔text training → evaluation report.
 
-    python -m imu2clip_plugin.demo [--run-dir runs/demo] [--videos 24] [--seconds 60] [--epochs 40] [--text-weight 0.2]
+    python -m imu2clip_plugin.demo [--run-dir runs/demo] [--videos 24] [--seconds 60] [--epochs 80] [--text-weight 0.2]
 
 Training uses windows every ``sec/4`` seconds of the train recordings (overlapping windows: more IMU/frame pairs
 for the same data); evaluation uses windows every ``sec/2`` seconds of the val and test recordings only.
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--sec", type=float, default=4.0, help="window length")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--fine-tune-epochs", type=int, default=15)
     p.add_argument("--text-weight", type=float, default=0.2,
                    help="weight of the IMU<->text term (the sample's narrations only name the activity, in a few "
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                       encoder={"conv_channels": [32, 64], "kernel_sizes": [5, 5], "gru_hidden": 64, "gru_layers": 1})
     result = train(cfg, windows=train_wins, towers=towers)
     encoder = result["model"].encoder
-    print(f"validation loss {result['val_history'][0]:.3f} -> {result['val_loss']:.3f}")
+    hist = result["val_history"]
+    print(f"validation loss (val recordings) {hist[0]:.3f} -> {hist[-1]:.3f} (lowest {min(hist):.3f})")
 
     _stage(5, total, "evaluating on held-out recordings (retrieval, zero-shot, linear probe, fine-tuning)")
     enc_cfg = IMUEncoderConfig.from_dict({**IMUEncoderConfig().to_dict(), **cfg.encoder, "embed_dim": towers.embed_dim})
