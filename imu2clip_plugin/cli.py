@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--splits", nargs="+", default=["val", "test"], help="held-out splits (queries and candidates)")
     v.add_argument("--train-split", default="train", help="split the probes and fine-tuning train on")
     v.add_argument("--label-stream", default="activities", help="event stream with the class labels (if present)")
+    v.add_argument("--label-map", default=None, metavar="JSON",
+                   help='label windows from their narrations instead: a JSON file {"verb": "class", ...} '
+                        '(e.g. {"walk": "walking", "cut": "cooking"}); windows naming no mapped verb are left out')
     v.add_argument("--model", default="imu2clip-tiny")
     v.add_argument("--pretrained", default=None)
     v.add_argument("--checkpoint", default=None)
@@ -146,7 +149,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.encoder}: the encoder embeds into {encoder.config.embed_dim} dimensions but "
                          f"{args.model} has {towers.embed_dim}: evaluate with the towers it was trained against")
     ds = mmloader.open(args.store)
-    labels = args.label_stream if args.label_stream in ds.modalities else None
+    label_map = json.loads(Path(args.label_map).read_text()) if args.label_map else None
+    labels = args.label_stream if args.label_stream in ds.modalities and label_map is None else None
     wins = ds.windows(sec=args.sec, stride=args.stride if args.stride else args.sec / 2,
                       modalities=["imu", "video", "text"], frames=args.frames, size=tuple(args.size), label_stream=labels)
     splits = wins.index["split"].to_pylist()
@@ -156,9 +160,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed + 1)
     baseline = IMUEncoder(encoder.config)
     out = args.out or str(Path(args.encoder).resolve().parent / "report")
-    res = evaluate_encoder(encoder, wins.split(args.train_split) if labels else None, held_out, towers,
+    res = evaluate_encoder(encoder, wins.split(args.train_split) if labels or label_map else None, held_out, towers,
                            baseline_encoder=baseline, fine_tune_epochs=args.fine_tune_epochs, reduce=args.reduce,
-                           run_dir=out)
+                           run_dir=out, label_map=label_map)
     for name, m in res["retrieval"].items():
         print(f"{name:<12} N={m['N']:<6} R@1={m['R@1']:.3f} R@5={m['R@5']:.3f} R@10={m['R@10']:.3f} "
               f"MRR={m['MRR']:.3f} (chance R@1 {m['chance_R@1']:.4f})")

@@ -40,6 +40,34 @@ class WindowEmbeddings:
     imu_mask: np.ndarray | None = None      # (N, T) bool
     frames: np.ndarray | None = None        # (N, H, W, 3) uint8 centre frames, with ``keep_inputs=True``
     t0: np.ndarray | None = None            # (N,) window start (ns, recording clock)
+    texts: list[str] | None = None          # each window's text as embedded (``embed.text_of``), when it has text
+
+    def subset(self, idx: Sequence[int]) -> "WindowEmbeddings":
+        """The embeddings of windows ``idx`` (in that order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        plist = lambda a: None if a is None else [a[i] for i in idx]  # noqa: E731
+        return WindowEmbeddings(pick(self.imu), pick(self.video), pick(self.text), plist(self.labels),
+                                plist(self.recording_ids), pick(self.imu_raw), pick(self.imu_mask), pick(self.frames),
+                                pick(self.t0), plist(self.texts))
+
+
+def verb_labeller(mapping: dict[str, str]):
+    """A window-text → class function for datasets without activity labels (e.g. Ego4D narrations): the class of
+    the first word of the text that starts with one of ``mapping``'s keys (``{"walk": "walking", "cut": "cooking"}``
+    matches "C walks ..." and "C cuts ..."), or None. Longer keys win over their prefixes."""
+    keys = sorted(((k.lower(), v) for k, v in mapping.items()), key=lambda kv: -len(kv[0]))
+    if not keys:
+        raise ValueError("the verb → class mapping is empty")
+
+    def label(text: str) -> str | None:
+        for word in text.lower().replace("#", " ").split():
+            for k, v in keys:
+                if word.startswith(k):
+                    return v
+        return None
+
+    return label
 
 
 @torch.no_grad()
@@ -52,7 +80,7 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    imu, video, text, labels, rids = [], [], [], [], []
+    imu, video, text, labels, rids, texts = [], [], [], [], [], []
     raw, masks, frames, t0s = [], [], [], []
     for batch in windows.loader(batch_size=batch_size, shuffle=False, num_workers=num_workers):
         x = batch["imu"].to(device)
@@ -69,13 +97,15 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
             video.append(towers.encode_frames(batch["video"], reduce=reduce).float().cpu().numpy())
         if towers is not None and "text" in batch:
             text.append(towers.encode_text([text_of(t) for t in batch["text"]]).float().cpu().numpy())
+        if "text" in batch:
+            texts.extend(text_of(t) for t in batch["text"])
         if "label" in batch:
             labels.extend(batch["label"])
         rids.extend(batch["recording_id"])
     encoder.train(was_training)
     cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
     return WindowEmbeddings(cat(imu), cat(video), cat(text), labels or None, rids,
-                            imu_raw=cat(raw), imu_mask=cat(masks), frames=cat(frames), t0=cat(t0s))
+                            imu_raw=cat(raw), imu_mask=cat(masks), frames=cat(frames), t0=cat(t0s), texts=texts or None)
 
 
 def retrieval(emb: WindowEmbeddings, ks: Sequence[int] = RECALL_KS) -> dict[str, dict]:
@@ -198,25 +228,45 @@ AR_METHODS = ("zero_shot", "linear_probe", "random_init_linear_probe", "fine_tun
 def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towers, *, classes: Sequence[str] | None = None,
                      baseline_encoder: torch.nn.Module | None = None, fine_tune_epochs: int = 15,
                      reduce: str = "center", run_dir: str | os.PathLike | None = None,
-                     extra: dict | None = None) -> dict:
+                     extra: dict | None = None, label_map: dict[str, str] | None = None) -> dict:
     """Retrieval on ``test_windows`` (use held-out recordings) and, when both sets carry labels, activity
     recognition trained on ``train_windows``; writes the report into ``run_dir`` when given
-    (``results["report"]`` is its path). ``baseline_encoder``: a randomly initialised encoder of the same config."""
-    test = embed_windows(encoder, test_windows, towers, reduce=reduce, keep_inputs=True)
+    (``results["report"]`` is its path). ``baseline_encoder``: a randomly initialised encoder of the same config.
+    ``label_map``: verb → class (:func:`verb_labeller`) to label windows from their text when the windows carry no
+    labels; activity recognition then runs on the windows whose text names a mapped verb."""
+    test = held_out = embed_windows(encoder, test_windows, towers, reduce=reduce, keep_inputs=True)
     results: dict[str, Any] = {"retrieval": retrieval(test)}
-    if test.labels is not None and train_windows is not None:
+    labelled = label_map is not None or test.labels is not None
+    if labelled and train_windows is not None:
         train = embed_windows(encoder, train_windows, keep_inputs=True)
+        b_train = b_test = None
+        if baseline_encoder is not None:
+            b_train, b_test = embed_windows(baseline_encoder, train_windows), embed_windows(baseline_encoder, test_windows)
+        if label_map is not None:
+            label = verb_labeller(label_map)
+            for e in (train, test):
+                if e.texts is None:
+                    raise ValueError("label_map labels windows from their text: build the windows with 'text'")
+            for e in (train, test):
+                e.labels = [label(t) for t in e.texts]
+            keep_tr = [i for i, v in enumerate(train.labels) if v is not None]
+            keep_te = [i for i, v in enumerate(test.labels) if v is not None]
+            if not keep_tr or not keep_te:
+                raise ValueError(f"no {'train' if not keep_tr else 'held-out'} window's text names a verb of the "
+                                 f"label map {sorted(label_map)}")
+            labels_tr, labels_te = train.labels, test.labels
+            train, test = train.subset(keep_tr), test.subset(keep_te)
+            if b_train is not None:
+                b_train, b_test = b_train.subset(keep_tr), b_test.subset(keep_te)
+                b_train.labels, b_test.labels = [labels_tr[i] for i in keep_tr], [labels_te[i] for i in keep_te]
         if train.labels is not None:
             classes = list(classes) if classes is not None else sorted(set(train.labels) | set(test.labels))
-            b_train = b_test = None
-            if baseline_encoder is not None:
-                b_train, b_test = embed_windows(baseline_encoder, train_windows), embed_windows(baseline_encoder, test_windows)
             results["activity_recognition"] = activity_recognition(
                 train, test, classes, b_train, b_test, towers=towers, encoder=encoder,
                 baseline_encoder=baseline_encoder, fine_tune_epochs=fine_tune_epochs)
     results.update(extra or {})
     if run_dir is not None:
-        results["report"] = write_report(results, run_dir, examples=test)
+        results["report"] = write_report(results, run_dir, examples=held_out)
     return results
 
 

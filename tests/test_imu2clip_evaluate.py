@@ -113,3 +113,34 @@ def test_evaluate_encoder_writes_every_method_and_the_retrieval_examples(ds, tmp
     assert "retrieval_examples.png" in text and "random init fine tune" in text
     assert (tmp_path / "rep" / "retrieval_examples.png").stat().st_size > 5000
     assert (tmp_path / "rep" / "confusion_fine_tune.png").stat().st_size > 1000
+
+
+def test_verb_labeller():
+    from imu2clip_plugin.evaluate import verb_labeller
+
+    f = verb_labeller({"walk": "walking", "run": "running", "runway": "x", "climb": "climbing stairs"})
+    assert f("C walks along the corridor") == "walking"
+    assert f("#C C runs on the track") == "running"
+    assert f("C climbs the stairs") == "climbing stairs"
+    assert f("C looks around") is None
+    with pytest.raises(ValueError):
+        verb_labeller({})
+
+
+def test_labels_from_narration_verbs(ds, tmp_path):
+    """The Ego4D route: no label stream, classes from the narrations' verbs through a mapping."""
+    torch.manual_seed(0)
+    towers = ClipTowers("imu2clip-tiny")
+    wins = ds.windows(sec=2, stride=1, modalities=["imu", "video", "text"], frames=1, size=(48, 64))
+    assert "label" not in wins.index.column_names
+    recs = sorted(set(wins.index["recording_id"].to_pylist()))
+    half = len(recs) // 2
+    mapping = {"walk": "walking", "stroll": "walking", "run": "running", "jog": "running", "sprint": "running",
+               "sit": "sitting down", "climb": "climbing stairs", "ride": "cycling", "cycle": "cycling"}
+    res = evaluate_encoder(_small_encoder(towers.embed_dim), wins.recordings(recs[:half]), wins.recordings(recs[half:]),
+                           towers, baseline_encoder=_small_encoder(towers.embed_dim, seed=1), fine_tune_epochs=1,
+                           label_map=mapping)
+    act = res["activity_recognition"]
+    assert set(act["classes"]) <= set(mapping.values()) and len(act["classes"]) >= 2
+    assert 0 < act["test_windows"] < len(wins.recordings(recs[half:]))
+    assert res["retrieval"]["imu->video"]["N"] == len(wins.recordings(recs[half:]))

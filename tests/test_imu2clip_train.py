@@ -152,6 +152,15 @@ def test_cli_configs_and_overrides(tmp_path, windows, store, capsys):
     held = mmloader.open(store).windows(sec=1, stride=0.5, modalities=["imu", "video", "text"], frames=1, size=(32, 32))
     n_held = sum(s in ("val", "test") for s in held.index["split"].to_pylist())
     assert metrics["retrieval"]["imu->video"]["N"] == n_held > 0
+    # labels from the narrations' verbs (the route for stores without an activity stream)
+    verbs = tmp_path / "verbs.json"
+    verbs.write_text(json.dumps({"walk": "walking", "run": "running", "jog": "running", "climb": "climbing stairs",
+                                 "sit": "sitting down", "ride": "cycling", "cycle": "cycling", "look": "looking around"}))
+    rc = main(["evaluate", str(run / "encoder"), store, "--sec", "1", "--size", "32", "32", "--fine-tune-epochs", "0",
+               "--label-map", str(verbs), "--out", str(tmp_path / "rep2")])
+    assert rc == 0 and "linear_probe" in capsys.readouterr().out
+    act = json.loads((tmp_path / "rep2" / "metrics.json").read_text())["activity_recognition"]
+    assert set(act["classes"]) <= set(json.loads(verbs.read_text()).values())
 
 
 def test_cli_embed_builds_the_cache(store, tmp_path, capsys):
