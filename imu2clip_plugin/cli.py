@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--reduce", default="center", choices=["center", "mean"])
     e.add_argument("--url", default="auto")
     e.add_argument("--seed", type=int, default=0, help="seeds random-init towers")
+    e.add_argument("--device", default=None, help="where the towers run (default: cuda when available, else cpu)")
     v = sub.add_parser("evaluate", help="retrieval and activity recognition of a trained encoder on held-out recordings")
     v.add_argument("encoder", help="directory written by save_encoder (run_dir/encoder)")
     v.add_argument("store")
@@ -123,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .towers import ClipTowers
 
     torch.manual_seed(args.seed)
-    towers = ClipTowers(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    towers = ClipTowers(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=device)
     mods = ["imu", *(["video"] if "video" in args.targets else []), *(["text"] if "text" in args.targets else [])]
     kw = {"frames": args.frames, "size": tuple(args.size)} if "video" in args.targets else {}
     wins = mmloader.open(args.store).windows(sec=args.sec, stride=args.stride, modalities=mods, anchor=args.anchor,

@@ -166,7 +166,7 @@ def test_cli_configs_and_overrides(tmp_path, windows, store, capsys):
 def test_cli_embed_builds_the_cache(store, tmp_path, capsys):
     url = str(tmp_path / "emb")
     rc = main(["embed", store, "--sec", "1", "--stride", "0.5", "--size", "32", "32", "--targets", "video", "text",
-               "--split", "train", "--url", url])
+               "--split", "train", "--url", url, "--device", "cpu"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["url"].rstrip("/").endswith("emb") and out["windows"] > 0
