@@ -141,7 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .encoder import IMUEncoder, load_encoder
-    from .evaluate import evaluate_encoder
+    from .evaluate import evaluate_encoder, format_results
     from .towers import ClipTowers
 
     torch.manual_seed(args.seed)
@@ -165,12 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     res = evaluate_encoder(encoder, wins.split(args.train_split) if labels or label_map else None, held_out, towers,
                            baseline_encoder=baseline, fine_tune_epochs=args.fine_tune_epochs, reduce=args.reduce,
                            run_dir=out, label_map=label_map)
-    for name, m in res["retrieval"].items():
-        print(f"{name:<12} N={m['N']:<6} R@1={m['R@1']:.3f} R@5={m['R@5']:.3f} R@10={m['R@10']:.3f} "
-              f"MRR={m['MRR']:.3f} (chance R@1 {m['chance_R@1']:.4f})")
-    for method, m in res.get("activity_recognition", {}).items():
-        if isinstance(m, dict) and "accuracy" in m:
-            print(f"{method:<24} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f}")
+    print(format_results(res))
     print(f"report: {res['report']}")
     return 0
 

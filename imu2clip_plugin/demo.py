@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmloader.samples import generate_ego4d_sample
 
     from .encoder import IMUEncoder, IMUEncoderConfig
-    from .evaluate import AR_METHODS, evaluate_encoder
+    from .evaluate import evaluate_encoder, format_results
     from .towers import ClipTowers
     from .train import TrainConfig, train
 
@@ -89,17 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                fine_tune_epochs=args.fine_tune_epochs, run_dir=os.path.join(run, "report"),
                                extra={"training": {k: result[k] for k in ("step", "train_loss", "val_loss", "val_history")}})
     report = results["report"]
-    classes = results["activity_recognition"]["classes"]
 
     _stage(6, total, "results")
-    print(f"{'direction':<12} {'N':>5} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MRR':>6} {'chance R@1':>11}")
-    for name, m in results["retrieval"].items():
-        print(f"{name:<12} {m['N']:>5} {m['R@1']:>6.3f} {m['R@5']:>6.3f} {m['R@10']:>6.3f} {m['MRR']:>6.3f} {m['chance_R@1']:>11.4f}")
-    act = results["activity_recognition"]
-    print(f"\n{'activity recognition':<28} {'accuracy':>9} {'macro-F1':>9}   ({len(classes)} classes)")
-    for method in AR_METHODS:
-        if method in act:
-            print(f"{method.replace('_', ' '):<28} {act[method]['accuracy']:>9.3f} {act[method]['macro_f1']:>9.3f}")
+    print(format_results(results))
     print(f"\nreport: {report}   ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 

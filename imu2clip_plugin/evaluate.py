@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ class WindowEmbeddings:
     imu_raw: np.ndarray | None = None       # (N, C, T) float32 input windows, with ``keep_inputs=True``
     imu_mask: np.ndarray | None = None      # (N, T) bool
     frames: np.ndarray | None = None        # (N, H, W, 3) uint8 centre frames, with ``keep_inputs=True``
-    t0: np.ndarray | None = None            # (N,) window start (ns, recording clock)
     texts: list[str] | None = None          # each window's text as embedded (``embed.text_of``), when it has text
 
     def subset(self, idx: Sequence[int]) -> "WindowEmbeddings":
@@ -49,7 +49,7 @@ class WindowEmbeddings:
         plist = lambda a: None if a is None else [a[i] for i in idx]  # noqa: E731
         return WindowEmbeddings(pick(self.imu), pick(self.video), pick(self.text), plist(self.labels),
                                 plist(self.recording_ids), pick(self.imu_raw), pick(self.imu_mask), pick(self.frames),
-                                pick(self.t0), plist(self.texts))
+                                plist(self.texts))
 
 
 def verb_labeller(mapping: dict[str, str]):
@@ -81,7 +81,7 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
     encoder.eval()
     device = next(encoder.parameters()).device
     imu, video, text, labels, rids, texts = [], [], [], [], [], []
-    raw, masks, frames, t0s = [], [], [], []
+    raw, masks, frames = [], [], []
     for batch in windows.loader(batch_size=batch_size, shuffle=False, num_workers=num_workers):
         x = batch["imu"].to(device)
         m = batch["imu_mask"].to(device) if "imu_mask" in batch else None
@@ -89,7 +89,6 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
         if keep_inputs:
             raw.append(batch["imu"].float().numpy())
             masks.append(batch["imu_mask"].numpy() if "imu_mask" in batch else np.ones(batch["imu"].shape[::2], bool))
-            t0s.append(np.asarray(batch["t0"]))
             if "video" in batch:
                 v = batch["video"]                              # (B, F, 3, H, W) uint8
                 frames.append(v[:, v.shape[1] // 2].permute(0, 2, 3, 1).numpy())
@@ -105,7 +104,22 @@ def embed_windows(encoder: torch.nn.Module, windows, towers=None, batch_size: in
     encoder.train(was_training)
     cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
     return WindowEmbeddings(cat(imu), cat(video), cat(text), labels or None, rids,
-                            imu_raw=cat(raw), imu_mask=cat(masks), frames=cat(frames), t0=cat(t0s), texts=texts or None)
+                            imu_raw=cat(raw), imu_mask=cat(masks), frames=cat(frames), texts=texts or None)
+
+
+@torch.no_grad()
+def reembed(encoder: torch.nn.Module, emb: WindowEmbeddings, batch_size: int = 64) -> WindowEmbeddings:
+    """``emb`` with its ``imu`` embeddings recomputed by ``encoder`` from the kept IMU windows (no data is read)."""
+    if emb.imu_raw is None:
+        raise ValueError("re-embedding needs the IMU windows: embed_windows(..., keep_inputs=True)")
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    x, m = torch.as_tensor(emb.imu_raw), torch.as_tensor(emb.imu_mask)
+    out = [encoder(x[i:i + batch_size].to(device), m[i:i + batch_size].to(device), normalize=True).float().cpu()
+           for i in range(0, len(x), batch_size)]
+    encoder.train(was_training)
+    return dataclasses.replace(emb, imu=torch.cat(out).numpy())
 
 
 def retrieval(emb: WindowEmbeddings, ks: Sequence[int] = RECALL_KS) -> dict[str, dict]:
@@ -236,30 +250,24 @@ def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towe
     labels; activity recognition then runs on the windows whose text names a mapped verb."""
     test = held_out = embed_windows(encoder, test_windows, towers, reduce=reduce, keep_inputs=True)
     results: dict[str, Any] = {"retrieval": retrieval(test)}
-    labelled = label_map is not None or test.labels is not None
-    if labelled and train_windows is not None:
+    if train_windows is not None and (label_map is not None or test.labels is not None):
         train = embed_windows(encoder, train_windows, keep_inputs=True)
-        b_train = b_test = None
-        if baseline_encoder is not None:
-            b_train, b_test = embed_windows(baseline_encoder, train_windows), embed_windows(baseline_encoder, test_windows)
         if label_map is not None:
             label = verb_labeller(label_map)
-            for e in (train, test):
+            parts = []
+            for e, name in ((train, "train"), (test, "held-out")):
                 if e.texts is None:
                     raise ValueError("label_map labels windows from their text: build the windows with 'text'")
-            for e in (train, test):
-                e.labels = [label(t) for t in e.texts]
-            keep_tr = [i for i, v in enumerate(train.labels) if v is not None]
-            keep_te = [i for i, v in enumerate(test.labels) if v is not None]
-            if not keep_tr or not keep_te:
-                raise ValueError(f"no {'train' if not keep_tr else 'held-out'} window's text names a verb of the "
-                                 f"label map {sorted(label_map)}")
-            labels_tr, labels_te = train.labels, test.labels
-            train, test = train.subset(keep_tr), test.subset(keep_te)
-            if b_train is not None:
-                b_train, b_test = b_train.subset(keep_tr), b_test.subset(keep_te)
-                b_train.labels, b_test.labels = [labels_tr[i] for i in keep_tr], [labels_te[i] for i in keep_te]
+                labels = [label(t) for t in e.texts]
+                keep = [i for i, v in enumerate(labels) if v is not None]
+                if not keep:
+                    raise ValueError(f"no {name} window's text names a verb of the label map {sorted(label_map)}")
+                parts.append(dataclasses.replace(e, labels=labels).subset(keep))
+            train, test = parts
         if train.labels is not None:
+            b_train = b_test = None
+            if baseline_encoder is not None:
+                b_train, b_test = reembed(baseline_encoder, train), reembed(baseline_encoder, test)
             classes = list(classes) if classes is not None else sorted(set(train.labels) | set(test.labels))
             results["activity_recognition"] = activity_recognition(
                 train, test, classes, b_train, b_test, towers=towers, encoder=encoder,
@@ -270,12 +278,27 @@ def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towe
     return results
 
 
+def format_results(results: dict) -> str:
+    """The compact text tables of ``evaluate_encoder``'s results (retrieval, then activity recognition)."""
+    lines = [f"{'direction':<12} {'N':>5} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MRR':>6} {'chance R@1':>11}"]
+    for name, m in results["retrieval"].items():
+        lines.append(f"{name:<12} {m['N']:>5} {m['R@1']:>6.3f} {m['R@5']:>6.3f} {m['R@10']:>6.3f} {m['MRR']:>6.3f} "
+                     f"{m['chance_R@1']:>11.4f}")
+    act = results.get("activity_recognition")
+    if act:
+        lines += ["", f"{'activity recognition':<28} {'accuracy':>9} {'macro-F1':>9}   ({len(act['classes'])} classes, "
+                      f"{act['test_windows']} test windows)"]
+        lines += [f"{m:<28} {act[m]['accuracy']:>9.3f} {act[m]['macro_f1']:>9.3f}"
+                  for m in AR_METHODS if m in act]
+    return "\n".join(lines)
+
+
 def plot_retrieval_examples(emb: WindowEmbeddings, path: str | os.PathLike, queries: int = 4, k: int = 5,
                             seed: int = 0) -> str:
     """A PNG: for a few IMU queries, the query's IMU trace (channels 0-2 solid on the left axis, 3-5 dashed on the
     right: accelerometer m/s² and gyroscope rad/s for the Ego4D and Aria recipes) next to its
-    true frame and the top-``k`` retrieved frames (IMU→video), each titled with its recording and time; the
-    true match is framed in green where it was retrieved."""
+    true frame (with its rank) and the top-``k`` retrieved frames (IMU→video) with their cosines; the true match is
+    framed in green where it was retrieved."""
     import matplotlib
 
     matplotlib.use("Agg")
