@@ -16,7 +16,7 @@ import pyarrow as pa
 from .errors import StoreFormatError
 
 FORMAT = "mmloader-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @lru_cache(maxsize=None)
