@@ -6,7 +6,8 @@
 For IMU-only and IMU+video windows it times a shuffled epoch of ``WindowSet.loader`` at each worker count
 (after one warm-up epoch, so worker start-up is excluded), and, in the same run and for each backend,
 the bare decoder (one reader per video, no alignment, no pipeline) decoding exactly the frames those
-windows select, in the same order. ``ratio`` = loader frames/s ÷ bare decoder frames/s.
+windows select, in the same order. ``ratio`` = loader frames/s ÷ bare decoder frames/s. Backends that cannot
+decode on this machine (``mmloader.video.backends.backend_problems``) are skipped and listed with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import time
 import numpy as np
 
 import mmloader
-from mmloader.video import available_backends, open_reader
+from mmloader.media import media_url
+from mmloader.video import open_reader
+from mmloader.video.backends import backend_problems
 
 
 def time_loader(ws, workers: int, batch_size: int, seed: int) -> dict:
@@ -48,7 +51,8 @@ def time_bare_decoder(ws, seed: int, batch_size: int) -> dict:
         rid = cols.recording_id[i]
         if rid not in readers:
             pts, key = store.video_index(rid, "video")
-            readers[rid] = open_reader(ws.spec.video_backend, store.stream_row(rid, "video")["uri"], pts, key, ws.spec.size)
+            readers[rid] = open_reader(ws.spec.video_backend, media_url(store.url, store.stream_row(rid, "video")["uri"]), pts, key,
+                                       ws.spec.size)
         frames += len(readers[rid].get_frames(cols.video_idx["video"][i]))
     dt = time.perf_counter() - t
     for r in readers.values():
@@ -66,7 +70,8 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=[112, 112], metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--backends", nargs="+", default=None, help="default: every installed backend")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="default: all three; one that cannot decode here is skipped (reported, with the reason)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="an existing store; default: generate the sample in a temp dir")
     args = p.parse_args()
@@ -82,8 +87,13 @@ def main() -> None:
             "setup": {**vars(args), "imu_windows": len(imu)},
             "imu_only": [time_loader(imu, w, args.batch_size, args.seed) for w in args.workers],
             "imu_video": {},
+            "skipped_backends": {},
         }
-        for backend in args.backends or available_backends():
+        for backend in args.backends or ("pyav", "decord", "torchcodec"):
+            why = backend_problems([backend])[backend]
+            if why is not None:  # e.g. torchcodec without FFmpeg's shared libraries
+                result["skipped_backends"][backend] = why
+                continue
             av = ds.windows(sec=args.sec, stride=args.stride, modalities=["imu", "video"], frames=args.frames,
                             size=tuple(args.size), video_backend=backend)
             bare = time_bare_decoder(av, args.seed, args.batch_size)

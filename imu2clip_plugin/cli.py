@@ -4,7 +4,9 @@
 Configs are JSON (or TOML) files of :class:`imu2clip_plugin.train.TrainConfig` fields; ``--config imu_video`` (a bare
 name) picks one of the packaged configs (``imu_video``, ``imu_text``, ``imu_video_text``). ``--set`` values are
 parsed as JSON when they parse (``--set lr=1e-3 --set size=[112,112] --set pretrained=null``), else taken as strings;
-``--set encoder.gru_hidden=128`` sets a nested key.
+``--set encoder.gru_hidden=128`` sets a nested key. ``--resume`` continues ``run_dir/checkpoint.pt`` (an error when
+there is none); ``--resume auto`` continues it when there is one, else starts afresh. A checkpoint that cannot be
+resumed (none there, corrupt, truncated, not plain values) is one line on stderr naming the file, exit status 1.
 """
 
 from __future__ import annotations
@@ -47,13 +49,21 @@ def apply_overrides(d: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     return d
 
 
+def _resume_arg(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {value!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="imu2clip", description="IMU2CLIP training on mmloader")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train an IMU encoder")
     t.add_argument("--config", required=True, help="JSON/TOML file, or a packaged name (imu_video, imu_text, imu_video_text)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    t.add_argument("--resume", action="store_true", help="resume from run_dir/checkpoint.pt")
+    t.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_arg, metavar="auto",
+                   help="continue run_dir/checkpoint.pt (an error if there is none); '--resume auto': continue it if "
+                        "there is one, else start afresh")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     e = sub.add_parser("embed", help="build the embedding cache of a store's windows")
     e.add_argument("store")
@@ -97,16 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args)
 
     if args.cmd == "train":
-        from .train import TrainConfig, train
+        from .train import CheckpointError, TrainConfig, train
 
         d = apply_overrides(load_config(args.config), args.set)
-        if args.resume:
-            d["resume"] = True
+        if args.resume is not None:
+            d["resume"] = args.resume
         cfg = TrainConfig.from_dict(d)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        out = train(cfg)
+        try:
+            out = train(cfg)
+        except CheckpointError as e:  # nothing to resume, or a checkpoint refused: one line naming the file
+            print(f"imu2clip train: error: {e}", file=sys.stderr)
+            return 1
         out.pop("model", None)
         import torch.distributed as dist
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import tempfile
 import threading
@@ -161,7 +162,13 @@ class ClipTowers(nn.Module):
                 raise WeightsUnavailableError(
                     f"checkpoint file for CLIP model {model_name!r} not found: {self.checkpoint}")
             model = open_clip.create_model(model_name, pretrained=None, **kw)
-            open_clip.load_checkpoint(model, self.checkpoint, strict=True)
+            try:  # weights_only: a file a user was handed never runs pickled code
+                open_clip.load_checkpoint(model, self.checkpoint, strict=True, weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise WeightsUnavailableError(
+                    f"{self.checkpoint}: refusing to load CLIP weights for {model_name!r}: the file holds more than "
+                    f"tensors and plain values (torch.load weights_only=True): {first}") from None
         elif pretrained is not None:
             local = _cached_weights(tag_cfg, cache_dir)
             if local is not None:

@@ -3,15 +3,21 @@
 ``train(TrainConfig(...)) -> dict`` builds the windows (split by recording), optionally the embedding cache
 (:mod:`imu2clip_plugin.embed`), the encoder and the contrastive loss, and runs AdamW with linear warmup + cosine
 decay, gradient clipping, AMP on CUDA, validation each epoch, JSONL metrics, a checkpoint each epoch and at the end
-(exact resume with ``resume=True``), and exports the encoder with ``save_encoder`` at the end.
+(exact resume with ``resume=True``, or ``resume="auto"``), and exports the encoder with ``save_encoder`` at the end.
+
+Checkpoints are loaded without pickle and checked against a sha256 record: see :func:`save_checkpoint` and
+:func:`load_checkpoint` for the contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,7 +32,15 @@ from .encoder import IMUEncoder, IMUEncoderConfig, save_encoder
 from .loss import ContrastiveLoss
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKSUM_SUFFIX = ".sha256.json"     # checkpoint.pt.sha256.json: the checkpoint's size and sha256
+PARTIAL_SUFFIX = ".partial"          # checkpoint.pt.partial: a checkpoint being written
+CHECKPOINT_FORMAT_VERSION = 2
 METRICS_NAME = "metrics.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: none to resume from, missing its checksum record, corrupt, truncated,
+    replaced, or holding anything but tensors and plain values (it is never unpickled). The message names the file."""
 
 
 @dataclass
@@ -69,7 +83,7 @@ class TrainConfig:
     run_dir: str = "runs/imu2clip"
     use_cache: bool = True
     cache_url: str = "auto"
-    resume: bool = False
+    resume: bool | str = False         # True: continue run_dir's checkpoint (error if none); "auto": if there is one
     stop_after_steps: int | None = None  # checkpoint and return after this many steps (interruption)
     progress: bool = True
 
@@ -81,6 +95,8 @@ class TrainConfig:
             self.size = (int(self.size[0]), int(self.size[1]))
         if self.epochs < 1 and self.max_steps is None:
             raise ValueError("give epochs >= 1 or max_steps")
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -161,9 +177,9 @@ def split_train_val(windows, cfg: TrainConfig):
     """``(train, val)``: the ``train_split`` and ``val_split`` windows, or, without a val split, a held-out
     ``val_fraction`` of the train recordings (chosen with ``seed``; always per recording)."""
     train = windows.split(cfg.train_split)
-    val = windows.split(cfg.val_split)
-    if len(val) > 0:
-        return train, val
+    # windows.split refuses a split the store lacks: look for the val split among the windows' own splits first
+    if cfg.val_split in set(windows.index["split"].to_pylist()):
+        return train, windows.split(cfg.val_split)
     recs = sorted(set(train.index["recording_id"].to_pylist()))
     if len(recs) < 2:
         raise ValueError(f"no {cfg.val_split!r} split and only {len(recs)} train recording(s): cannot hold out")
@@ -183,7 +199,16 @@ def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (so the checkpoint loads with ``weights_only=True``)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": [int(w) for w in words],
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -192,16 +217,177 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(st: dict[str, Any]) -> None:
     # RNG states are CPU ByteTensors; a checkpoint loaded with map_location="cuda" would have moved them
     torch.set_rng_state(st["torch"].cpu())
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["key"].cpu().numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    p = st["python"]
+    random.setstate((int(p["version"]), tuple(int(w) for w in p["state"]), p["gauss_next"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    _write_durable(tmp, data)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """The checksum record of a checkpoint: ``checkpoint.pt`` → ``checkpoint.pt.sha256.json``."""
+    p = Path(path)
+    return p.with_name(p.name + CHECKSUM_SUFFIX)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` with its checksum record ``path.sha256.json``; returns ``path``.
+
+    Contract (what :func:`load_checkpoint` accepts):
+
+    - ``path`` is a ``torch.save`` file of a dict holding only tensors and plain values (dict, list, tuple, str, int,
+      float, bool, None), so it loads with ``torch.load(weights_only=True)`` and no pickled code ever runs. The
+      trainer stores RNG states in that form (numpy's key as an int64 tensor, Python's state as a list of ints).
+    - ``path.sha256.json`` is ``{"file", "size", "sha256", "step", "format_version"}`` for exactly those bytes.
+    - Writes, in order: the data to ``path.partial`` (fsync), the record (to a temporary name, fsync, rename), then
+      ``path.partial`` renamed onto ``path``. A crash before the record leaves the previous pair intact; a crash
+      between the record and the last rename leaves a record naming ``path.partial``'s bytes, which
+      :func:`load_checkpoint` completes (renames) on the next load. A record and data that disagree are never
+      accepted.
+    """
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    _write_durable(partial, data)
+    record = {"file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+              "step": state.get("step"), "format_version": CHECKPOINT_FORMAT_VERSION}
+    _atomic_write(checksum_path(path), (json.dumps(record, indent=2) + "\n").encode())
+    os.replace(partial, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    rec_path = checksum_path(path)
+    try:
+        rec = json.loads(rec_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checksum record {rec_path.name} beside it; refusing an unverified "
+                              "checkpoint (checkpoints written before checksums were added cannot be resumed)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{rec_path}: unreadable checksum record of {path}: {e}") from None
+    if (not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("size"), int)
+            or rec.get("file") != path.name):
+        raise CheckpointError(f"{rec_path}: not a checksum record of {path.name}: {rec!r}")
+    return rec
+
+
+def _verified_bytes(path: Path, rec: dict[str, Any]) -> bytes:
+    """The checkpoint's bytes, checked against the record; rolls an interrupted save forward."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    found: list[str] = []
+    # path, then a save's partial file, then path again (another rank may have rolled it forward meanwhile)
+    for cand in (path, partial, path):
+        try:
+            data = cand.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CheckpointError(f"{cand}: cannot read the checkpoint: {e}") from None
+        if len(data) == rec["size"] and hashlib.sha256(data).hexdigest() == rec["sha256"]:
+            if cand is partial:  # the save was interrupted after committing its record: complete it
+                try:
+                    os.replace(partial, path)
+                except OSError:
+                    pass
+            return data
+        if cand is path and not found:
+            found.append(f"{len(data)} bytes" if len(data) != rec["size"] else "a different sha256")
+    if not found:
+        raise CheckpointError(f"{path}: checkpoint file not found (its checksum record {checksum_path(path).name} "
+                              "exists)")
+    what = "truncated or extended" if found[0].endswith("bytes") else "corrupt"
+    raise CheckpointError(f"{path}: checkpoint is {what}: {found[0]}, its record {checksum_path(path).name} says "
+                          f"{rec['size']} bytes, sha256 {rec['sha256'][:16]}...; refusing to resume from it")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`: size and sha256 verified against ``path.sha256.json``,
+    then ``torch.load(weights_only=True)`` (no pickled code runs; only tensors and plain values are accepted).
+
+    Raises:
+        CheckpointError: no record, a record that does not match the file (corrupt, truncated, replaced), or a file
+            that is not a plain-values checkpoint. The message names the file.
+    """
+    path = Path(path)
+    rec = _read_record(path)
+    data = _verified_bytes(path, rec)
+    try:
+        ck = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for anything but tensors and plain values; RuntimeError when unreadable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = ("it holds more than tensors and plain values (loaded with weights_only=True, never unpickled)"
+               if isinstance(e, pickle.UnpicklingError) else "it is not a readable torch.save file")
+        raise CheckpointError(f"{path}: refusing to load the checkpoint: {why}: {first}") from None
+    if not isinstance(ck, dict) or ck.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        got = ck.get("format_version") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path}: not an imu2clip checkpoint of format_version {CHECKPOINT_FORMAT_VERSION} "
+                              f"(found {got!r})")
+    return ck
+
+
+def _resume_from(resume: bool | str, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None to start fresh (``resume`` False, or "auto" with none there)."""
+    if not resume:
+        return None
+    path = run_dir / CHECKPOINT_NAME
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if not (path.exists() or checksum_path(path).exists() or partial.exists()):
+        if resume == "auto":
+            return None
+        raise CheckpointError(f"{run_dir}: nothing to resume: no {CHECKPOINT_NAME} in this run directory (train "
+                              "without resume to start a run, or resume='auto' to continue only if there is one)")
+    return load_checkpoint(path, map_location="cpu")
+
+
+def _rewrite_metrics(path: Path, step: int | None) -> None:
+    """Keep the metrics of the steps up to ``step`` (None: none), atomically: a resumed run logs each step once.
+
+    The interrupted run's ``end`` record and lines torn by a crash are dropped too."""
+    if not path.exists():
+        return
+    keep = []
+    if step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            st = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(st, (int, float)) and st <= step and rec.get("event") != "end":
+                keep.append(line + "\n")
+    _atomic_write(path, "".join(keep).encode())
 
 
 class _Targets:
@@ -229,13 +415,21 @@ class _Targets:
 # -- training ----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     """Train; returns ``{"step", "epoch", "train_loss", "val_loss", "val_history", "run_dir", "encoder_dir",
-    "stopped_early"}``. ``windows`` / ``towers`` may be passed in (else built from ``cfg``)."""
+    "stopped_early"}``. ``windows`` / ``towers`` may be passed in (else built from ``cfg``).
+
+    ``cfg.resume``: False starts afresh (a new ``metrics.jsonl``); True continues ``run_dir/checkpoint.pt`` and
+    raises :class:`CheckpointError` if there is none; ``"auto"`` continues it if there is one, else starts afresh.
+    A checkpoint that fails its checksum or holds anything but tensors and plain values raises
+    :class:`CheckpointError` (before any towers or caches are built). On resume, ``metrics.jsonl`` keeps only the
+    records up to the checkpoint's step, so every step is logged once."""
     from tqdm.auto import tqdm
 
     rank, world, device = _dist_setup(cfg.device)
     run_dir = Path(cfg.run_dir)
+    ck = _resume_from(cfg.resume, run_dir)   # every rank reads it; fails before anything is written
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _rewrite_metrics(run_dir / METRICS_NAME, int(ck["step"]) if ck is not None else None)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     _barrier(world)
 
@@ -289,17 +483,18 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     targets = _Targets(towers, cfg.targets, cfg.reduce, device)
 
-    step, history = 0, []
+    step, history, last_val_step = 0, [], -1
     ckpt_path = run_dir / CHECKPOINT_NAME
-    if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         loader.load_state_dict(ck["loader"][rank] if isinstance(ck["loader"], list) else ck["loader"])
         step, history = int(ck["step"]), list(ck.get("val_history", []))
+        last_val_step = int(ck.get("last_val_step", -1))
         _set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+        ck = None
 
     def log(rec: dict[str, Any]) -> None:
         if rank == 0:
@@ -314,11 +509,12 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
             torch.distributed.all_gather_object(gathered, (states[0], rngs[0]))
             states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         if rank == 0:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "scaler": scaler.state_dict(), "logit_scale": float(model.loss.logit_scale.detach()),
-                          "loader": states if world > 1 else states[0], "rng": rngs if world > 1 else rngs[0],
-                          "step": step, "epoch": loader.epoch, "val_history": history, "config": cfg.to_dict()},
-                         ckpt_path)
+            save_checkpoint({"format_version": CHECKPOINT_FORMAT_VERSION, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "scaler": scaler.state_dict(), "logit_scale": float(model.loss.logit_scale.detach()),
+                             "loader": states if world > 1 else states[0], "rng": rngs if world > 1 else rngs[0],
+                             "step": step, "epoch": loader.epoch, "val_history": history,
+                             "last_val_step": last_val_step, "config": cfg.to_dict()}, ckpt_path)
         _barrier(world)
 
     @torch.no_grad()
@@ -347,7 +543,7 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
 
     model.train()
     bar = tqdm(total=total, initial=step, disable=rank != 0 or not cfg.progress, desc="train", dynamic_ncols=True)
-    last_loss, stopped, t_start, last_val_step = float("nan"), False, time.perf_counter(), -1
+    last_loss, stopped, t_start = float("nan"), False, time.perf_counter()
     while step < total and not stopped:
         epoch_done = True
         for batch in loader:
@@ -390,6 +586,7 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     if not stopped and last_val_step != step:
         v = validate()
         history.append(v)
+        last_val_step = step
         log({"event": "val", "step": step, "epoch": loader.epoch, "val_loss": v})
     checkpoint()
     enc_dir = None

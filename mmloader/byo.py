@@ -10,10 +10,12 @@
 ...               events={"labels": [(0, 10_000_000_000, "walking")]}),
 ... ])
 
-Time is int64 nanoseconds on each recording's own clock (any origin). ``write_store`` validates every
-input (errors name the recording and the stream), measures rates, finds gaps (periods longer than
-``gap_factor`` × the median period; windows mask them, never fill them), probes videos (their pts index is
-stored; the media stays where it is) and writes the recordings / streams / gaps tables for you, atomically.
+Time is int64 nanoseconds on each recording's own clock (any origin). ``write_store`` takes any iterable
+of recordings (a list, or a generator for datasets larger than memory: it is read once, one recording at a
+time), validates every input as it arrives (errors name the recording and the stream), measures rates, finds
+gaps (periods longer than ``gap_factor`` × the median period; windows mask them, never fill them), probes
+videos (their pts index is stored; the media stays where it is) and writes the recordings / streams / gaps
+tables for you, atomically. A store with no recording is refused.
 """
 
 from __future__ import annotations
@@ -23,19 +25,21 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 
-from .errors import MMLoaderError
+from .errors import MMLoaderError, StoreFormatError
 from .fsutil import normalize_url
-from .media import probe_video
+from .media import media_identity, probe_video
 from .schema import table_schema
-from .store.writer import StoreWriter
+from .store.writer import StoreWriter, check_recording_id
 
 NS = 1_000_000_000
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # stream names
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_END = object()
 EventRow = Union[Sequence[Any], Mapping[str, Any]]
 
 
@@ -105,6 +109,8 @@ def check_timeseries(rec_id: str, name: str, ts: TimeSeriesInput) -> tuple[np.nd
                          f"{len(units)} units were given")
     if len(set(channels)) != len(channels):
         raise InputError(f"{where}: channel names repeat: {channels}")
+    if t.dtype.kind == "u" and t.size and int(t.max()) > INT64_MAX:
+        raise InputError(f"{where}: t_ns has values above the int64 range (max {int(t.max())})")
     t = t.astype(np.int64)
     d = np.diff(t)
     if np.any(d <= 0):
@@ -147,6 +153,8 @@ def _event_rows(rec_id: str, name: str, rows: Sequence[EventRow]) -> list[dict[s
             v = row[k]
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                 raise InputError(f"{where}: row {i}: {k} is {v!r}; expected integer nanoseconds")
+            if not INT64_MIN <= int(v) <= INT64_MAX:
+                raise InputError(f"{where}: row {i}: {k} is {v!r}, outside the int64 range of nanoseconds")
             row[k] = int(v)
         if row["t_end_ns"] < row["t_start_ns"]:
             raise InputError(f"{where}: row {i}: t_end_ns {row['t_end_ns']} < t_start_ns {row['t_start_ns']}")
@@ -161,53 +169,72 @@ def _event_rows(rec_id: str, name: str, rows: Sequence[EventRow]) -> list[dict[s
     return out
 
 
-def _check_recordings(recordings: Sequence[Recording]) -> None:
-    if not recordings:
-        raise InputError("write_store needs at least one Recording")
-    seen: set[str] = set()
-    kinds: dict[str, str] = {}
-    for rec in recordings:
-        if not isinstance(rec, Recording):
-            raise InputError(f"expected Recording objects, got {type(rec).__name__}")
-        if not isinstance(rec.id, str) or not NAME.match(rec.id):
-            raise InputError(f"recording id {rec.id!r}: use letters, digits, '_', '-', '.' (it names folders)")
-        if rec.id in seen:
-            raise InputError(f"recording id {rec.id!r} appears twice")
-        seen.add(rec.id)
-        if not rec.timeseries and not rec.videos:
-            raise InputError(f"recording {rec.id!r} has no time series and no video (windows need one)")
-        names = [*rec.timeseries, *rec.videos, *rec.events]
-        for kind, group in (("timeseries", rec.timeseries), ("video", rec.videos), ("events", rec.events)):
-            for name in group:
-                if not isinstance(name, str) or not NAME.match(name) or name == "text":
-                    raise InputError(f"recording {rec.id!r}: stream name {name!r} is not allowed "
-                                     "(letters, digits, '_', '-', '.'; 'text' is reserved)")
-                if names.count(name) > 1:
-                    raise InputError(f"recording {rec.id!r}: stream name {name!r} is used by two kinds")
-                if kinds.setdefault(name, kind) != kind:
-                    raise InputError(f"recording {rec.id!r}: stream {name!r} is {kind} here but {kinds[name]} in "
-                                     "another recording (a name has one kind in a store)")
-        if rec.meta is not None:
-            try:
-                json.dumps(rec.meta)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"recording {rec.id!r}: meta is not JSON-serialisable ({e})") from None
+def _check_recording(rec: Any, seen: set[str], kinds: dict[str, str]) -> None:
+    """Check one recording as it arrives; ``seen`` (ids so far) and ``kinds`` (stream name → kind) carry
+    the rules that span recordings, and are updated once the recording passes."""
+    if not isinstance(rec, Recording):
+        raise InputError(f"expected Recording objects, got {type(rec).__name__}")
+    try:
+        check_recording_id(rec.id, "Recording.id")
+    except StoreFormatError as e:
+        raise InputError(f"recording id {rec.id!r}: {e} (it names folders)") from None
+    if rec.id in seen:
+        raise InputError(f"recording id {rec.id!r} appears twice")
+    if not rec.timeseries and not rec.videos:
+        raise InputError(f"recording {rec.id!r} has no time series and no video (windows need one)")
+    names = [*rec.timeseries, *rec.videos, *rec.events]
+    for kind, group in (("timeseries", rec.timeseries), ("video", rec.videos), ("events", rec.events)):
+        for name in group:
+            if not isinstance(name, str) or not NAME.match(name) or name == "text":
+                raise InputError(f"recording {rec.id!r}: stream name {name!r} is not allowed "
+                                 "(letters, digits, '_', '-', '.'; 'text' is reserved)")
+            if names.count(name) > 1:
+                raise InputError(f"recording {rec.id!r}: stream name {name!r} is used by two kinds")
+            if kinds.get(name, kind) != kind:
+                raise InputError(f"recording {rec.id!r}: stream {name!r} is {kind} here but {kinds[name]} in "
+                                 "another recording (a name has one kind in a store)")
+    if rec.meta is not None:
+        try:
+            json.dumps(rec.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"recording {rec.id!r}: meta is not JSON-serialisable ({e})") from None
+    if rec.duration_ns is not None:
+        d = rec.duration_ns
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or not 0 < int(d) <= INT64_MAX:
+            raise InputError(f"recording {rec.id!r}: duration_ns is {d!r}; expected a positive integer of "
+                             "nanoseconds (or None: the span of its streams)")
+    for name, ts in rec.timeseries.items():
+        if not isinstance(ts, TimeSeriesInput):
+            raise InputError(f"recording {rec.id!r}, stream {name!r}: expected a TimeSeriesInput, "
+                             f"got {type(ts).__name__}")
+    seen.add(rec.id)
+    for kind, group in (("timeseries", rec.timeseries), ("video", rec.videos), ("events", rec.events)):
+        for name in group:
+            kinds.setdefault(name, kind)
 
 
-def _fingerprint(recordings: Sequence[Recording], checked: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> str:
-    h = hashlib.sha256(b"byo-1")
-    for (rid, name), (t, x) in sorted(checked.items()):
-        h.update(f"{rid}|{name}|{x.shape}|{t[0]}|{t[-1]}\n".encode())
+def _recording_digest(rec: Recording, checked: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """What the source fingerprint sees of one recording (its time stamps, shapes and video paths)."""
+    h = hashlib.sha256()
+    for name, (t, x) in sorted(checked.items()):
+        h.update(f"{rec.id}|{name}|{x.shape}|{t[0]}|{t[-1]}\n".encode())
         h.update(np.ascontiguousarray(t).tobytes())
-    for rec in recordings:
-        for name, path in sorted(rec.videos.items()):
-            h.update(f"{rec.id}|{name}|{os.fspath(path)}\n".encode())
+    for name, path in sorted(rec.videos.items()):
+        h.update(f"{rec.id}|{name}|{os.fspath(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint(digests: list[str]) -> str:
+    """The source fingerprint, independent of the order in which the recordings came."""
+    h = hashlib.sha256(b"byo-2")
+    for d in sorted(digests):
+        h.update(d.encode())
     return h.hexdigest()[:32]
 
 
 def write_store(
     url: str | os.PathLike,
-    recordings: Sequence[Recording],
+    recordings: Iterable[Recording],
     *,
     dataset: str = "custom",
     overwrite: bool = False,
@@ -218,37 +245,58 @@ def write_store(
 ) -> str:
     """Write a store at ``url`` (path or fsspec URL) from ``recordings``; returns its URL.
 
-    Everything is validated before anything is written; a failure while writing leaves nothing at ``url``.
-    Time series must be strictly increasing (they are refused, not sorted: the message names the recording,
-    the stream and the first offending pair). The report (``reports/prepare.json``) lists, per recording,
-    samples, measured rates, gaps, frames and events.
+    ``recordings`` is any iterable of :class:`Recording` (a list, a tuple, a generator). It is read once:
+    each recording is validated, then written, then let go before the next one is read, so a generator that
+    loads one recording at a time writes a dataset larger than memory (only table rows and event rows are
+    kept until the end). No recording → InputError, and nothing is created. A failure, in validation, in
+    the iterable itself or while writing, leaves nothing at ``url``. Time series must be strictly increasing
+    (they are refused, not sorted: the message names the recording, the stream and the first offending
+    pair). The report (``reports/prepare.json``) lists, per recording, samples, measured rates, gaps, frames
+    and events.
     """
-    _check_recordings(recordings)
-    if gap_factor <= 1:
-        raise InputError(f"gap_factor must be > 1, got {gap_factor}")
-    checked: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-    events: dict[str, list[dict[str, Any]]] = {}
-    for rec in recordings:
-        for name, ts in rec.timeseries.items():
-            if not isinstance(ts, TimeSeriesInput):
-                raise InputError(f"recording {rec.id!r}, stream {name!r}: expected a TimeSeriesInput, "
-                                 f"got {type(ts).__name__}")
-            checked[(rec.id, name)] = check_timeseries(rec.id, name, ts)
-        for name, rows in rec.events.items():
-            events.setdefault(name, []).extend(_event_rows(rec.id, name, rows))
-    videos = {(rec.id, name): probe_video(normalize_url(path)) for rec in recordings
-              for name, path in rec.videos.items()}  # MediaError names the file
+    if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not (
+            np.isfinite(gap_factor) and gap_factor > 1):
+        raise InputError(f"gap_factor must be a finite number > 1, got {gap_factor!r}")
+    if isinstance(recordings, (Recording, str, bytes, Mapping)):
+        raise InputError("recordings must be an iterable of Recording objects (a list or a generator), got "
+                         f"{type(recordings).__name__}")
+    try:
+        it = iter(recordings)
+    except TypeError:
+        raise InputError("recordings must be an iterable of Recording objects (a list or a generator), got "
+                         f"{type(recordings).__name__}") from None
+    first = next(it, _END)
+    if first is _END:
+        raise InputError("write_store needs at least one Recording (an empty store is never written)")
+    _check_recording(first, set(), {})  # before anything is created at url
+    pending = [first]
+    del first
 
-    fingerprint = source_fingerprint or _fingerprint(recordings, checked)
+    seen: set[str] = set()
+    kinds: dict[str, str] = {}
+    digests: list[str] = []
+    events: dict[str, list[dict[str, Any]]] = {}
     report: dict[str, Any] = {"dataset": dataset, "gap_factor": gap_factor, "recordings": {}}
-    rec_rows, stream_rows, gap_rows = [], [], []
-    with StoreWriter(url, dataset=dataset, source_fingerprint=fingerprint, options=dict(options or {}),
+    rec_rows: list[dict[str, Any]] = []
+    stream_rows: list[dict[str, Any]] = []
+    gap_rows: list[dict[str, Any]] = []
+    with StoreWriter(url, dataset=dataset, source_fingerprint=source_fingerprint or "", options=dict(options or {}),
                      overwrite=overwrite, **storage_options) as writer:
-        for rec in recordings:
+        while True:
+            rec = pending.pop() if pending else next(it, _END)
+            if rec is _END:
+                break
+            _check_recording(rec, seen, kinds)
+            checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
+            rec_events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
+            # identity before the probe: the pts index then describes this very file (MediaError names the file)
+            idents = {name: media_identity(normalize_url(path)) for name, path in rec.videos.items()}
+            videos = {name: probe_video(normalize_url(path)) for name, path in rec.videos.items()}
+            digests.append(_recording_digest(rec, checked))
             rep: dict[str, Any] = {}
             spans: list[tuple[int, int]] = []
             for name, ts in rec.timeseries.items():
-                t, x = checked[(rec.id, name)]
+                t, x = checked.pop(name)
                 measured = NS / float(np.median(np.diff(t)))
                 rate = float(ts.rate_hz) if ts.rate_hz is not None else round(measured, 3)
                 rel = writer.write_timeseries(rec.id, name, t, x, list(ts.channels), list(ts.units), rate_hz=rate)
@@ -261,20 +309,22 @@ def write_store(
                 rep[name] = {"samples": int(t.size), "measured_rate_hz": round(measured, 3), "rate_hz": rate,
                              "gaps": len(gaps), "gaps_sec": [[(a - t[0]) / NS, (b - a) / NS] for a, b in gaps]}
                 spans.append((int(t[0]), int(t[-1])))
+                del t, x
             for name, path in rec.videos.items():
-                info = videos[(rec.id, name)]
+                info = videos[name]
                 rel = writer.write_video_index(rec.id, name, info.pts_ns, info.keyframe)
                 stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "video",
                                     "uri": normalize_url(path), "index_uri": rel, "t_start_ns": int(info.pts_ns[0]),
                                     "t_end_ns": int(info.pts_ns[-1]), "n_samples": info.num_frames,
                                     "rate_hz": info.fps, "width": info.width, "height": info.height,
-                                    "codec": info.codec})
+                                    "codec": info.codec, **idents[name].columns()})
                 rep[name] = {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
                              "codec": info.codec, "first_pts_sec": info.pts_ns[0] / NS}
                 spans.append((int(info.pts_ns[0]), int(info.pts_ns[-1])))
-            for name in rec.events:
-                rows = [r for r in events[name] if r["recording_id"] == rec.id]
+                del info
+            for name, rows in rec_events.items():
                 rep[name] = {"events": len(rows)}
+                events.setdefault(name, []).extend(rows)
                 if rows:
                     stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "events",
                                         "uri": f"events/{name}.parquet",
@@ -287,6 +337,8 @@ def write_store(
                              "modalities": modalities,
                              "meta_json": json.dumps(dict(rec.meta), sort_keys=True) if rec.meta is not None else None})
             report["recordings"][rec.id] = rep
+            rec = ts = videos = rec_events = None  # let this recording go before the next one is read
+        writer.source_fingerprint = source_fingerprint or _fingerprint(digests)
         writer.write_table("recordings", _table("recordings", rec_rows))
         writer.write_table("streams", _table("streams", stream_rows))
         writer.write_table("gaps", _table("gaps", gap_rows))

@@ -52,13 +52,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     adapter = get_adapter(args.dataset)
-    url = adapter.prepare(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet, errors=args.errors)
+    extra = {"copy_media": True} if getattr(args, "copy_media", False) else {}
+    if extra:
+        import inspect
+
+        params = inspect.signature(adapter.prepare).parameters
+        if "copy_media" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            print(f"mmloader prepare: dataset {args.dataset!r} has no --copy-media option", file=sys.stderr)
+            return 2
+    url = adapter.prepare(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet, errors=args.errors,
+                          **extra)
     ds = Dataset(Store(url))
-    totals = ds.report().get("totals", {})
+    report = ds.report()
+    totals = report.get("totals", {})
     print(f"prepared {ds.info()['recordings']} recordings into {url}")
     if totals:
         print("report: " + json.dumps(totals))
+    for line in _left_out_lines(report):
+        print(line)
     return 0
+
+
+def _left_out_lines(report: dict, limit: int = 20) -> list[str]:
+    """What the prepare report says was left out: failed recordings and why (``--errors skip``), repeated
+    ids, dropped events, and sources skipped (grouped by reason)."""
+    lines: list[str] = []
+
+    def listing(title: str, items: dict) -> None:
+        if not items:
+            return
+        lines.append(f"{title}: {len(items)}")
+        for k, why in list(items.items())[:limit]:
+            lines.append(f"  {k}: {why}")
+        if len(items) > limit:
+            lines.append(f"  ... and {len(items) - limit} more (reports/prepare.json in the store)")
+
+    listing("left out (bad source; --errors skip)", report.get("failed") or {})
+    listing("repeated recording ids", report.get("duplicates") or {})
+    dropped = {uid: f"{r['events_dropped']['events']} event(s): " + "; ".join(r["events_dropped"]["problems"][:3])
+               for uid, r in (report.get("recordings") or {}).items() if (r.get("events_dropped") or {}).get("events")}
+    listing("bad events dropped (--errors skip)", dropped)
+    by_reason: dict[str, list[str]] = {}
+    for k, why in (report.get("skipped") or {}).items():
+        by_reason.setdefault(str(why), []).append(str(k))
+    for why, ids in by_reason.items():
+        more = f", ... and {len(ids) - 5} more" if len(ids) > 5 else ""
+        lines.append(f"skipped ({why}): {len(ids)}: {', '.join(ids[:5])}{more}")
+    return lines
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -75,6 +115,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing (by the same checks the Python API runs): one line, exit status 2."""
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     """The options that describe a window set (``windows`` and ``cache build``)."""
     p.add_argument("store")
@@ -83,7 +141,7 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
     p.add_argument("--anchor", choices=["tile", "events"], default="tile")
     p.add_argument("--imu-hz", type=float, default=200.0)
-    p.add_argument("--frames", type=int, default=4, help="frames per window")
+    p.add_argument("--frames", type=_count(1), default=4, help="frames per window")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
     p.add_argument("--split", default=None)
     p.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
@@ -92,9 +150,31 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
 def _windows_from_args(args: argparse.Namespace):
     """The WindowSet that the window options of ``windows`` and ``cache build`` describe."""
     kw = {"frames": args.frames} if "video" in args.modalities else {}
-    return Dataset(Store(args.store)).windows(
-        sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor, imu_hz=args.imu_hz,
-        size=tuple(args.size) if args.size else None, split=args.split, video_backend=args.backend, **kw)
+    ds = Dataset(Store(args.store))
+    try:  # the Python API's own checks: a bad value is a usage error (exit 2), named like argparse names it
+        return ds.windows(
+            sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor, imu_hz=args.imu_hz,
+            size=tuple(args.size) if args.size else None, split=args.split, video_backend=args.backend, **kw)
+    except (ValueError, TypeError) as e:
+        raise UsageError(_flag_message(str(e))) from None
+
+
+# the Python argument a check names → the flag that sets it (windows / cache build)
+_FLAGS = {"sec": "--sec", "stride": "--stride", "modalities": "--modalities", "anchor": "--anchor",
+          "imu_hz": "--imu-hz", "frames": "--frames", "size": "--size", "split": "--split", "video_backend": "--backend"}
+
+
+def _flag_message(msg: str) -> str:
+    """``imu_hz must be ...`` → ``argument --imu-hz: imu_hz must be ...`` (argparse's wording)."""
+    import re
+
+    m = re.match(r"(?:\S+: )?(\w+)\b", msg)
+    names = [m.group(1)] if m else []
+    names += re.findall(r"\b(\w+)=", msg)[:1]
+    for name in names:
+        if name in _FLAGS:
+            return f"argument {_FLAGS[name]}: {msg}"
+    return msg
 
 
 def cmd_windows(args: argparse.Namespace) -> int:
@@ -221,7 +301,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     s = csub.add_parser("build", help="build (or repair) the cache of a window set now")
     _add_window_args(s)
     s.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
-    s.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="windows per shard")
+    s.add_argument("--shard-size", type=_count(1), default=DEFAULT_SHARD_SIZE, help="windows per shard")
     s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_cache_build)
@@ -248,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("validate", help="check every file of a store (exit 1 on problems)")
+    s = sub.add_parser("validate", help="check a store deeply: every file (size, sha256) and every Zarr chunk "
+                                        "(present, crc32c); exit 1 on problems")
     s.add_argument("store")
     s.set_defaults(func=cmd_validate)
 
@@ -259,14 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     s.add_argument("--errors", choices=["raise", "skip"], default="raise",
                    help="on a bad source file: abort (default) or skip that recording and report it")
+    s.add_argument("--copy-media", action="store_true",
+                   help="copy the media files into DST/media/ (a self-contained store that can be moved or "
+                        "uploaded); Ego4D otherwise references its source mp4s, Aria stores always hold theirs")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("windows", help="build windows on a store, print the report, optionally load them")
     _add_window_args(s)
-    s.add_argument("--epochs", type=int, default=1, help="epochs to load (0: only build and report)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--epochs", type=_count(0), default=1, help="epochs to load (0: only build and report)")
+    s.add_argument("--batch-size", type=_count(1), default=16)
+    s.add_argument("--workers", type=_count(0), default=0)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_windows)
 
@@ -288,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"mmloader {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (MMLoaderError, FileExistsError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmloader {args.command}: error: {msg}", file=sys.stderr)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from .adapters import available, get_adapter
 from .errors import StoreFormatError
-from .fsutil import get_fs, join
+from .fsutil import get_fs, join, probe_exists
 from .paths import cache_dir
 from .store import Store
 from .store.reader import TimeSeries
@@ -71,7 +71,10 @@ class Dataset:
         return [r["recording_id"] for r in rows if set(modalities) <= set(r["modalities"])]
 
     def split(self, name: str) -> list[str]:
-        """Ids of the recordings of one split."""
+        """Ids of the recordings of one split (a split the store does not have: ValueError listing its splits)."""
+        from .windows import check_split
+
+        check_split(self.store, name)
         mask = pc.equal(self.store.recordings["split"], name)
         return self.store.recordings.filter(mask)["recording_id"].to_pylist()
 
@@ -94,22 +97,31 @@ class Dataset:
         video_fps: float | None = None,
         size: tuple[int, int] | None = None,
         split: str | None = None,
+        max_windows: int | None = None,
         **options: Any,
     ) -> "WindowSet":
         """Cut fixed windows of ``sec`` seconds and check them all now (see ``mmloader.windows``).
 
-        ``modalities``: stream names (``imu``, ``video``...) and ``text``. ``frames=F`` frames at the centres of
-        F equal parts of the window, or ``video_fps``; ``size=(H, W)`` resizes at decode time. ``split``
-        keeps the windows of one split. ``label_stream="activities"`` adds each window's ``label`` (the segment
-covering most of it). Further options: ``text_stream``, ``video_tolerance_sec``,
+        ``modalities``: stream names (``imu``, ``video``...) and ``text``; one string is one modality
+        (``"imu"`` is ``["imu"]``). ``frames=F`` frames at the centres of F equal parts of the window, or
+        ``video_fps``; ``size=(H, W)`` resizes at decode time. ``split`` keeps the windows of one split (one the
+        store has: else ValueError listing them). ``label_stream="activities"`` adds each window's ``label`` (the
+        segment covering most of it). Further options: ``text_stream``, ``video_tolerance_sec``,
         ``max_masked_fraction``, ``video_backend`` ("auto", "pyav", "decord", "torchcodec").
+
+        Every argument is checked before the index is built (ValueError/TypeError naming it); the bounds
+        (``docs/windows.md``, "Options and their limits") keep one call's memory bounded: ``sec * imu_hz`` at
+        most 10^6 samples, at most 1000 frames per window and no more than a window holds at the video's rate, and at most
+        ``max_windows`` (default 10^7) candidate windows, counted from the recordings' spans first.
         """
-        from .windows import WindowSpec
+        from .windows import WindowSpec, check_split
         from .windowset import WindowSet
 
-        spec = WindowSpec(sec=sec, stride=stride, modalities=tuple(modalities), anchor=anchor, imu_hz=imu_hz,
-                          frames=frames, video_fps=video_fps, size=tuple(size) if size else None, **options)
-        ws = WindowSet(self.store, spec)
+        spec = WindowSpec(sec=sec, stride=stride, modalities=modalities, anchor=anchor, imu_hz=imu_hz,
+                          frames=frames, video_fps=video_fps, size=size, **options)
+        if split is not None:
+            check_split(self.store, split)
+        ws = WindowSet(self.store, spec, max_windows=max_windows)
         return ws.split(split) if split is not None else ws
 
     def report(self) -> dict[str, Any]:
@@ -150,7 +162,7 @@ covering most of it). Further options: ``text_stream``, ``video_tolerance_sec``,
 
 def _is_store(url: str) -> bool:
     fs, path = get_fs(url)
-    return fs.exists(join(path, MANIFEST))
+    return probe_exists(fs, join(path, MANIFEST), url)
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)

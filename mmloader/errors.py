@@ -11,6 +11,11 @@ class StoreFormatError(MMLoaderError):
     """A prepared store is missing, incomplete, of another format version, or has a wrong column."""
 
 
+class StoreUnreachableError(MMLoaderError, OSError):
+    """A store URL whose storage cannot be reached (connection refused, unknown host, timeout): one line that
+    names the URL and the endpoint. An ``OSError`` too, so ``except OSError`` keeps catching network failures."""
+
+
 class SourceFormatError(MMLoaderError):
     """A native dataset file (CSV, JSON, ...) does not have the layout the recipe expects."""
 

@@ -1,29 +1,55 @@
-"""A resumable, shardable loader on ``torchdata.nodes``.
+"""A resumable, shardable loader with its own small pool of worker processes.
 
-Pipeline: this rank's window order → batches of indices → (parallel) read + collate → pin memory → prefetch.
+Pipeline: this rank's window order → batches of indices → (parallel) read + collate → pin memory, with up to
+``prefetch`` batches queued per worker.
 
 - **Order** is a pure function of ``(seed, epoch)``: a permutation of all windows (or ``0..N-1`` unshuffled);
   rank ``r`` of ``W`` takes ``order[r::W]`` — disjoint shares whose sizes differ by at most one
   (``even_shards=True`` trims every share to the same length).
 - **State** is ``(epoch, offset)``, ``offset`` = samples already yielded in this epoch. Resuming starts the
   pipeline at that offset: sample-exact, with any ``num_workers``, and nothing is replayed.
-- Workers (processes, started through a ``forkserver`` by default) each read whole batches; results come back in order, so the sequence of batches
-  does not depend on ``num_workers``. Video readers open inside the workers, in a bounded LRU.
+- Workers (processes, started through a ``forkserver`` by default) each read whole batches; results come back
+  in order (tensors through shared memory), so the sequence of batches does not depend on ``num_workers``.
+  Video readers open inside the workers, in a bounded LRU. Workers persist across epochs
+  (``persistent_workers=True``) and stop when a pass is abandoned (``break``) or fails, on ``close()``, and when
+  the loader is garbage-collected.
+- **Faults**: a worker that dies (any signal, ``os._exit``, the OOM killer) raises ``WorkerError`` in the loop at
+  once, naming the worker, its pid and the batch; an exception raised in a worker reaches the caller with its own
+  type and message, the worker's traceback attached as a note. Workers (and the forkserver) never outlive the
+  main process: they watch their parent and exit when it is gone.
 - Iterating continues from the current state: after a full pass the epoch advances by one; after a
   ``break`` the next ``for`` picks up at the next unseen sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+import importlib
+import multiprocessing.connection as mpc
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torchdata.nodes as tn
+import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
 from .collate import collate
 
 STATE_VERSION = 1
+_PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
+_WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
+
+
+class WorkerError(RuntimeError):
+    """A loader worker process died (killed by a signal — e.g. the out-of-memory killer —, ``os._exit``, a crash
+    in native code) or could not hand back its batch. The message names the worker, its pid and the batch."""
 
 
 class _FetchBatch:
@@ -45,26 +71,299 @@ def _prepare_context(name: str) -> None:
         torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["mmloader.windowset", "mmloader.loader"])
 
 
-def _shutdown(obj: Any, _seen: set | None = None) -> None:
-    """Stop every thread and worker process of a torchdata pipeline now (prefetcher first), rather than
-    whenever the garbage collector gets to it — an abandoned epoch must not leave workers behind."""
-    seen = _seen if _seen is not None else set()
-    if obj is None or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if hasattr(obj, "_shutdown"):
-        try:
-            obj._shutdown()
-        except Exception:  # best effort: shutting down must never mask the loop's own exception
-            pass
-    for attr in ("root", "_it", "source"):
-        _shutdown(getattr(obj, attr, None), seen)
-
-
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+# -- worker side -------------------------------------------------------------------------------------
+
+def _die_with_parent(main_pid: int, forked_by_server: bool) -> None:
+    """A worker never outlives the process that owns the loader. Its parent is the forkserver (which exits as
+    soon as the main process is gone: it sees EOF on its lifeline pipe) or the main process itself. On Linux the
+    kernel sends SIGKILL when the forkserver dies (``PR_SET_PDEATHSIG``; only there: the forkserver is
+    single-threaded, whereas a thread of the main process that started a worker may end before it); everywhere
+    a watchdog thread exits when the parent changes (reparenting) or the main process is gone."""
+    ppid = os.getppid()
+    if forked_by_server and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:  # no prctl: the watchdog below still works
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != ppid:
+                os._exit(1)
+            if os.name == "posix":  # (on Windows os.kill(pid, 0) would send CTRL_C_EVENT)
+                try:
+                    os.kill(main_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except OSError:
+                    pass
+            time.sleep(_PARENT_POLL_S)
+
+    threading.Thread(target=watch, name="mmloader-parent-watch", daemon=True).start()
+
+
+def _pack_error(e: BaseException) -> dict[str, Any]:
+    """An exception, ready to cross the process boundary with its type, message, attributes and traceback."""
+    info: dict[str, Any] = {
+        "module": type(e).__module__, "qualname": type(e).__qualname__, "message": str(e),
+        "attrs": {k: v for k, v in vars(e).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)), "blob": None,
+    }
+    try:
+        blob = pickle.dumps(e)
+        back = pickle.loads(blob)  # many exceptions pickle but do not unpickle (extra __init__ arguments)
+        if type(back) is type(e) and str(back) == str(e):
+            info["blob"] = blob
+    except Exception:
+        pass
+    return info
+
+
+def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Callable, tasks, results) -> None:
+    """Read ``(batch number, indices)`` from ``tasks`` until ``None`` or EOF; send back ``("ok", k, batch)`` or
+    ``("err", k, packed exception)``."""
+    _die_with_parent(main_pid, forked_by_server=context == "forkserver")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    torch.set_num_threads(1)
+    fetch = _FetchBatch(windows, collate_fn)
+    while True:
+        try:
+            msg = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        k, indices = msg
+        try:
+            out = ("ok", k, fetch(indices))
+        except Exception as e:
+            out = ("err", k, _pack_error(e))
+        try:
+            try:
+                results.send(out)
+            except (OSError, EOFError):
+                raise
+            except Exception as e:  # the batch itself cannot be pickled
+                results.send(("err", k, _pack_error(e)))
+        except (OSError, EOFError):  # the main process is gone or has closed the pool
+            return
+
+
+# -- main side ---------------------------------------------------------------------------------------
+
+def _unpack_error(info: dict[str, Any], where: str) -> BaseException:
+    """The worker's exception with its own type and message; ``where`` and the worker's traceback as a note."""
+    exc: BaseException | None = None
+    if info["blob"] is not None:
+        try:
+            exc = pickle.loads(info["blob"])
+        except Exception:
+            exc = None
+    if exc is None:
+        try:
+            cls: Any = importlib.import_module(info["module"])
+            for part in info["qualname"].split("."):
+                cls = getattr(cls, part)
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                exc = cls.__new__(cls, info["message"])  # skips an __init__ with other arguments
+                exc.args = (info["message"],)
+                exc.__dict__.update(info["attrs"])
+                if str(exc) != info["message"]:
+                    exc = None
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(f"{info['module']}.{info['qualname']}: {info['message']}")
+    note = f"raised in {where}; the worker's traceback:\n{info['traceback'].rstrip()}"
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10
+        exc.__cause__ = RuntimeError(note)
+    return exc
+
+
+def _short(indices: list[int], n: int = 16) -> str:
+    return str(indices) if len(indices) <= n else f"[{', '.join(map(str, indices[:n]))}, ... {len(indices)} in all]"
+
+
+def _how(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _WorkerPool:
+    """``num_workers`` processes, each with its own task pipe and result pipe. Batches are handed out to the
+    least busy worker (at most ``per_worker`` queued each) and yielded in batch order, so what comes out does
+    not depend on the number of workers. The loop waits on the result pipes *and* the processes' sentinels: a
+    worker that dies for any reason raises ``WorkerError`` at once, naming it and its batch."""
+
+    def __init__(self, windows, collate_fn: Callable, num_workers: int, context: str, per_worker: int):
+        _prepare_context(context)
+        ctx = torch.multiprocessing.get_context(context)
+        self.per_worker = max(1, per_worker)
+        self.procs: list[Any] = []
+        self.tasks: list[Any] = []
+        self.results: list[Any] = []
+        self.inflight: list[deque] = []
+        self.broken = False
+        main_pid = os.getpid()
+        try:
+            for i in range(num_workers):
+                task_r, task_w = ctx.Pipe(duplex=False)
+                res_r, res_w = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker_loop, args=(i, main_pid, context, windows, collate_fn, task_r, res_w),
+                                name=f"mmloader-worker-{i}", daemon=True)
+                p.start()
+                task_r.close()
+                res_w.close()
+                self.procs.append(p)
+                self.tasks.append(task_w)
+                self.results.append(res_r)
+                self.inflight.append(deque())
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def idle_and_alive(self) -> bool:
+        return not self.broken and all(not q for q in self.inflight) and all(p.exitcode is None for p in self.procs)
+
+    def _death(self, i: int, detail: str = "") -> WorkerError:
+        self.broken = True
+        p = self.procs[i]
+        p.join(0.5)
+        q = list(self.inflight[i])
+        if q:
+            what = f"before handing back batch {q[0][0]} of this pass (windows {_short(q[0][1])})"
+            if len(q) > 1:
+                what += "; also assigned to it: " + ", ".join(f"batch {k} (windows {_short(idx)})" for k, idx in q[1:])
+        else:
+            what = "with no batch in flight"
+        hint = ("; SIGKILL is often the out-of-memory killer: lower num_workers, batch_size or reader_capacity"
+                if p.exitcode is not None and p.exitcode == -getattr(signal, "SIGKILL", -1) else "")
+        return WorkerError(f"loader worker {i} (pid {p.pid}) {_how(p.exitcode)} {what}{detail}{hint}")
+
+    def _take(self, i: int, msg: tuple, buffer: dict) -> None:
+        kind, k = msg[0], msg[1]
+        q = self.inflight[i]
+        idx = q.popleft()[1] if q and q[0][0] == k else None
+        if kind == "ok":
+            buffer[k] = msg[2]
+        else:
+            where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
+            buffer[k] = _Failure(_unpack_error(msg[2], where))
+
+    def _receive(self, buffer: dict, timeout: float) -> None:
+        by_conn = {c: i for i, c in enumerate(self.results)}
+        by_sentinel = {p.sentinel: i for i, p in enumerate(self.procs)}
+        ready = mpc.wait(list(by_conn) + list(by_sentinel), timeout=timeout)
+        dead = []
+        for r in ready:
+            if r in by_conn:
+                i = by_conn[r]
+                try:
+                    while r.poll():
+                        self._take(i, r.recv(), buffer)
+                except (EOFError, OSError) as e:  # pipe closed, or the batch's shared memory went with the worker
+                    dead.append((i, "" if isinstance(e, EOFError) else f" (receiving its batch failed: {e})"))
+                except Exception as e:  # a batch that does not unpickle here
+                    self.broken = True
+                    q = self.inflight[i]
+                    what = f"batch {q[0][0]} (windows {_short(q[0][1])})" if q else "a batch"
+                    raise WorkerError(f"could not receive {what} from loader worker {i} (pid {self.procs[i].pid}): "
+                                      f"{type(e).__name__}: {e}") from e
+            else:
+                dead.append((by_sentinel[r], ""))
+        for i, detail in dead:
+            raise self._death(i, detail)
+
+    def _dispatch(self, todo: deque) -> None:
+        while todo:
+            i = min(range(len(self.procs)), key=lambda j: len(self.inflight[j]))
+            if len(self.inflight[i]) >= self.per_worker:
+                return
+            k, idx = todo[0]
+            self.inflight[i].append((k, idx))
+            try:
+                self.tasks[i].send((k, idx))
+            except (OSError, EOFError):
+                raise self._death(i) from None
+            todo.popleft()
+
+    def run(self, batches: Sequence[list[int]]) -> Iterator[dict[str, Any]]:
+        """The batches' results, in order."""
+        todo = deque(enumerate(batches))
+        buffer: dict[int, Any] = {}
+        for k in range(len(batches)):
+            self._dispatch(todo)
+            while k not in buffer:
+                self._receive(buffer, _WAIT_S)
+            self._receive(buffer, 0)  # a worker that died meanwhile is an error now, not at the end
+            out = buffer.pop(k)
+            if isinstance(out, _Failure):
+                self.broken = True
+                raise out.exc
+            yield out
+
+    def close(self) -> None:
+        """Stop the workers: politely when they are idle, otherwise at once (SIGTERM, then SIGKILL)."""
+        polite = self.idle_and_alive()
+        for c in self.tasks:
+            try:
+                if polite:
+                    c.send(None)
+            except Exception:
+                pass
+        if polite:
+            deadline = time.monotonic() + 2.0
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:
+                p.terminate()
+        for p in self.procs:
+            p.join(2.0)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        for c in self.tasks + self.results:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.procs, self.tasks, self.results, self.inflight = [], [], [], []
+
+
+def _pin(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: _pin(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in batch):
+        return type(batch)(_pin(v) for v in batch)
+    return batch
 
 
 class WindowLoader:
@@ -85,6 +384,7 @@ class WindowLoader:
         pin_memory: bool = False,
         collate_fn: Callable = collate,
         multiprocessing_context: str = "forkserver",
+        persistent_workers: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -109,6 +409,9 @@ class WindowLoader:
         self.pin_memory = pin_memory
         self.collate_fn = collate_fn
         self.multiprocessing_context = multiprocessing_context
+        self.persistent_workers = persistent_workers
+        self._pool: _WorkerPool | None = None
+        self._finalizer: weakref.finalize | None = None
         self.epoch = 0
         self.offset = 0
 
@@ -161,35 +464,48 @@ class WindowLoader:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     # -- iteration -------------------------------------------------------------------------------
-    def _pipeline(self, indices: np.ndarray) -> tn.BaseNode:
-        batches = [indices[i : i + self.batch_size].tolist() for i in range(0, len(indices), self.batch_size)]
-        node: tn.BaseNode = tn.IterableWrapper(batches)
-        fetch = _FetchBatch(self.windows, self.collate_fn)
-        if self.num_workers > 0:
-            _prepare_context(self.multiprocessing_context)
-            node = tn.ParallelMapper(node, fetch, num_workers=self.num_workers, in_order=True, method="process",
-                                     multiprocessing_context=self.multiprocessing_context)
-        else:
-            node = tn.Mapper(node, fetch)
-        if self.pin_memory and torch.cuda.is_available():
-            node = tn.PinMemory(node)
-        if self.prefetch > 0 and self.num_workers > 0:
-            # with num_workers=0 everything stays in the calling thread: no decoder is ever shared
-            # between a background thread and the caller
-            node = tn.Prefetcher(node, prefetch_factor=self.prefetch)
-        return node
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live worker pool ([] when there is none)."""
+        return [] if self._pool is None else self._pool.pids
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage-collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pool = self._finalizer = None
+
+    def _get_pool(self) -> _WorkerPool:
+        if self._pool is not None and not self._pool.idle_and_alive():
+            self.close()  # a worker died between epochs, or the last pass ended early: start afresh
+        if self._pool is None:
+            self._pool = _WorkerPool(self.windows, self.collate_fn, self.num_workers, self.multiprocessing_context,
+                                     per_worker=self.prefetch)
+            self._finalizer = weakref.finalize(self, _WorkerPool.close, self._pool)
+        return self._pool
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         indices = self.order(self.epoch)[self.offset :]
         if len(indices) == 0:
             self.set_epoch(self.epoch + 1)
             indices = self.order(self.epoch)
-        loader = tn.Loader(self._pipeline(indices), restart_on_stop_iteration=False)
+        batches = [indices[i : i + self.batch_size].tolist() for i in range(0, len(indices), self.batch_size)]
+        if self.num_workers > 0:
+            source = self._get_pool().run(batches)
+        else:  # everything in the calling thread: no decoder is ever shared with a background thread
+            fetch = _FetchBatch(self.windows, self.collate_fn)
+            source = (fetch(b) for b in batches)
+        pin = self.pin_memory and torch.cuda.is_available()
+        finished = False
         try:
-            for batch in loader:
-                n = len(batch["index"])
-                self.offset += n
+            for batch in source:
+                if pin:
+                    batch = _pin(batch)
+                self.offset += len(batch["index"])
                 yield batch
+            finished = True
             self.set_epoch(self.epoch + 1)
         finally:
-            _shutdown(loader)
+            source.close()
+            if self.num_workers > 0 and (not finished or not self.persistent_workers):
+                self.close()  # an abandoned or failed pass stops its workers now

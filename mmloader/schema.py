@@ -116,3 +116,12 @@ def check_manifest(manifest: Any, where: str) -> None:
             raise StoreFormatError(
                 f"{where}: field '{name}' is {type(manifest[name]).__name__}, expected {type_name}"
             )
+    for rel, entry in manifest["files"].items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256", ""), str)
+        ):
+            raise StoreFormatError(
+                f"{where}: field 'files' entry {rel!r} is {entry!r}, expected {{\"size\": int, \"sha256\": str}}"
+            )

@@ -31,8 +31,9 @@ import torch
 from .lru import LRU
 from .resample import filter_support_ns, resample
 from .store import Store
-from .video.backends import ReaderPool, resolve_backend
-from .windows import NS, Modalities, WindowSpec, build_index, resolve_modalities
+from .media import MediaIdentity, media_storage_options, media_url
+from .video.backends import ReaderPool, reader_backend
+from .windows import NS, Modalities, WindowSpec, build_index, check_split, resolve_modalities
 
 VIDEO_INDEX_CACHE = 32
 
@@ -45,12 +46,12 @@ class WindowSet:
     """
 
     def __init__(self, store: Store, spec: WindowSpec, index: pa.Table | None = None,
-                 report: dict[str, Any] | None = None, reader_capacity: int = 4):
+                 report: dict[str, Any] | None = None, reader_capacity: int = 4, max_windows: int | None = None):
         self.spec = spec
         self._store = store
         self.modalities: Modalities = resolve_modalities(store, spec)
         if index is None:
-            index, report = build_index(store, spec)
+            index, report = build_index(store, spec, max_windows=max_windows)
         self.index = index
         self._report = report or {}
         self.reader_capacity = reader_capacity
@@ -139,11 +140,20 @@ class WindowSet:
     def _pts(self, rid: str, v: str) -> tuple[np.ndarray, np.ndarray]:
         return self._video_index.get((rid, v), lambda: self.store.video_index(rid, v))
 
+    def _media(self, rid: str, v: str) -> tuple[str, dict[str, Any], MediaIdentity | None]:
+        """(URL, fsspec options, identity recorded at prepare) of a video stream's media file: relative
+        uris are inside the store (resolved against its URL); the store's storage_options apply to media on
+        the store's protocol."""
+        row = self.store.stream_row(rid, v)
+        url = media_url(self.store.url, row["uri"])
+        return url, media_storage_options(self.store.url, url, self.store.storage_options), MediaIdentity.from_row(row)
+
     def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
         pts, key = self._pts(rid, v)
-        url = self.store.stream_row(rid, v)["uri"]
+        url, options, identity = self._media(rid, v)
         with self._lock:  # decoders are not thread-safe: one thread at a time per process
-            reader = self.readers.get(url, pts, key, self.spec.size)
+            reader = self.readers.get(url, pts, key, self.spec.size, storage_options=options, identity=identity,
+                                      recording_id=rid, stream=v)
             frames = reader.get_frames(idx)
         return frames, ((pts[idx] - t0) / NS).astype(np.float32)
 
@@ -163,8 +173,8 @@ class WindowSet:
         """The backend that decodes this set's frames (``auto`` resolved for its first video), or None."""
         if not self.modalities.video or len(self) == 0:
             return None
-        url = self.store.stream_row(self._columns.recording_id[0], self.modalities.video[0])["uri"]
-        return resolve_backend(self.spec.video_backend, url)
+        url = self._media(self._columns.recording_id[0], self.modalities.video[0])[0]
+        return reader_backend(self.spec.video_backend, url)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -189,19 +199,34 @@ class WindowSet:
         return WindowSet(self._store, self.spec, index, report, self.reader_capacity)
 
     def split(self, name: str) -> "WindowSet":
-        """Windows of the recordings in split ``name`` (splits are per recording, never per window)."""
+        """Windows of the recordings in split ``name`` (splits are per recording, never per window). A split the
+        store has but with no windows here gives an empty set; one the store lacks: ValueError listing them."""
+        check_split(self._store, name)
         return self._subset(pc.fill_null(pc.equal(self.index["split"], name), False), f"split={name}")
 
-    def recordings(self, ids: Iterable[str]) -> "WindowSet":
-        """Windows of the given recordings only."""
-        return self._subset(pc.is_in(self.index["recording_id"], pa.array(list(ids))), "recordings")
+    def recordings(self, ids: Iterable[str] | str) -> "WindowSet":
+        """Windows of the given recordings only (one string is one id). Ids the store lacks: ValueError."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise TypeError(f"ids must be recording ids (strings), got {bad[0]!r} ({type(bad[0]).__name__})")
+        known = set(self._store.recordings["recording_id"].to_pylist())
+        missing = [i for i in dict.fromkeys(ids) if i not in known]
+        if missing:
+            raise ValueError(f"ids: {len(missing)} recording(s) not in {self._store.url}: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        return self._subset(pc.is_in(self.index["recording_id"], pa.array(ids, pa.string())), "recordings")
 
     def filter(self, predicate: Callable[[dict[str, Any]], bool] | Sequence[bool] | np.ndarray) -> "WindowSet":
         """Windows whose index row satisfies ``predicate(row)`` (a dict of the index columns), or a bool mask."""
         if callable(predicate):
             mask = np.array([bool(predicate(r)) for r in self.index.to_pylist()], dtype=bool)
         else:
-            mask = np.asarray(predicate, dtype=bool)
+            mask = np.asarray(predicate)
+            if mask.dtype != bool and not (mask.size == 0 and mask.dtype == np.float64):  # [] is an empty mask
+                raise TypeError(f"predicate must be a callable or a bool mask, got an array of {mask.dtype} "
+                                "(indices? use ws.filter(np.isin(np.arange(len(ws)), indices)))")
+            mask = mask.astype(bool)
             if mask.shape != (len(self),):
                 raise ValueError(f"mask has shape {mask.shape}, expected ({len(self)},)")
         return self._subset(mask, "filter")

@@ -27,7 +27,7 @@ from mmloader.adapters.aria import (
 )
 from mmloader.cli import main as cli_main
 from mmloader.errors import SourceFormatError
-from mmloader.media import probe_video
+from mmloader.media import media_url, probe_video
 
 # the shared data sits beside the repository (here and in CI); MMLOADER_SHARED overrides
 DATA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "aria"
@@ -91,8 +91,10 @@ def test_both_imus_by_label(aea_store):
 def test_rgb_transcoded_upright_with_capture_times(aea_store, capture_times):
     ds = mmloader.open(aea_store)
     row = [r for r in ds.streams.to_pylist() if r["stream"] == "video"][0]
-    assert row["uri"] == os.path.join(aea_store, "media", "aea_test_recording", "camera-rgb.mp4")
-    assert os.path.isfile(row["uri"]) and (row["width"], row["height"]) == (704, 704) and row["codec"] == "h264"
+    assert row["uri"] == "media/aea_test_recording/camera-rgb.mp4"  # relative to the store root
+    mp4 = media_url(aea_store, row["uri"])
+    assert mp4 == os.path.join(aea_store, "media", "aea_test_recording", "camera-rgb.mp4")
+    assert os.path.isfile(mp4) and (row["width"], row["height"]) == (704, 704) and row["codec"] == "h264"
     rep = ds.report()["recordings"]["aea_test_recording"]["video"]
     assert rep["native_size"] == [1408, 1408] and rep["size"] == [704, 704] and rep["rotate"] == -90
     assert rep["frames"] == 8 == len(capture_times)
@@ -100,13 +102,13 @@ def test_rgb_transcoded_upright_with_capture_times(aea_store, capture_times):
     tb = mp4_time_base(int(capture_times[-1]))
     assert np.all(np.abs(pts - capture_times) <= NS * tb)  # capture times, rounded to the mp4 time base only
     assert key[0] and key.sum() == 1  # 8 frames at 20 fps, a keyframe every 0.5 s
-    info = probe_video(row["uri"])
+    info = probe_video(mp4)
     assert np.array_equal(info.pts_ns, pts)
     # upright: the decoded first frame matches the VRS image turned 90 degrees clockwise, not the raw one
     p = data_provider.create_vrs_data_provider(str(AEA / "recording.vrs"))
     raw = p.get_image_data_by_index(p.get_stream_id_from_label("camera-rgb"), 0)[0].to_numpy_array()
     small = raw.reshape(44, 32, 44, 32, 3).mean(axis=(1, 3))
-    with av.open(row["uri"]) as c:
+    with av.open(mp4) as c:
         got = next(c.decode(video=0)).to_ndarray(format="rgb24").reshape(44, 16, 44, 16, 3).mean(axis=(1, 3))
     err_rot = np.abs(got - np.rot90(small, -1)).mean()
     err_raw = np.abs(got - small).mean()
@@ -120,7 +122,7 @@ def test_rgb_size_and_rotation_options(tmp_path):
     assert (row["height"], row["width"]) == (256, 192) and row["n_samples"] == 3
     rep = ds.report()["recordings"]["adt_test"]["video"]
     assert rep["native_size"] == [1408, 1408] and rep["rotate"] == 90
-    with av.open(row["uri"]) as c:
+    with av.open(media_url(url, row["uri"])) as c:
         frame = next(c.decode(video=0))
     assert (frame.height, frame.width) == (256, 192)
     native = AriaAdapter().prepare(str(ADT), str(tmp_path / "n"), progress=False, rgb_size=None, imu="left")
@@ -296,7 +298,8 @@ def test_store_on_an_fsspec_url(tmp_path):
         AriaAdapter().prepare(str(AEA), url, progress=False, rgb_size=(224, 224))
         ds = mmloader.open(url)
         row = [r for r in ds.streams.to_pylist() if r["stream"] == "video"][0]
-        assert row["uri"] == f"{url}/media/aea_test_recording/camera-rgb.mp4" and ds.validate() == []
+        assert row["uri"] == "media/aea_test_recording/camera-rgb.mp4" and ds.validate() == []
+        assert fsspec.filesystem("memory").exists(media_url(url, row["uri"]))
         wins = ds.windows(sec=0.2, modalities=["imu", "video"])
         assert len(wins) >= 1 and wins[0]["video"].shape == (1, 3, 224, 224)
     finally:

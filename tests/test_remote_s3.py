@@ -83,3 +83,42 @@ def test_interrupted_prepare_on_s3_leaves_nothing_that_opens(s3, sample_src, tmp
     assert not fs.exists("mmtest/stores/bad/mmloader.json")
     with pytest.raises(mmloader.StoreFormatError):
         mmloader.open("s3://mmtest/stores/bad", storage_options=s3)
+
+
+@pytest.mark.timeout(240)
+def test_store_and_its_mp4s_on_s3_yield_the_same_windows_as_local(s3, sample_src, tmp_path):
+    """prepare(copy_media=True) to S3: the mp4s are uploaded into the store (media/, relative uris) and
+    decoded from S3 through the store's storage_options (PyAV on an fsspec file object)."""
+    local = Ego4DAdapter().prepare(str(sample_src), str(tmp_path / "store"), progress=False)
+    remote = Ego4DAdapter().prepare(str(sample_src), "s3://mmtest/stores/ego4d-media", progress=False,
+                                    storage_options=s3, copy_media=True)
+    fs = fsspec.filesystem("s3", **s3)
+    ds_l, ds_r = mmloader.open(local), mmloader.open(remote, storage_options=s3)
+    assert ds_r.validate() == []
+    videos = [r for r in ds_r.streams.to_pylist() if r["kind"] == "video"]
+    assert videos and all(r["uri"] == f"media/{r['recording_id']}.mp4" for r in videos)
+    for r in videos:  # on S3, identical to the source file
+        assert fs.size(f"mmtest/stores/ego4d-media/{r['uri']}") == r["media_size"]
+        assert r["media_hash"] == ds_l.store.stream_row(r["recording_id"], "video")["media_hash"]
+    wl = ds_l.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
+    wr = ds_r.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
+    assert wl.report() == wr.report() and len(wl) == len(wr) > 0
+    for i in range(len(wl)):
+        a, b = wl[i], wr[i]
+        for k in ("imu", "imu_mask", "video", "video_t"):
+            assert torch.equal(a[k], b[k]), k
+    opened = [url for url, _ in wr.readers._readers]
+    assert opened and all(u.startswith("s3://mmtest/stores/ego4d-media/media/") for u in opened)
+    # through the loader with a worker process: the store (and its storage_options) reopen there
+    va = [b["video"] for b in wl.loader(batch_size=4, num_workers=1)]
+    vb = [b["video"] for b in wr.loader(batch_size=4, num_workers=1)]
+    assert len(va) == len(vb) > 0 and all(torch.equal(x, y) for x, y in zip(va, vb))
+    # another video uploaded over one of them: the next read of that recording raises, naming it
+    rid = videos[0]["recording_id"]
+    other = next(p for p in sorted((sample_src / "v2" / "full_scale").glob("*.mp4")) if p.stem != rid)
+    fs.put(str(other), f"mmtest/stores/ego4d-media/media/{rid}.mp4")
+    fresh = mmloader.open(remote, storage_options=s3).windows(sec=4, modalities=["imu", "video"], frames=2,
+                                                              size=(32, 40))
+    i = fresh.index["recording_id"].to_pylist().index(rid)
+    with pytest.raises(mmloader.MediaError, match=rf"s3://mmtest/stores/ego4d-media/media/{rid}\.mp4: .*'{rid}'"):
+        fresh[i]

@@ -64,7 +64,7 @@ def test_refuses_other_format_version(tmp_path):
     man = json.loads((tmp_path / "s" / "mmloader.json").read_text())
     man["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "s" / "mmloader.json").write_text(json.dumps(man))
-    with pytest.raises(StoreFormatError, match=r"mmloader.json.*format version 2.*reads version 1"):
+    with pytest.raises(StoreFormatError, match=rf"mmloader.json.*format version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}"):
         Store(url)
 
 
@@ -81,8 +81,21 @@ def test_refuses_wrong_column_type(tmp_path):
     t = pq.read_table(path)
     t = t.set_column(t.schema.get_field_index("duration_ns"), "duration_ns", t["duration_ns"].cast(pa.float64()))
     pq.write_table(t, path)
+    with pytest.raises(StoreFormatError, match=r"recordings.parquet: checksum mismatch"):
+        Store(url)
+    _rerecord(tmp_path / "s", "recordings.parquet")  # a checksum that agrees: now the schema check speaks
     with pytest.raises(StoreFormatError, match=r"recordings.parquet: column 'duration_ns' has type double, expected int64"):
         Store(url)
+
+
+def _rerecord(root, rel):
+    """Record a file's current size and sha256 in the manifest (as if the writer had written it)."""
+    import hashlib
+
+    man = json.loads((root / "mmloader.json").read_text())
+    raw = (root / rel).read_bytes()
+    man["files"][rel] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (root / "mmloader.json").write_text(json.dumps(man))
 
 
 def test_refuses_missing_manifest_field(tmp_path):

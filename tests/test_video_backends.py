@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from mmloader.media import probe_video
 from mmloader.video import ReaderPool, available_backends, nearest_frames, open_reader, resolve_backend
+from mmloader.video import backends as backends_module
+from mmloader.video.backends import backend_problems
 
 from conftest import write_mp4
 
 BACKENDS = [b for b in ("pyav", "decord", "torchcodec") if b in available_backends()]
+REQUIRE_TORCHCODEC = os.environ.get("MMLOADER_REQUIRE_TORCHCODEC") == "1"
+
+
+def _backend_param(name: str):
+    """Every backend is a test case; one that cannot decode here is skipped, saying why — except torchcodec
+    where CI requires it (MMLOADER_REQUIRE_TORCHCODEC=1): then it runs, and fails if it cannot decode."""
+    why = backend_problems([name])[name]
+    if why is None or (name == "torchcodec" and REQUIRE_TORCHCODEC):
+        return name
+    return pytest.param(name, marks=pytest.mark.skip(reason=f"{name} cannot decode here: {why}"))
 
 
 @pytest.fixture(scope="module", params=[("libx264", "mp4"), ("libvpx-vp9", "mp4")], ids=["h264", "vp9"])
@@ -22,17 +36,17 @@ def video(request, tmp_path_factory):
 
 def test_backends_installed_here():
     """PyAV is always there and the default; decord on x86_64; torchcodec where CI asks for it."""
-    import os
     import platform
 
     assert "pyav" in BACKENDS and resolve_backend("auto", "/x.mp4") == "pyav"
     if platform.machine() == "x86_64":
         assert "decord" in BACKENDS
-    if os.environ.get("MMLOADER_REQUIRE_TORCHCODEC") == "1":
-        assert "torchcodec" in BACKENDS, "CI installs FFmpeg and torchcodec: this backend must be tested there"
+    if REQUIRE_TORCHCODEC:
+        assert "torchcodec" in BACKENDS, ("CI installs FFmpeg and torchcodec: this backend must be tested there, but "
+                                          f"{backend_problems(['torchcodec'])['torchcodec']}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [_backend_param(b) for b in ("pyav", "decord", "torchcodec")])
 def test_same_frame_as_pyav(video, backend):
     url, info = video
     rng = np.random.default_rng(0)
@@ -81,3 +95,44 @@ def test_reader_pool_is_a_bounded_lru(tmp_path):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown video backend 'ffplay'"):
         resolve_backend("ffplay")
+
+
+def test_available_backends_are_probed_once_and_can_decode(monkeypatch):
+    """A backend is listed only when it decodes a real mp4 here; the probe runs once per process and backend."""
+    calls = []
+    real = backends_module._why_not
+    monkeypatch.setattr(backends_module, "_PROBED", {})
+    monkeypatch.setattr(backends_module, "_why_not", lambda b: calls.append(b) or real(b))
+    first = available_backends()
+    assert available_backends() == first and resolve_backend("pyav") == "pyav"
+    assert sorted(calls) == ["decord", "pyav", "torchcodec"]  # once each, not once per call
+    assert "pyav" in first
+    problems = backend_problems()
+    assert [b for b, why in problems.items() if why is None] == first
+    assert all(isinstance(why, str) and why for b, why in problems.items() if b not in first)
+
+
+def test_a_backend_that_imports_but_cannot_decode_is_not_listed(monkeypatch):
+    """torchcodec imports without FFmpeg's shared libraries but cannot decode: simulated for any backend."""
+    def broken(backend, path):
+        raise RuntimeError("Could not load libtorchcodec. Likely causes: FFmpeg is not properly installed")
+
+    monkeypatch.setattr(backends_module, "_PROBED", {})
+    monkeypatch.setattr(backends_module, "_decode_probe", broken)
+    assert available_backends() == []
+    assert "FFmpeg" in backend_problems(["torchcodec"])["torchcodec"]
+    with pytest.raises(ValueError, match=r"video backend 'torchcodec' cannot decode on this machine: .*FFmpeg"):
+        resolve_backend("torchcodec")
+    with pytest.raises(ValueError, match=r"video backend 'decord' cannot decode on this machine: decord imports but "
+                                         r"cannot decode a small H.264 mp4 \(RuntimeError"):
+        resolve_backend("decord")
+    assert resolve_backend("auto") == "pyav"
+
+
+@pytest.mark.skipif(REQUIRE_TORCHCODEC or backend_problems(["torchcodec"])["torchcodec"] is None,
+                    reason="torchcodec decodes here")
+def test_torchcodec_without_ffmpeg_says_why():
+    """On a machine without FFmpeg's libraries (or without torchcodec) choosing torchcodec is a clear error."""
+    assert "torchcodec" not in available_backends()
+    with pytest.raises(ValueError, match="video backend 'torchcodec' cannot decode on this machine"):
+        resolve_backend("torchcodec")

@@ -173,3 +173,16 @@ def test_label_stream_gives_the_covering_segment(sample_ds):
     assert ws.report()["kept"] + sum(ws.report()["dropped"].values()) == ws.report()["candidates"]
     cached = ws.cache(progress=False)
     assert cached[0]["label"] == ws[0]["label"]
+
+
+def test_index_columns_and_distinct_frames(sample_ds):
+    """The index is built from numpy blocks: same Arrow types as before, one list of F frame indices per window,
+    and F at the bound (a window's whole 30 fps share) selects F distinct frames."""
+    ws = sample_ds.windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=30)
+    assert ws.index.schema.field("t0_ns").type == pa.int64() and ws.index.schema.field("t1_ns").type == pa.int64()
+    assert ws.index.schema.field("video_idx").type == pa.list_(pa.int32())
+    idx = ws.index["video_idx"].to_pylist()
+    assert len(idx) == len(ws) > 0 and all(len(i) == 30 and len(set(i)) == 30 for i in idx)
+    assert np.all(np.asarray(ws.index["t1_ns"]) - np.asarray(ws.index["t0_ns"]) == NS)
+    empty = sample_ds.windows(sec=15.9, modalities=["imu", "video"], frames=2)
+    assert empty.index.schema.equals(sample_ds.windows(sec=5, modalities=["imu", "video"], frames=2).index.schema)

@@ -48,11 +48,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..errors import SourceFormatError
+from ..errors import SourceFormatError, StoreFormatError
 from ..fsutil import is_local, join, normalize_url
-from ..media import probe_video, ticks_to_ns
+from ..media import media_identity, probe_video, ticks_to_ns
 from ..schema import table_schema
-from ..store.writer import StoreWriter
+from ..store.writer import StoreWriter, check_recording_id
 
 RECIPE_VERSION = 1
 CHANNELS = ["accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z"]
@@ -113,6 +113,15 @@ class AriaRecordingFiles:
 
     def source_files(self) -> list[str]:
         return [p for p in (self.vrs, self.metadata, self.speech) if p is not None]
+
+
+def check_id(files: AriaRecordingFiles) -> str:
+    """The recording id (its folder's name) if it is a safe store id (``check_recording_id``), else a
+    SourceFormatError naming the folder."""
+    try:
+        return check_recording_id(files.recording_id, "recording id (the folder name)")
+    except StoreFormatError as e:
+        raise SourceFormatError(files.folder, str(e), "a folder name usable as a recording id") from None
 
 
 def _vrs_in(folder: str) -> str | None:
@@ -439,6 +448,13 @@ def read_speech_csv(path: str) -> list[SpeechWord]:
             except (TypeError, ValueError):
                 raise SourceFormatError(path, f"line {line}: {row!r}", "integer startTime_ns/endTime_ns and a "
                                         "numeric confidence") from None
+            for key, v in (("startTime_ns", a), ("endTime_ns", b)):
+                if not 0 <= v <= 2**63 - 1:
+                    raise SourceFormatError(path, f"line {line}: field '{key}' is {v}", "nanoseconds of DEVICE_TIME, "
+                                            "0 to 2^63-1")
+            if row["confidence"] not in (None, "") and not 0.0 <= conf <= 1.0:  # NaN fails too
+                raise SourceFormatError(path, f"line {line}: field 'confidence' is {row['confidence']!r}",
+                                        "a number in [0, 1], or empty")
             if b < a:
                 raise SourceFormatError(path, f"line {line}: endTime_ns {b} < startTime_ns {a}", "end >= start")
             words.append(SpeechWord(a, b, row["written"] or "", conf))
@@ -538,6 +554,8 @@ class AriaAdapter:
         min_confidence: float = 0.0,
         sentence_pause_sec: float = 0.6,
         imu_gap_factor: float = 5.0,
+        storage_options: dict[str, Any] | None = None,
+        copy_media: bool = True,
     ) -> str:
         """Write the store at ``dst``; returns its URL.
 
@@ -549,8 +567,13 @@ class AriaAdapter:
         skip video. ``rgb_size=(H, W)`` after ``rotate`` degrees (counter-clockwise positive; None = native).
         ``crf``/``preset``/``gop_sec``: H.264 settings. ``min_confidence``: drop speech words below it.
         ``errors="skip"`` leaves a bad recording out (reported) instead of aborting; nothing half-written is
-        ever left at ``dst``.
+        ever left at ``dst``. ``storage_options`` configure the filesystem of ``dst`` (e.g. an S3 endpoint).
+        The transcoded mp4s always live inside the store (``media/``, referenced relative to its root: the
+        store can be moved, copied or uploaded), so ``copy_media`` can only be True (it exists so that
+        ``mmloader prepare --copy-media`` works for every built-in dataset).
         """
+        if not copy_media:
+            raise ValueError("copy_media=False: Aria stores always hold their (transcoded) media in media/")
         _check_options(imu, rgb, rgb_size, rotate, gop_sec, errors)
         _aria()  # fail early and clearly without projectaria-tools
         layout = AriaLayout(root)
@@ -564,9 +587,10 @@ class AriaAdapter:
         recordings, streams, gaps, narrations = [], [], [], []
         t_start = time.perf_counter()
         with StoreWriter(dst, dataset="aria", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite) as writer:
+                         overwrite=overwrite, **(storage_options or {})) as writer:
             for files in tqdm(layout.recordings, desc="prepare aria", unit="recording", disable=not progress):
                 try:
+                    check_id(files)
                     rec = self._recording(writer, files, progress=progress, **{k: v for k, v in options.items()
                                                                                 if k != "errors"})
                 except SourceFormatError as e:
@@ -709,7 +733,9 @@ class AriaAdapter:
             if writer.fs.exists(work_file):
                 writer.fs.rm(work_file)
             return []
-        info = probe_video(join(writer.work_url, rel))  # work_path is fs-relative; probe by URL
+        opts = dict(writer.storage_options or {})
+        ident = media_identity(join(writer.work_url, rel), opts)  # after the rename on publish: same size, mtime
+        info = probe_video(join(writer.work_url, rel), opts)  # work_path is fs-relative; probe by URL
         if info.num_frames != capture.size:
             raise SourceFormatError(work_file, f"transcoded file has {info.num_frames} frames, "
                                     f"{capture.size} were written", "one mp4 frame per RGB frame")
@@ -719,10 +745,10 @@ class AriaAdapter:
         vrep["keyframes"] = int(info.keyframe.sum())
         index_rel = writer.write_video_index(rid, "video", info.pts_ns, info.keyframe)
         fps = vrep.get("measured_fps") or vrep.get("nominal_fps") or info.fps
-        return [{"recording_id": rid, "stream": "video", "kind": "video", "uri": join(writer.url, rel),
+        return [{"recording_id": rid, "stream": "video", "kind": "video", "uri": rel,
                  "index_uri": index_rel, "t_start_ns": int(info.pts_ns[0]), "t_end_ns": int(info.pts_ns[-1]),
                  "n_samples": info.num_frames, "rate_hz": float(fps), "width": info.width, "height": info.height,
-                 "codec": info.codec}]
+                 "codec": info.codec, **ident.columns()}]
 
 
 def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:

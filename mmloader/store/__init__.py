@@ -1,6 +1,6 @@
 """The prepared store: writer (atomic) and reader (validating)."""
 
 from .reader import Store
-from .writer import StoreWriter
+from .writer import StoreWriter, check_recording_id
 
-__all__ = ["Store", "StoreWriter"]
+__all__ = ["Store", "StoreWriter", "check_recording_id"]

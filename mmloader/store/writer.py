@@ -5,20 +5,35 @@ sibling (``.NAME.partial-<random>``) and renamed into place; on other filesystem
 where directories cannot be renamed atomically, the files are written in place and ``mmloader.json`` is
 written *last*. Either way a store without its manifest is refused by the reader, and a writer that fails
 removes what it wrote.
+
+Without ``overwrite`` the publish never replaces an existing store: the local rename fails when the
+destination exists (two concurrent writers to one destination: exactly one wins, the other raises
+``FileExistsError`` and removes its partial folder); elsewhere the manifest's absence is checked right before
+it is written.
+
+Integrity (format version 2): every Zarr chunk ends with a crc32c checksum (``zstd`` then ``crc32c``), every
+chunk is written even when it holds only fill values (so an absent chunk is always an error), the manifest's
+``files`` records each file's size and, for every file that is not a Zarr chunk, its sha256, and each store
+gets a ``generation`` id (uuid4) written into the manifest and into every Zarr group's attrs.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import StoreFormatError
@@ -27,6 +42,51 @@ from ..schema import FORMAT, FORMAT_VERSION, conform, load_schema, table_file
 
 MANIFEST = "mmloader.json"
 TIMESERIES_CHUNK_ROWS = 4096
+MAX_ID_LENGTH = 200
+# zstd, then a crc32c of the compressed bytes: zarr verifies it on every chunk decode
+ZARR_COMPRESSORS = (ZstdCodec(level=0), Crc32cCodec())
+ZARR_ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk is stored: an absent one is damage, not fill
+_CHUNK_KEY = re.compile(r"\.zarr/[^/]+/c(/|$)")
+
+
+def is_chunk_file(rel: str) -> bool:
+    """Whether a path inside a store is a Zarr chunk (checksummed by its codec)."""
+    return _CHUNK_KEY.search(rel) is not None
+
+
+def has_sha256(rel: str) -> bool:
+    """Whether the manifest records a sha256 of this file: all but Zarr chunks (their own crc32c) and media
+    copied into the store (``media/``: large; identified by size, mtime and fast hash in ``streams``)."""
+    return not (is_chunk_file(rel) or rel.startswith("media/"))
+
+
+def check_recording_id(rid: str, where: str) -> str:
+    """Return ``rid`` if it is safe as one path component of a store, else raise :class:`StoreFormatError`.
+
+    Recording ids and stream names become directory names (``timeseries/{recording_id}/{stream}.zarr``), so
+    they must be a single, ordinary path component: a non-empty ``str`` of at most 200 characters, not
+    ``.`` / ``..``, not starting with ``.`` (hidden; also the writer's ``.NAME.partial-*`` names), and without
+    ``/``, ``\\``, NUL or other control characters. ``where`` names the source of the value in the message
+    (e.g. ``"ego4d metadata.json: video_uid"``). Recipes and :mod:`mmloader.byo` call this on their ids.
+    """
+    if not isinstance(rid, str):
+        raise StoreFormatError(f"{where}: id must be a string, got {type(rid).__name__} {rid!r}")
+    problem = None
+    if rid == "":
+        problem = "is empty"
+    elif rid in (".", ".."):
+        problem = "is a relative path component"
+    elif rid.startswith("."):
+        problem = "starts with '.'"
+    elif "/" in rid or "\\" in rid:
+        problem = "contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in rid):
+        problem = "contains a NUL or control character"
+    elif len(rid) > MAX_ID_LENGTH:
+        problem = f"is longer than {MAX_ID_LENGTH} characters ({len(rid)})"
+    if problem is not None:
+        raise StoreFormatError(f"{where}: id {rid!r} {problem}; ids must be safe single path components")
+    return rid
 
 
 class StoreWriter:
@@ -54,6 +114,8 @@ class StoreWriter:
         self.storage_options = storage_options
         self._events: dict[str, str] = {}
         self._tables: dict[str, str] = {}
+        self._sha256: dict[str, str] = {}
+        self.generation = str(uuid.uuid4())
         self._done = False
         if self.fs.exists(self.path):
             if not overwrite:
@@ -79,7 +141,11 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 
@@ -115,36 +181,52 @@ class StoreWriter:
             raise StoreFormatError(f"{where}: t_ns must be strictly increasing")
         if not np.all(np.isfinite(data)):
             raise StoreFormatError(f"{where}: data contains NaN or inf")
+        check_recording_id(recording_id, f"{where}: recording id")
+        check_recording_id(stream, f"{where}: stream name")
         rel = load_schema()["timeseries"]["path_pattern"].format(recording_id=recording_id, stream=stream)
         group = zarr.open_group(self._url(rel), mode="w", storage_options=self._zarr_options())
         n = max(1, t_ns.shape[0])
         rows = min(chunk_rows, n)
-        group.create_array("t_ns", data=t_ns, chunks=(rows,))
-        group.create_array("t_coarse", data=t_ns[::rows].copy())
-        group.create_array("data", data=data.astype(np.float32, copy=False), chunks=(rows, data.shape[1]))
+        self._create_array(group, "t_ns", t_ns, chunks=(rows,))
+        self._create_array(group, "t_coarse", t_ns[::rows].copy())
+        self._create_array(group, "data", data.astype(np.float32, copy=False), chunks=(rows, data.shape[1]))
         group.attrs.update(
-            {"channels": list(channels), "units": list(units), "rate_hz": float(rate_hz), "chunk_rows": rows}
+            {"channels": list(channels), "units": list(units), "rate_hz": float(rate_hz), "chunk_rows": rows,
+             "generation": self.generation}
         )
         return rel
 
     def write_video_index(self, recording_id: str, stream: str, pts_ns: np.ndarray, keyframe: np.ndarray) -> str:
         """Write the per-frame pts index (ns, sorted) and keyframe flags of a video stream."""
+        where = f"video index {recording_id}/{stream}"
+        check_recording_id(recording_id, f"{where}: recording id")
+        check_recording_id(stream, f"{where}: stream name")
         rel = load_schema()["video_index"]["path_pattern"].format(recording_id=recording_id, stream=stream)
         group = zarr.open_group(self._url(rel), mode="w", storage_options=self._zarr_options())
-        group.create_array("pts_ns", data=np.asarray(pts_ns, dtype=np.int64))
-        group.create_array("keyframe", data=np.asarray(keyframe, dtype=bool))
+        self._create_array(group, "pts_ns", np.asarray(pts_ns, dtype=np.int64))
+        self._create_array(group, "keyframe", np.asarray(keyframe, dtype=bool))
+        group.attrs["generation"] = self.generation
         return rel
+
+    @staticmethod
+    def _create_array(group: zarr.Group, name: str, data: np.ndarray, chunks: Any = "auto") -> None:
+        group.create_array(name, data=data, chunks=chunks, compressors=ZARR_COMPRESSORS, config=ZARR_ARRAY_CONFIG)
 
     def write_table(self, kind: str, table: pa.Table) -> str:
         """Write ``recordings``, ``streams`` or ``gaps``, cast to (and checked against) the schema."""
         rel = table_file(kind)
         table = conform(table, kind, where=f"{rel} (being written)")
+        for column in ("recording_id", "stream"):
+            if column in table.column_names:
+                for value in pa.compute.unique(table.column(column)).to_pylist():
+                    check_recording_id(value, f"{rel} (being written): column '{column}'")
         self._write_parquet(rel, table)
         self._tables[kind] = rel
         return rel
 
     def write_events(self, name: str, table: pa.Table) -> str:
         """Write an events table (narrations, summaries, labels...) as ``events/{name}.parquet``."""
+        check_recording_id(name, "events table name")
         rel = load_schema()["events"]["file_pattern"].format(name=name)
         table = conform(table, "events", where=f"{rel} (being written)")
         self._write_parquet(rel, table)
@@ -163,48 +245,108 @@ class StoreWriter:
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         sink = pa.BufferOutputStream()  # serialise in Arrow memory, then one plain write (see fsutil.read_arrow_buffer)
         pq.write_table(table, sink)
+        buf = memoryview(sink.getvalue())
         with self.fs.open(path, "wb") as f:
-            f.write(memoryview(sink.getvalue()))
+            f.write(buf)
+        self._sha256[rel] = hashlib.sha256(buf).hexdigest()
 
     def _zarr_options(self) -> dict[str, Any] | None:
         return None if self._local else (self.storage_options or {})
 
     # -- publish ---------------------------------------------------------------------------------
     def commit(self) -> str:
-        """Write the manifest last and publish the store; returns its URL."""
+        """Write the manifest last and publish the store; returns its URL.
+
+        Without ``overwrite`` an existing store at the destination is never replaced: if another writer
+        published there first this raises ``FileExistsError`` and removes what this writer wrote.
+        """
         if self._done:
             return self.url
         missing = {"recordings", "streams", "gaps"} - set(self._tables)
         if missing:
             self.abort()
             raise StoreFormatError(f"{self.url}: cannot commit a store without the tables {sorted(missing)}")
-        files = {}
+        files: dict[str, dict[str, Any]] = {}
+        root = self.fs._strip_protocol(self.work_path)
         for p in self.fs.find(self.work_path, detail=True).values():
-            rel = p["name"][len(self.fs._strip_protocol(self.work_path)):].lstrip("/")
-            files[rel] = int(p["size"])
+            rel = p["name"][len(root):].lstrip("/")
+            if rel == MANIFEST:
+                continue
+            entry: dict[str, Any] = {"size": int(p["size"])}
+            if has_sha256(rel):
+                entry["sha256"] = self._sha256.get(rel) or self._hash(rel)
+            files[rel] = entry
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "dataset": self.dataset,
             "created_by": f"mmloader {__version__}",
+            "generation": self.generation,
             "source_fingerprint": self.source_fingerprint,
             "options": self.options,
             "tables": dict(self._tables),
             "events": dict(self._events),
             "files": dict(sorted(files.items())),
         }
+        if not self._local and not self._overwrite and self.fs.exists(join(self.path, MANIFEST)):
+            # another writer published here since this one started (no atomic publish on this filesystem);
+            # its files and ours share paths, so nothing is removed: its manifest's checksums tell
+            self._done = True
+            raise FileExistsError(
+                f"{self.url}: another writer published a store here while this one was writing; "
+                "run `mmloader validate` on it, or write again with overwrite=True / --overwrite"
+            )
         with self.fs.open(join(self.work_path, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
         if self._local:
-            if os.path.exists(self.path):
-                trash = f"{self.work_path}.old"
-                os.rename(self.path, trash)
-                os.rename(self.work_path, self.path)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.work_path, self.path)
+            self._publish_local()
         self._done = True
         return self.url
+
+    def _hash(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.fs.open(join(self.work_path, rel), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def _publish_local(self) -> None:
+        """Rename the finished folder onto the destination; refuse (never replace) without overwrite."""
+        exists_errnos = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+        if not self._overwrite:
+            try:
+                # rename(2) of a directory fails when the target is a file or a non-empty directory
+                # (every store holds its manifest), so of two writers racing here exactly one wins
+                os.rename(self.work_path, self.path)
+            except OSError as e:
+                self.abort()
+                if e.errno in exists_errnos:
+                    raise FileExistsError(
+                        f"{self.url}: already exists (another prepare finished first); "
+                        "pass overwrite=True / --overwrite to replace it"
+                    ) from None
+                raise
+            return
+        parent, name = os.path.split(self.path)
+        trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, trash)
+        except FileNotFoundError:
+            trash = None
+        try:
+            os.rename(self.work_path, self.path)
+        except OSError as e:
+            if trash is not None:
+                try:
+                    os.rename(trash, self.path)  # put the old store back
+                except OSError:
+                    pass
+            self.abort()
+            if e.errno in exists_errnos:
+                raise FileExistsError(f"{self.url}: another writer published a store here at the same time") from None
+            raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove everything this writer wrote; no store is left behind."""

@@ -9,16 +9,20 @@ LRU (``ReaderPool``) so worker memory stays flat.
 from __future__ import annotations
 
 import os
+import tempfile
+import threading
+import warnings
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Protocol, Sequence
 
 import av
+import fsspec
 import numpy as np
 
 from ..errors import MediaError
 from ..fsutil import get_fs, is_local
-from ..media import ticks_to_ns
+from ..media import MediaIdentity, open_remote, ticks_to_ns, verify_media
 
 Size = tuple[int, int]  # (height, width)
 
@@ -34,6 +38,11 @@ class VideoReader(Protocol):
     def close(self) -> None: ...
 
 
+_MODULES = {"pyav": "av", "decord": "decord", "torchcodec": "torchcodec.decoders"}
+_PROBE_LOCK = threading.Lock()
+_PROBED: dict[str, str | None] = {}  # backend -> None (decodes here) or why it cannot; once per process
+
+
 def _have(module: str) -> bool:
     try:
         __import__(module)
@@ -42,20 +51,92 @@ def _have(module: str) -> bool:
         return False
 
 
+def _write_probe_sample(path: str) -> None:
+    """A tiny real H.264 mp4: 4 frames of 32x32, frame k of brightness 60k (PyAV's bundled FFmpeg)."""
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        for k in range(4):
+            img = np.full((32, 32, 3), 60 * k, dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _decode_probe(backend: str, path: str) -> np.ndarray:
+    """Decode frame 2 of the probe file with ``backend``: (H, W, 3) uint8."""
+    if backend == "pyav":
+        with av.open(path) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        return frames[2]
+    if backend == "decord":
+        import decord
+
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1).get_batch([2]).asnumpy()[0]
+    if backend == "torchcodec":
+        from torchcodec.decoders import VideoDecoder
+
+        return VideoDecoder(path, seek_mode="exact").get_frames_at(indices=[2]).data[0].permute(1, 2, 0).numpy()
+    raise ValueError(backend)
+
+
+def _why_not(backend: str) -> str | None:
+    """None when ``backend`` imports and decodes a real mp4 here, else one line saying why not."""
+    module = _MODULES[backend]
+    try:
+        __import__(module)
+    except Exception as e:
+        return f"{module} does not import ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmloader-probe-") as tmp:
+            path = os.path.join(tmp, "probe.mp4")
+            _write_probe_sample(path)
+            frame = _decode_probe(backend, path)
+    except Exception as e:
+        text = str(e)
+        if backend == "torchcodec" and ("libtorchcodec" in text or "libav" in text):
+            return ("torchcodec cannot load FFmpeg's shared libraries (libavutil, libavcodec, ...; FFmpeg 4 to 9): "
+                    "install FFmpeg's libraries (e.g. `apt-get install ffmpeg`, `conda install ffmpeg`)")
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        return f"{backend} imports but cannot decode a small H.264 mp4 ({type(e).__name__}: {first})"
+    if frame.shape != (32, 32, 3) or abs(float(frame.mean()) - 120) > 8:
+        return f"{backend} decodes a small H.264 mp4 wrongly (frame of shape {frame.shape}, mean {frame.mean():.1f}, expected 120)"
+    return None
+
+
+def backend_problems(backends: Sequence[str] = ("pyav", "decord", "torchcodec")) -> dict[str, str | None]:
+    """For each backend: None when it can decode on this machine, else why not. Probed once per process
+    (imports the backend and decodes a 4-frame H.264 mp4), then cached."""
+    out = {}
+    for b in backends:
+        if b not in _MODULES:
+            raise ValueError(f"unknown video backend {b!r} (choose auto, pyav, decord or torchcodec)")
+        with _PROBE_LOCK:
+            if b not in _PROBED:
+                _PROBED[b] = _why_not(b)
+            out[b] = _PROBED[b]
+    return out
+
+
 def available_backends() -> list[str]:
-    """Backends importable here."""
-    return [b for b, m in (("pyav", "av"), ("decord", "decord"), ("torchcodec", "torchcodec.decoders")) if _have(m)]
+    """Backends that can decode on this machine (installed *and* able to decode a real mp4: torchcodec
+    imports without FFmpeg's shared libraries but cannot decode). Probed once per process, cached;
+    ``backend_problems()`` says why a backend is missing."""
+    return [b for b, why in backend_problems().items() if why is None]
 
 
 def resolve_backend(backend: str, url: str | None = None) -> str:
     """``auto`` → pyav: on sparse window access it measured 2-3x faster than decord here
-    (``benchmarks/loader.py``). Unknown or missing backends raise."""
+    (``benchmarks/loader.py``). Unknown backends, and backends that cannot decode here, raise saying why."""
     if backend == "auto":
         return "pyav"
-    if backend not in ("pyav", "decord", "torchcodec"):
+    if backend not in _MODULES:
         raise ValueError(f"unknown video backend {backend!r} (choose auto, pyav, decord or torchcodec)")
-    if backend not in available_backends():
-        raise ValueError(f"video backend {backend!r} is not installed here (available: {available_backends()})")
+    why = backend_problems([backend])[backend]  # probes only this backend: cheap in a worker
+    if why is not None:
+        raise ValueError(f"video backend {backend!r} cannot decode on this machine: {why} "
+                         f"(use video_backend='auto' or one of {available_backends()})")
     return backend
 
 
@@ -70,18 +151,22 @@ class PyAVReader:
 
     backend = "pyav"
 
-    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None):
+    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None,
+                 storage_options: dict | None = None):
         self.url = url
         self.pts_ns = pts_ns
         self.size = size
         # index of the keyframe at or before each frame
         kf = np.flatnonzero(keyframe)
         self._kf_of = kf[np.clip(np.searchsorted(kf, np.arange(len(pts_ns)), side="right") - 1, 0, len(kf) - 1)] if len(kf) else np.zeros(len(pts_ns), np.int64)
-        fs, path = get_fs(url)
-        self._file = None if is_local(fs) else fs.open(path, "rb")
-        try:
+        fs, path = get_fs(url, **(storage_options or {}))
+        self._file = None
+        try:  # remote media: PyAV reads the fsspec file object
+            self._file = None if is_local(fs) else open_remote(fs, path)
             self._container = av.open(path if self._file is None else self._file)
         except (av.error.FFmpegError, OSError) as e:
+            if self._file is not None:
+                self._file.close()
             raise MediaError(url, f"cannot open with pyav ({e})") from None
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
@@ -141,11 +226,12 @@ class DecordReader:
 
     backend = "decord"
 
-    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None):
+    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None,
+                 storage_options: dict | None = None):
         import decord
 
         self.url = url
-        fs, path = get_fs(url)
+        fs, path = get_fs(url, **(storage_options or {}))
         if not is_local(fs):
             raise MediaError(url, "decord reads local files only; use backend='pyav' for remote media")
         kw = {} if size is None else {"height": size[0], "width": size[1]}
@@ -173,14 +259,20 @@ class TorchCodecReader:
 
     backend = "torchcodec"
 
-    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None):
+    def __init__(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None,
+                 storage_options: dict | None = None):
         from torchcodec.decoders import VideoDecoder
 
         self.url = url
         self.size = size
-        fs, path = get_fs(url)
-        self._file = None if is_local(fs) else fs.open(path, "rb")
-        self._dec = VideoDecoder(path if self._file is None else self._file, seek_mode="exact")
+        fs, path = get_fs(url, **(storage_options or {}))
+        self._file = None if is_local(fs) else open_remote(fs, path)  # torchcodec reads file-like objects
+        try:
+            self._dec = VideoDecoder(path if self._file is None else self._file, seek_mode="exact")
+        except Exception as e:  # torchcodec raises RuntimeError / ValueError of its own
+            if self._file is not None:
+                self._file.close()
+            raise MediaError(url, f"cannot open with torchcodec ({e})") from None
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         import torch
@@ -201,13 +293,62 @@ class TorchCodecReader:
 _READERS = {"pyav": PyAVReader, "decord": DecordReader, "torchcodec": TorchCodecReader}
 
 
-def open_reader(backend: str, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None) -> VideoReader:
-    """Open one reader of ``backend`` (``auto`` resolved per URL)."""
-    return _READERS[resolve_backend(backend, url)](url, pts_ns, keyframe, size)
+def _is_local_url(url: str) -> bool:
+    return fsspec.utils.get_protocol(url) in ("file", "local")
+
+
+_WARNED_REMOTE: set[str] = set()
+
+
+def reader_backend(backend: str, url: str) -> str:
+    """The backend ``open_reader`` uses for ``url``: ``resolve_backend``'s choice, except that decord reads
+    local files only, so a remote URL (``s3://``...) is decoded by PyAV instead (warned once per backend and
+    process; the reader's ``backend`` attribute says which one decodes). PyAV and torchcodec read remote
+    media through an fsspec file object."""
+    name = resolve_backend(backend, url)
+    if name == "decord" and not _is_local_url(url):
+        if name not in _WARNED_REMOTE:
+            _WARNED_REMOTE.add(name)
+            warnings.warn(f"decord reads local files only: {url} and other remote media are decoded with pyav",
+                          stacklevel=3)
+        return "pyav"
+    return name
+
+
+def open_reader(backend: str, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None, *,
+                storage_options: dict | None = None, identity: MediaIdentity | None = None,
+                recording_id: str | None = None, stream: str = "video") -> VideoReader:
+    """Open one reader of ``backend`` (``auto`` resolved per URL, see ``reader_backend``).
+
+    ``storage_options``: the fsspec options of ``url`` (e.g. an S3 endpoint). ``identity``: what the file
+    was at prepare (``MediaIdentity``); checked before the file is opened (``mmloader.media.verify_media``:
+    a replaced file raises MediaError naming it, ``recording_id`` and ``stream``).
+    """
+    if identity is not None:
+        verify_media(url, identity, recording_id=recording_id, stream=stream, storage_options=storage_options)
+    return _READERS[reader_backend(backend, url)](url, pts_ns, keyframe, size, storage_options)
+
+
+def _local_stamp(url: str) -> tuple[str, tuple[int, int, int]] | None:
+    """(path, (size, mtime_ns, inode)) of a local file; None for remote URLs."""
+    if not _is_local_url(url):
+        return None
+    path = get_fs(url)[1]
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, (-1, -1, -1)
+    return path, (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class ReaderPool:
-    """A bounded LRU of open readers, private to the process that created it (safe across fork)."""
+    """A bounded LRU of open readers, private to the process that created it (safe across fork).
+
+    Readers opened with an ``identity`` are checked once per open (``open_reader``). A local file is also
+    re-stat'ed (a few microseconds) each time its open reader is reused: if it changed since the open
+    (replaced, rewritten, touched), the reader is reopened, which checks the identity again. Remote files
+    are checked once per reader open only (a stat there is a network request).
+    """
 
     def __init__(self, backend: str = "auto", capacity: int = 4):
         if capacity < 1:
@@ -216,18 +357,41 @@ class ReaderPool:
         self.capacity = capacity
         self._pid = os.getpid()
         self._readers: OrderedDict[tuple[str, Size | None], VideoReader] = OrderedDict()
+        self._stamps: dict[tuple[str, Size | None], tuple[str, tuple[int, int, int]] | None] = {}
 
-    def get(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None) -> VideoReader:
+    def _changed(self, key: tuple[str, Size | None]) -> bool:
+        stamp = self._stamps.get(key)
+        if stamp is None:
+            return False
+        path, seen = stamp
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        return (st.st_size, st.st_mtime_ns, st.st_ino) != seen
+
+    def get(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None, *,
+            storage_options: dict | None = None, identity: MediaIdentity | None = None,
+            recording_id: str | None = None, stream: str = "video") -> VideoReader:
         if os.getpid() != self._pid:  # inherited through fork: never share decoders across processes
             self._readers = OrderedDict()
+            self._stamps = {}
             self._pid = os.getpid()
         key = (url, size)
         reader = self._readers.get(key)
+        if reader is not None and self._changed(key):
+            self._readers.pop(key).close()
+            reader = None
         if reader is None:
-            reader = open_reader(self.backend, url, pts_ns, keyframe, size)
+            self._stamps.pop(key, None)
+            reader = open_reader(self.backend, url, pts_ns, keyframe, size, storage_options=storage_options,
+                                 identity=identity, recording_id=recording_id, stream=stream)
             self._readers[key] = reader
+            if identity is not None:
+                self._stamps[key] = _local_stamp(url)
             while len(self._readers) > self.capacity:
-                _, old = self._readers.popitem(last=False)
+                old_key, old = self._readers.popitem(last=False)
+                self._stamps.pop(old_key, None)
                 old.close()
         else:
             self._readers.move_to_end(key)
@@ -240,3 +404,4 @@ class ReaderPool:
         for r in self._readers.values():
             r.close()
         self._readers.clear()
+        self._stamps.clear()

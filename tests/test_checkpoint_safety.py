@@ -1,0 +1,322 @@
+"""Checkpoints a user may have been handed: never unpickled, checksummed, refused by name when corrupt or truncated;
+resume without a checkpoint is an error (or, with resume="auto", a fresh start); metrics log each step once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+import mmloader
+from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.samples import generate_ego4d_sample
+
+pytest.importorskip("open_clip")
+
+from imu2clip_plugin import train as train_mod  # noqa: E402
+from imu2clip_plugin.cli import main  # noqa: E402
+from imu2clip_plugin.train import (  # noqa: E402
+    CHECKPOINT_NAME, METRICS_NAME, CheckpointError, TrainConfig, checksum_path, load_checkpoint, save_checkpoint,
+    train)
+
+TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
+                    dropout=0.1)
+
+
+class _Killed(Exception):
+    """Stands for the process dying at that point."""
+
+
+class _OpensAFile:
+    """Unpickling this calls ``open(path, "w")``: the file appears iff pickled code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory):
+    root = generate_ego4d_sample(tmp_path_factory.mktemp("ck") / "ego4d", videos=4, seconds=16, seed=2,
+                                 defect_fraction=0.0, progress=False)
+    store = Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+    return mmloader.open(store).windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 32))
+
+
+def _cfg(run_dir, **kw):
+    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
+                warmup_steps=2, run_dir=str(run_dir), progress=False, use_cache=False, device="cpu", max_steps=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def interrupted(windows, tmp_path_factory):
+    """A run dir checkpointed mid-epoch at step 3 (stop_after_steps)."""
+    d = tmp_path_factory.mktemp("runs") / "cut"
+    out = train(_cfg(d, stop_after_steps=3), windows=windows)
+    assert out["stopped_early"] and out["step"] == 3
+    return d
+
+
+@pytest.fixture
+def run_dir(interrupted, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(interrupted, d)
+    return d
+
+
+def _write_record(ckpt):
+    data = ckpt.read_bytes()
+    checksum_path(ckpt).write_text(json.dumps({"file": ckpt.name, "size": len(data),
+                                               "sha256": hashlib.sha256(data).hexdigest(), "step": 3,
+                                               "format_version": 2}))
+
+
+def _largest_tensor_record(path):
+    """(offset, length) of the biggest tensor storage inside a torch.save zip (stored uncompressed)."""
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    off = info.header_offset
+    assert raw[off:off + 4] == b"PK\x03\x04" and info.compress_type == zipfile.ZIP_STORED
+    start = off + 30 + int.from_bytes(raw[off + 26:off + 28], "little") + int.from_bytes(raw[off + 28:off + 30], "little")
+    return start, info.file_size
+
+
+# -- format -------------------------------------------------------------------------------------------
+def test_checkpoint_is_plain_values_with_a_matching_checksum(run_dir):
+    ckpt = run_dir / CHECKPOINT_NAME
+    ck = torch.load(ckpt, weights_only=True)          # would raise on anything pickled beyond plain values
+    assert ck["step"] == 3 and ck["format_version"] == 2
+    assert isinstance(ck["rng"]["numpy"]["key"], torch.Tensor) and isinstance(ck["rng"]["python"]["state"], list)
+    rec = json.loads(checksum_path(ckpt).read_text())
+    data = ckpt.read_bytes()
+    assert rec["file"] == CHECKPOINT_NAME and rec["size"] == len(data) and rec["step"] == 3
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not list(run_dir.glob("*.partial")) and not list(run_dir.glob("*.tmp*"))
+    assert load_checkpoint(ckpt)["loader"]["offset"] == 24
+
+
+# -- hostile and damaged checkpoints --------------------------------------------------------------------
+def test_a_checkpoint_whose_pickle_opens_a_file_is_refused_and_runs_nothing(run_dir, tmp_path, capsys):
+    ckpt = run_dir / CHECKPOINT_NAME
+    ck = torch.load(ckpt, weights_only=True)
+    # the payload is live: an unsafe load of the same bytes creates the file
+    probe = tmp_path / "probe"
+    torch.save({**ck, "x": _OpensAFile(probe)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert probe.exists()
+    # the attacker controls the whole run dir: a matching checksum record comes with the crafted file
+    marker = tmp_path / "pwned"
+    torch.save({**ck, "x": _OpensAFile(marker)}, ckpt)
+    _write_record(ckpt)
+    with pytest.raises(CheckpointError, match="refusing to load.*more than tensors and plain values") as e:
+        train(_cfg(run_dir, resume=True))
+    assert str(ckpt) in str(e.value)
+    assert not marker.exists()
+    # the CLI's --resume takes the same path (it fails before any data is opened): one line naming the file
+    capsys.readouterr()
+    rc = main(["train", "--config", "imu_video", "--set", f"run_dir={run_dir}", "--set", "progress=false",
+               "--set", "device=cpu", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "refusing to load" in err and str(ckpt) in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_one_flipped_byte_in_tensor_data_is_refused_by_name(run_dir):
+    ckpt = run_dir / CHECKPOINT_NAME
+    good = torch.load(ckpt, weights_only=True)
+    start, n = _largest_tensor_record(ckpt)
+    raw = bytearray(ckpt.read_bytes())
+    raw[start + n // 2] ^= 0x40
+    ckpt.write_bytes(bytes(raw))
+    # torch alone would load it (different numbers, no error): only the checksum catches it
+    bad = torch.load(ckpt, weights_only=True)
+    assert any(not torch.equal(a, b) for a, b in zip(_tensors(bad), _tensors(good)))
+    with pytest.raises(CheckpointError, match="corrupt") as e:
+        train(_cfg(run_dir, resume=True))
+    assert str(ckpt) in str(e.value)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(_cfg(run_dir, resume="auto"))
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_a_truncated_checkpoint_is_refused_by_name(run_dir):
+    ckpt = run_dir / CHECKPOINT_NAME
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        train(_cfg(run_dir, resume=True))
+    assert str(ckpt) in str(e.value) and "PytorchStreamReader" not in str(e.value)
+
+
+def test_a_checkpoint_without_its_checksum_record_is_refused(run_dir):
+    checksum_path(run_dir / CHECKPOINT_NAME).unlink()
+    with pytest.raises(CheckpointError, match="no checksum record") as e:
+        train(_cfg(run_dir, resume="auto"))
+    assert str(run_dir / CHECKPOINT_NAME) in str(e.value)
+
+
+def test_a_truncated_file_with_a_matching_record_is_still_refused_by_name(run_dir):
+    """Even when the record was rewritten to match, an unreadable file gives an error naming it."""
+    ckpt = run_dir / CHECKPOINT_NAME
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    _write_record(ckpt)
+    with pytest.raises(CheckpointError, match="not a readable torch.save file") as e:
+        load_checkpoint(ckpt)
+    assert str(ckpt) in str(e.value)
+
+
+# -- nothing to resume ---------------------------------------------------------------------------------
+def test_resume_with_no_checkpoint_is_an_error_naming_the_run_dir(tmp_path, capsys):
+    d = tmp_path / "empty-run"
+    with pytest.raises(CheckpointError, match="nothing to resume") as e:
+        train(_cfg(d, resume=True))
+    assert str(d) in str(e.value)
+    assert not d.exists()            # nothing written beside an old run
+    assert main(["train", "--config", "imu_video", "--set", f"run_dir={d}", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and str(d) in err
+    assert not d.exists()
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_continues_with_one(windows, tmp_path):
+    d = tmp_path / "auto"
+    out = train(_cfg(d, resume="auto", stop_after_steps=2), windows=windows)
+    assert out["step"] == 2 and load_checkpoint(d / CHECKPOINT_NAME)["step"] == 2
+    out = train(_cfg(d, resume="auto", max_steps=3), windows=windows)
+    assert out["step"] == 3 and not out["stopped_early"]
+    steps = [r["step"] for r in _metrics(d) if r["event"] == "train"]
+    assert steps == [1, 2, 3]
+    # starting afresh in the same run dir begins a new metrics.jsonl (not steps 1.. again after the old ones)
+    train(_cfg(d, stop_after_steps=1), windows=windows)
+    assert [r["step"] for r in _metrics(d) if r["event"] == "train"] == [1]
+
+
+def test_resume_in_config_json_and_cli(tmp_path, capsys):
+    cfg = TrainConfig(resume="auto")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).resume == "auto"
+    assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig(resume=True).to_dict()))).resume is True
+    with pytest.raises(ValueError, match="resume"):
+        TrainConfig(resume="yes")
+    for flag, want in ((["--resume"], True), (["--resume", "auto"], "auto"), ([], False)):
+        assert main(["train", "--config", "imu_video", *flag, "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["resume"] == want
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "imu_video", "--resume", "always", "--print-config"])
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def _metrics(d):
+    return [json.loads(x) for x in (d / METRICS_NAME).read_text().splitlines()]
+
+
+def test_metrics_log_each_step_once_after_a_crash_and_resume(windows, tmp_path, monkeypatch):
+    """A run killed while writing its final checkpoint has logged steps past its last (epoch-end) checkpoint; the
+    resumed run rewrites them: every train step once, val steps increasing, one end record."""
+    d = tmp_path / "crash"
+    real = train_mod.save_checkpoint
+
+    def killed_at_8(state, path):
+        if state["step"] == 8:
+            raise _Killed("killed")
+        return real(state, path)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_at_8)
+    with pytest.raises(_Killed):
+        train(_cfg(d), windows=windows)
+    monkeypatch.undo()
+    ck_step = load_checkpoint(d / CHECKPOINT_NAME)["step"]
+    logged = [r["step"] for r in _metrics(d) if r["event"] == "train"]
+    assert 0 < ck_step < 8 and logged == list(range(1, 9))   # steps past the checkpoint were logged
+    out = train(_cfg(d, resume=True), windows=windows)
+    assert out["step"] == 8
+    recs = _metrics(d)
+    assert [r["step"] for r in recs if r["event"] == "train"] == list(range(1, 9))
+    vals = [r["step"] for r in recs if r["event"] == "val"]
+    assert vals == sorted(set(vals)) and vals[0] == 0 and vals[-1] == 8
+    assert [r["event"] for r in recs].count("end") == 1 and recs[-1]["event"] == "end"
+
+
+def test_metrics_after_stop_and_resume_have_no_duplicate_steps(run_dir, windows):
+    out = train(_cfg(run_dir, resume=True), windows=windows)
+    assert out["step"] == 8
+    recs = _metrics(run_dir)
+    train_steps = [r["step"] for r in recs if r["event"] == "train"]
+    assert train_steps == list(range(1, 9))
+    vals = [r["step"] for r in recs if r["event"] == "val"]
+    assert vals == sorted(set(vals))
+    assert [r["event"] for r in recs].count("end") == 1      # the interrupted run's end record is gone
+    # resuming the finished run again validates nothing twice
+    train(_cfg(run_dir, resume=True), windows=windows)
+    again = _metrics(run_dir)
+    assert [r for r in again if r["event"] != "end"] == [r for r in recs if r["event"] != "end"]
+
+
+# -- crash-safe saving ---------------------------------------------------------------------------------
+def test_a_save_interrupted_at_any_point_never_serves_a_mismatched_pair(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint({"format_version": 2, "step": 1, "w": torch.zeros(64)}, path)
+
+    # killed before the checksum record is committed: the previous pair is intact
+    def die(*a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(train_mod, "_atomic_write", die)
+    with pytest.raises(_Killed):
+        save_checkpoint({"format_version": 2, "step": 2, "w": torch.ones(64)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+
+    # killed after the record, before the data's rename: the next load completes the save
+    real_replace = train_mod.os.replace
+
+    def replace_but_not_the_checkpoint(src, dst):
+        if str(dst) == str(path):
+            raise _Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_mod.os, "replace", replace_but_not_the_checkpoint)
+    with pytest.raises(_Killed):
+        save_checkpoint({"format_version": 2, "step": 3, "w": torch.full((64,), 3.0)}, path)
+    monkeypatch.undo()
+    assert json.loads(checksum_path(path).read_text())["step"] == 3
+    ck = load_checkpoint(path)
+    assert ck["step"] == 3 and torch.equal(ck["w"], torch.full((64,), 3.0))
+    assert not path.with_name(path.name + ".partial").exists()
+
+    # a record and data from different saves: refused
+    other = tmp_path / "other.pt"
+    save_checkpoint({"format_version": 2, "step": 4, "w": torch.ones(64)}, other)
+    shutil.copy(other, path)
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        load_checkpoint(path)
+
+
+# -- CLIP tower weights handed to ClipTowers(checkpoint=...) ----------------------------------------------
+def test_tower_weights_file_with_a_pickle_payload_is_refused(tmp_path):
+    from imu2clip_plugin.towers import ClipTowers, WeightsUnavailableError
+
+    marker = tmp_path / "pwned"
+    f = tmp_path / "clip.pt"
+    torch.save({"state_dict": {}, "x": _OpensAFile(marker)}, f)
+    with pytest.raises(WeightsUnavailableError, match="refusing") as e:
+        ClipTowers("imu2clip-tiny", checkpoint=f)
+    assert str(f) in str(e.value) and not marker.exists()
