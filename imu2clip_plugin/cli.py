@@ -5,8 +5,14 @@ Configs are JSON (or TOML) files of :class:`imu2clip_plugin.train.TrainConfig` f
 name) picks one of the packaged configs (``imu_video``, ``imu_text``, ``imu_video_text``). ``--set`` values are
 parsed as JSON when they parse (``--set lr=1e-3 --set size=[112,112] --set pretrained=null``), else taken as strings;
 ``--set encoder.gru_hidden=128`` sets a nested key. ``--resume`` continues ``run_dir/checkpoint.pt`` (an error when
-there is none); ``--resume auto`` continues it when there is one, else starts afresh. A checkpoint that cannot be
-resumed (none there, corrupt, truncated, not plain values) is one line on stderr naming the file, exit status 1.
+there is none); ``--resume auto`` continues it when there is one, else starts afresh; ``--overwrite`` starts over in
+a run dir that already holds a checkpoint (without one of these, such a run dir is refused). The flags override the
+config file's ``resume`` / ``overwrite``.
+
+Expected errors are one line on stderr, exit status 1: a checkpoint that cannot be resumed (none there, corrupt,
+truncated, not plain values, wrong contents; the message names the file and the field), a run dir already holding a
+checkpoint, a config value or data that cannot train (too few windows for one batch, no recordings to hold out, a
+store that cannot be opened). Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -61,9 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = sub.add_parser("train", help="train an IMU encoder")
     t.add_argument("--config", required=True, help="JSON/TOML file, or a packaged name (imu_video, imu_text, imu_video_text)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    t.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_arg, metavar="auto",
-                   help="continue run_dir/checkpoint.pt (an error if there is none); '--resume auto': continue it if "
-                        "there is one, else start afresh")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_arg, metavar="auto",
+                       help="continue run_dir/checkpoint.pt (an error if there is none); '--resume auto': continue it "
+                            "if there is one, else start afresh")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a run_dir that already holds a checkpoint, replacing it and metrics.jsonl "
+                            "(without --resume or --overwrite such a run_dir is refused)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     e = sub.add_parser("embed", help="build the embedding cache of a store's windows")
     e.add_argument("store")
@@ -107,20 +117,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args)
 
     if args.cmd == "train":
-        from .train import CheckpointError, TrainConfig, train
+        from mmloader.errors import MMLoaderError
 
-        d = apply_overrides(load_config(args.config), args.set)
+        from .train import TrainConfig, TrainSetupError, train
+
+        def fail(e: BaseException) -> int:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"imu2clip train: error: {' '.join(str(msg).split())}", file=sys.stderr)
+            return 1
+
+        try:
+            d = apply_overrides(load_config(args.config), args.set)
+        except (OSError, ValueError) as e:   # no such file, not JSON/TOML
+            return fail(e)
         if args.resume is not None:
-            d["resume"] = args.resume
-        cfg = TrainConfig.from_dict(d)
+            d["resume"], d["overwrite"] = args.resume, False
+        if args.overwrite:
+            d["resume"], d["overwrite"] = False, True
+        try:
+            cfg = TrainConfig.from_dict(d)
+        except (ValueError, TypeError) as e:   # an unknown key or a bad value in the config file or a --set
+            return fail(e)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         try:
             out = train(cfg)
-        except CheckpointError as e:  # nothing to resume, or a checkpoint refused: one line naming the file
-            print(f"imu2clip train: error: {e}", file=sys.stderr)
-            return 1
+        except (TrainSetupError, MMLoaderError) as e:
+            # expected: a checkpoint refused (naming the file), a run dir in use, a config or data that cannot train
+            return fail(e)
         out.pop("model", None)
         import torch.distributed as dist
 

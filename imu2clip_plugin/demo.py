@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(store=store, sec=args.sec, stride=train_stride, frames=1, size=(64, 64),
                       targets=("video", "text"), target_weights={"text": args.text_weight},
                       epochs=args.epochs, batch_size=32, lr=2e-3,
-                      run_dir=os.path.join(run, "train"), seed=args.seed,
+                      run_dir=os.path.join(run, "train"), seed=args.seed, overwrite=True,  # a new run each time
                       encoder={"conv_channels": [32, 64], "kernel_sizes": [5, 5], "gru_hidden": 64, "gru_layers": 1})
     result = train(cfg, windows=train_wins, towers=towers)
     encoder = result["model"].encoder

@@ -11,6 +11,7 @@ Checkpoints are loaded without pickle and checked against a sha256 record: see :
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,7 +19,9 @@ import json
 import math
 import os
 import pickle
+import numbers
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +39,25 @@ CHECKSUM_SUFFIX = ".sha256.json"     # checkpoint.pt.sha256.json: the checkpoint
 PARTIAL_SUFFIX = ".partial"          # checkpoint.pt.partial: a checkpoint being written
 CHECKPOINT_FORMAT_VERSION = 2
 METRICS_NAME = "metrics.jsonl"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")   # terminal colour/bold codes in torch's messages
 
 
-class CheckpointError(ValueError):
+class TrainSetupError(ValueError):
+    """A run that cannot start as configured: a bad config value, too few windows for one batch, no recordings to
+    hold out for validation, a checkpoint that cannot be used. An expected error: ``imu2clip train`` prints its
+    message on one line (exit status 1) instead of a traceback."""
+
+
+class CheckpointError(TrainSetupError):
     """A checkpoint that cannot be used: none to resume from, missing its checksum record, corrupt, truncated,
-    replaced, or holding anything but tensors and plain values (it is never unpickled). The message names the file."""
+    replaced, holding anything but tensors and plain values (it is never unpickled), or holding values that do not
+    fit the run (a missing or mistyped field, a negative step, NaN weights, a model of another shape...). The message
+    names the file (and the field)."""
+
+
+class RunDirInUseError(CheckpointError, FileExistsError):
+    """A run without ``resume`` or ``overwrite`` into a run directory that already holds a checkpoint: refused, so
+    an earlier run's checkpoint and metrics are never silently replaced. The message names the run directory."""
 
 
 @dataclass
@@ -84,6 +101,7 @@ class TrainConfig:
     use_cache: bool = True
     cache_url: str = "auto"
     resume: bool | str = False         # True: continue run_dir's checkpoint (error if none); "auto": if there is one
+    overwrite: bool = False            # start over in a run_dir that holds a checkpoint, replacing it and the metrics
     stop_after_steps: int | None = None  # checkpoint and return after this many steps (interruption)
     progress: bool = True
 
@@ -94,9 +112,16 @@ class TrainConfig:
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
         if self.epochs < 1 and self.max_steps is None:
-            raise ValueError("give epochs >= 1 or max_steps")
+            raise TrainSetupError("give epochs >= 1 or max_steps")
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
-            raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
+            raise TrainSetupError(f"resume must be true, false or 'auto', got {self.resume!r}")
+        if self.amp_dtype not in ("auto", "bfloat16", "float16"):
+            raise TrainSetupError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {self.amp_dtype!r}")
+        if not isinstance(self.overwrite, bool):
+            raise TrainSetupError(f"overwrite must be true or false, got {self.overwrite!r}")
+        if self.overwrite and self.resume:
+            raise TrainSetupError(f"overwrite=True starts the run over and resume={self.resume!r} continues it: "
+                                  "give one of them")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,7 +133,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}")
+            raise TrainSetupError(f"unknown TrainConfig keys {unknown}")
         return cls(**d)
 
 
@@ -173,6 +198,18 @@ def _open_windows(cfg: TrainConfig):
     return ds.windows(sec=cfg.sec, stride=cfg.stride, modalities=mods, anchor=cfg.anchor, imu_hz=cfg.imu_hz, **kw)
 
 
+@contextlib.contextmanager
+def _setup_checks():
+    """Turns the argument and data checks of opening the store, cutting windows, splitting and building the
+    loader (ValueError / TypeError naming the argument) into :class:`TrainSetupError`: a run that cannot start."""
+    try:
+        yield
+    except TrainSetupError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise TrainSetupError(str(e)) from e
+
+
 def split_train_val(windows, cfg: TrainConfig):
     """``(train, val)``: the ``train_split`` and ``val_split`` windows, or, without a val split, a held-out
     ``val_fraction`` of the train recordings (chosen with ``seed``; always per recording)."""
@@ -182,7 +219,8 @@ def split_train_val(windows, cfg: TrainConfig):
         return train, windows.split(cfg.val_split)
     recs = sorted(set(train.index["recording_id"].to_pylist()))
     if len(recs) < 2:
-        raise ValueError(f"no {cfg.val_split!r} split and only {len(recs)} train recording(s): cannot hold out")
+        raise TrainSetupError(f"no {cfg.val_split!r} split and only {len(recs)} train recording(s): cannot hold "
+                              "out recordings for validation")
     k = min(len(recs) - 1, max(1, round(cfg.val_fraction * len(recs))))
     held = set(np.random.default_rng(cfg.seed).choice(recs, size=k, replace=False).tolist())
     return train.recordings([r for r in recs if r not in held]), train.recordings(sorted(held))
@@ -191,7 +229,7 @@ def split_train_val(windows, cfg: TrainConfig):
 def _amp_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for ``TrainConfig.amp_dtype`` on ``device``."""
     if name not in ("auto", "bfloat16", "float16"):
-        raise ValueError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {name!r}")
+        raise TrainSetupError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {name!r}")
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 or device.type != "cuda" else torch.float16
@@ -346,7 +384,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         ck = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors and plain values; RuntimeError when unreadable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = _ANSI_ESCAPE.sub("", str(e)).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         why = ("it holds more than tensors and plain values (loaded with weights_only=True, never unpickled)"
                if isinstance(e, pickle.UnpicklingError) else "it is not a readable torch.save file")
         raise CheckpointError(f"{path}: refusing to load the checkpoint: {why}: {first}") from None
@@ -357,18 +396,308 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return ck
 
 
-def _resume_from(resume: bool | str, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint to continue from, or None to start fresh (``resume`` False, or "auto" with none there)."""
-    if not resume:
-        return None
+# -- what a training checkpoint must hold ----------------------------------------------------------------
+# The checksum proves only that the file is the one its record names: a hand-made file with a matching record
+# passes it. So a checkpoint's contents are checked field by field before anything is restored, and every
+# problem is a CheckpointError naming the file and the field (never a KeyError or a torch traceback).
+_MT_WORDS = 624   # the Mersenne Twister state of numpy's legacy RNG and Python's random
+
+
+def _bad(path: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: field {field!r} {problem}; refusing to resume from this checkpoint")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _short(v: Any) -> str:
+    r = repr(v) if not isinstance(v, torch.Tensor) else f"tensor {tuple(v.shape)} {v.dtype}"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _get(path: Path, d: dict[str, Any], key: str, kind: str, where: str = "") -> Any:
+    """``d[key]``, checked to be ``kind`` ("dict", "list", "int", "number", "tensor", "str")."""
+    field = f"{where}{key}"
+    if key not in d:
+        raise _bad(path, field, "is missing")
+    v = d[key]
+    ok = {"dict": lambda x: isinstance(x, dict), "list": lambda x: isinstance(x, (list, tuple)),
+          "int": _is_int, "number": _is_number, "tensor": lambda x: isinstance(x, torch.Tensor),
+          "str": lambda x: isinstance(x, str)}[kind](v)
+    if not ok:
+        raise _bad(path, field, f"must be {'an' if kind == 'int' else 'a'} {kind}, got {type(v).__name__} {_short(v)}")
+    return v
+
+
+def _check_finite(path: Path, field: str, obj: Any) -> None:
+    """Every floating tensor and float under ``obj`` is finite."""
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+            n = int((~torch.isfinite(obj)).sum())
+            raise _bad(path, field, f"holds {n} NaN or infinite value(s) (of {obj.numel()})")
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise _bad(path, field, f"is {obj!r}, not a finite number")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(path, f"{field}.{k}", v)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_finite(path, f"{field}[{i}]", v)
+
+
+def _check_rng(path: Path, st: Any, field: str) -> None:
+    if not isinstance(st, dict):
+        raise _bad(path, field, f"must be a dict of RNG states, got {type(st).__name__}")
+    t = _get(path, st, "torch", "tensor", f"{field}.")
+    want = torch.get_rng_state().numel()
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
+        raise _bad(path, f"{field}.torch", f"must be a uint8 tensor of {want} bytes (torch's RNG state), got "
+                                           f"{_short(t)}")
+    n = _get(path, st, "numpy", "dict", f"{field}.")
+    if n.get("name") != "MT19937":
+        raise _bad(path, f"{field}.numpy.name", f"must be 'MT19937', got {_short(n.get('name'))}")
+    key = _get(path, n, "key", "tensor", f"{field}.numpy.")
+    if key.dtype != torch.int64 or tuple(key.shape) != (_MT_WORDS,) or (
+            bool((key < 0).any()) or bool((key >= 2 ** 32).any())):
+        raise _bad(path, f"{field}.numpy.key", f"must be an int64 tensor of {_MT_WORDS} values in [0, 2**32), got "
+                                               f"{_short(key)}")
+    pos = _get(path, n, "pos", "int", f"{field}.numpy.")
+    if not 0 <= pos <= _MT_WORDS:
+        raise _bad(path, f"{field}.numpy.pos", f"must be in [0, {_MT_WORDS}], got {pos}")
+    if _get(path, n, "has_gauss", "int", f"{field}.numpy.") not in (0, 1):
+        raise _bad(path, f"{field}.numpy.has_gauss", f"must be 0 or 1, got {n['has_gauss']!r}")
+    _get(path, n, "cached_gaussian", "number", f"{field}.numpy.")
+    py = _get(path, st, "python", "dict", f"{field}.")
+    if _get(path, py, "version", "int", f"{field}.python.") != random.getstate()[0]:
+        raise _bad(path, f"{field}.python.version", f"must be {random.getstate()[0]}, got {py['version']!r}")
+    words = _get(path, py, "state", "list", f"{field}.python.")
+    if (len(words) != _MT_WORDS + 1 or not all(_is_int(w) and 0 <= w < 2 ** 32 for w in words[:-1])
+            or not (_is_int(words[-1]) and 0 <= words[-1] <= _MT_WORDS)):
+        raise _bad(path, f"{field}.python.state", f"must be {_MT_WORDS} integers in [0, 2**32) and a position in "
+                                                  f"[0, {_MT_WORDS}], got {_short(words)}")
+    if "gauss_next" not in py or not (py["gauss_next"] is None or _is_number(py["gauss_next"])):
+        raise _bad(path, f"{field}.python.gauss_next", f"must be None or a number, got {_short(py.get('gauss_next'))}")
+    if "cuda" in st:
+        cuda = st["cuda"]
+        if not (isinstance(cuda, (list, tuple))
+                and all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1 for c in cuda)):
+            raise _bad(path, f"{field}.cuda", f"must be a list of uint8 tensors (CUDA RNG states), got {_short(cuda)}")
+    _check_finite(path, field, st)
+
+
+def check_checkpoint(ck: dict[str, Any], path: str | os.PathLike) -> None:
+    """Check a loaded training checkpoint's structure: the fields :func:`train` restores, of the right types,
+    ``step >= 0``, every RNG state of the right shape and dtype, finite floating tensors in the model and optimiser
+    states. Raises :class:`CheckpointError` naming the file and the field. (What needs the run, such as the model's
+    shapes or the loader's position, is checked when :func:`train` restores it.)"""
+    path = Path(path)
+    model = _get(path, ck, "model", "dict")
+    for k, v in model.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _bad(path, f"model.{k}", f"must map parameter names to tensors, got {type(v).__name__}")
+    _check_finite(path, "model", model)
+    opt = _get(path, ck, "optimizer", "dict")
+    for k, v in _get(path, opt, "state", "dict", "optimizer.").items():
+        if not isinstance(v, dict) or not all(isinstance(x, torch.Tensor) or _is_number(x) for x in v.values()):
+            raise _bad(path, f"optimizer.state.{k}", f"must be a dict of tensors and numbers, got {_short(v)}")
+    groups = _get(path, opt, "param_groups", "list", "optimizer.")
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), (list, tuple)):
+            raise _bad(path, f"optimizer.param_groups[{i}]", "must be a dict with a 'params' list")
+    _check_finite(path, "optimizer", opt)
+    sched = _get(path, ck, "scheduler", "dict")
+    _get(path, sched, "last_epoch", "int", "scheduler.")
+    _check_finite(path, "scheduler", sched)
+    _check_finite(path, "scaler", _get(path, ck, "scaler", "dict"))
+    step = _get(path, ck, "step", "int")
+    if step < 0:
+        raise _bad(path, "step", f"must be >= 0, got {step}")
+    epoch = _get(path, ck, "epoch", "int")
+    if not 0 <= epoch <= step:
+        raise _bad(path, "epoch", f"must be in [0, step={step}], got {epoch}")
+    hist = _get(path, ck, "val_history", "list")
+    if not all(_is_number(v) for v in hist):   # NaN is allowed: a validation with no batch of 2
+        raise _bad(path, "val_history", f"must be a list of numbers, got {_short(hist)}")
+    last_val = _get(path, ck, "last_val_step", "int")
+    if not -1 <= last_val <= step:
+        raise _bad(path, "last_val_step", f"must be in [-1, step={step}], got {last_val}")
+    for key, check in (("loader", None), ("rng", _check_rng)):
+        v = ck.get(key)
+        if key not in ck:
+            raise _bad(path, key, "is missing")
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        if isinstance(v, (list, tuple)) and not v:
+            raise _bad(path, key, "is an empty list (one entry per rank expected)")
+        for i, item in enumerate(items):
+            field = f"{key}[{i}]" if isinstance(v, (list, tuple)) else key
+            if not isinstance(item, dict):
+                raise _bad(path, field, f"must be a dict, got {type(item).__name__} {_short(item)}")
+            if check is not None:
+                check(path, item, field)
+            else:
+                for sub in ("epoch", "offset"):
+                    val = _get(path, item, sub, "int", f"{field}.")
+                    if val < 0:
+                        raise _bad(path, f"{field}.{sub}", f"must be >= 0, got {val}")
+
+
+def _like(path: Path, field: str, saved: Any, fresh: Any) -> None:
+    """``saved`` has the plain-value shape of ``fresh`` (this run's own state): numbers where it has numbers
+    (finite), flags where it has flags, lists of the same length; keys of dicts only among its keys."""
+    if isinstance(fresh, bool) or fresh is None:
+        ok = isinstance(saved, bool) or saved is None
+    elif _is_number(fresh):
+        ok = _is_number(saved) and math.isfinite(saved)
+    elif isinstance(fresh, str):
+        ok = isinstance(saved, str)
+    elif isinstance(fresh, (list, tuple)):
+        ok = isinstance(saved, (list, tuple)) and len(saved) == len(fresh)
+        if ok:
+            for i, (a, b) in enumerate(zip(saved, fresh)):
+                _like(path, f"{field}[{i}]", a, b)
+    elif isinstance(fresh, dict):
+        ok = isinstance(saved, dict)
+        if ok:
+            extra = sorted(map(str, set(saved) - set(fresh)))
+            if extra:
+                raise _bad(path, field, f"has unknown key(s) {extra}")
+            for k in saved:
+                _like(path, f"{field}.{k}", saved[k], fresh[k])
+    elif isinstance(fresh, torch.Tensor):
+        ok = isinstance(saved, torch.Tensor)
+    else:  # pragma: no cover - no other kinds in these states
+        ok = type(saved) is type(fresh)
+    if not ok:
+        raise _bad(path, field, f"must be like {_short(fresh)}, got {_short(saved)}")
+
+
+def _restore(ck: dict[str, Any], path: Path, *, model: nn.Module, opt, sched, scaler, loader, rank: int, world: int,
+             total: int) -> tuple[int, list[float], int]:
+    """Restore a checked checkpoint (:func:`check_checkpoint`) into this run's objects, checking what needs them;
+    returns ``(step, val_history, last_val_step)``. Raises :class:`CheckpointError` naming the file and the field."""
+    step = int(ck["step"])
+    if step > total:
+        raise _bad(path, "step", f"is {step}, past this run's {total} steps (max_steps, or epochs x batches per "
+                                 "epoch): resume with at least as many steps, or start over with overwrite")
+    # the model: same parameter names and shapes (a strict load, summarised instead of torch's long message)
+    fresh = model.state_dict()
+    saved = ck["model"]
+    problems = [f"missing {k}" for k in fresh if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in fresh]
+    problems += [f"{k} has shape {tuple(saved[k].shape)}, this model {tuple(v.shape)}" for k, v in fresh.items()
+                 if k in saved and saved[k].shape != v.shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise _bad(path, "model", f"does not fit this run's model ({len(problems)} problem(s): "
+                                  f"{'; '.join(problems[:3])}{more}): was it saved with another encoder config?")
+    try:
+        model.load_state_dict(saved, strict=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise _bad(path, "model", f"does not load: {str(e).strip().splitlines()[0]}") from None
+    # the optimiser: torch checks the groups' sizes; the hyperparameters and per-parameter states are checked here
+    groups = ck["optimizer"]["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise _bad(path, "optimizer.param_groups", f"has {len(groups)} group(s), this run's optimiser "
+                                                   f"{len(opt.param_groups)}")
+    for i, (g, mine) in enumerate(zip(groups, opt.state_dict()["param_groups"])):
+        for k in set(g) & set(mine) - {"params"}:
+            _like(path, f"optimizer.param_groups[{i}].{k}", g[k], mine[k])
+    try:
+        opt.load_state_dict(ck["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise _bad(path, "optimizer", f"does not fit this run's optimiser: {str(e).strip().splitlines()[0]}") from None
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise _bad(path, f"optimizer.state.{k}", f"of group {gi} parameter {pi} has shape "
+                                                            f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
+    # the scheduler and the scaler: only their own keys, of their own kinds
+    if ck["scheduler"]["last_epoch"] != step:
+        raise _bad(path, "scheduler.last_epoch", f"is {ck['scheduler']['last_epoch']}, not the checkpoint's step "
+                                                 f"{step} (the schedule steps once per training step)")
+    mine = sched.state_dict()
+    _like(path, "scheduler", ck["scheduler"], mine)
+    if any(fn is not None for fn in ck["scheduler"].get("lr_lambdas", [])):
+        raise _bad(path, "scheduler.lr_lambdas", f"must be a list of None, got {_short(ck['scheduler']['lr_lambdas'])}")
+    sched.load_state_dict(dict(ck["scheduler"]))
+    if scaler.is_enabled() and ck["scaler"]:   # a run saved without a loss scaler (CPU, bfloat16) keeps the default
+        mine = scaler.state_dict()
+        _like(path, "scaler", ck["scaler"], mine)
+        missing = sorted(set(mine) - set(ck["scaler"]))
+        if missing:
+            raise _bad(path, "scaler", f"lacks {missing}")
+        if not ck["scaler"]["scale"] > 0:
+            raise _bad(path, "scaler.scale", f"must be > 0, got {ck['scaler']['scale']!r}")
+        scaler.load_state_dict(ck["scaler"])
+    # the loader: its own checks (window set, seed, sharding), then the position within the epoch
+    lst = ck["loader"]
+    if isinstance(lst, (list, tuple)) and len(lst) != world:
+        raise _bad(path, "loader", f"holds the states of {len(lst)} rank(s), this run has {world}")
+    field = f"loader[{rank}]" if isinstance(lst, (list, tuple)) else "loader"
+    state = lst[rank] if isinstance(lst, (list, tuple)) else lst
+    try:
+        loader.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        msg = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
+        raise _bad(path, field, f"does not fit this run's loader: {msg}") from None
+    n = len(loader.order(loader.epoch))
+    if loader.offset > n:
+        raise _bad(path, f"{field}.offset", f"is {loader.offset}, past the {n} windows of epoch {loader.epoch}")
+    if loader.epoch > step:
+        raise _bad(path, f"{field}.epoch", f"is {loader.epoch}, more epochs than the checkpoint's {step} steps")
+    # the RNGs
+    rngs = ck["rng"]
+    if isinstance(rngs, (list, tuple)) and len(rngs) != world:
+        raise _bad(path, "rng", f"holds the states of {len(rngs)} rank(s), this run has {world}")
+    try:
+        _set_rng_state(rngs[rank] if isinstance(rngs, (list, tuple)) else rngs)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise _bad(path, "rng", f"cannot be restored: {str(e).strip().splitlines()[0]}") from None
+    return step, [float(v) for v in ck["val_history"]], int(ck["last_val_step"])
+
+
+def _checkpoint_files(run_dir: Path) -> list[Path]:
+    """The checkpoint files in ``run_dir`` (data, checksum record, an interrupted save's partial file)."""
     path = run_dir / CHECKPOINT_NAME
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    if not (path.exists() or checksum_path(path).exists() or partial.exists()):
-        if resume == "auto":
+    return [p for p in (checksum_path(path), path, path.with_name(path.name + PARTIAL_SUFFIX)) if p.exists()]
+
+
+def _resume_from(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The checked checkpoint to continue from, or None to start fresh (``resume`` False, or "auto" with none
+    there). A fresh start into a run dir holding a checkpoint needs ``overwrite``: :class:`RunDirInUseError`."""
+    has_checkpoint = bool(_checkpoint_files(run_dir))
+    if not cfg.resume:
+        if has_checkpoint and not cfg.overwrite:
+            raise RunDirInUseError(
+                f"{run_dir}: this run directory already holds {CHECKPOINT_NAME} (step "
+                f"{_recorded_step(run_dir)}); refusing to start over and replace it and {METRICS_NAME}: pass "
+                "--resume to continue it, --resume auto to continue it if there is one, or --overwrite to start "
+                "over (TrainConfig resume=True / resume='auto' / overwrite=True), or use another run_dir")
+        return None
+    if not has_checkpoint:
+        if cfg.resume == "auto":
             return None
         raise CheckpointError(f"{run_dir}: nothing to resume: no {CHECKPOINT_NAME} in this run directory (train "
                               "without resume to start a run, or resume='auto' to continue only if there is one)")
-    return load_checkpoint(path, map_location="cpu")
+    path = run_dir / CHECKPOINT_NAME
+    ck = load_checkpoint(path, map_location="cpu")
+    check_checkpoint(ck, path)
+    return ck
+
+
+def _recorded_step(run_dir: Path) -> str:
+    try:
+        step = json.loads(checksum_path(run_dir / CHECKPOINT_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return str(step) if _is_int(step) else "unknown"
 
 
 def _rewrite_metrics(path: Path, step: int | None) -> None:
@@ -419,19 +748,24 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
 
     ``cfg.resume``: False starts afresh (a new ``metrics.jsonl``); True continues ``run_dir/checkpoint.pt`` and
     raises :class:`CheckpointError` if there is none; ``"auto"`` continues it if there is one, else starts afresh.
-    A checkpoint that fails its checksum or holds anything but tensors and plain values raises
-    :class:`CheckpointError` (before any towers or caches are built). On resume, ``metrics.jsonl`` keeps only the
-    records up to the checkpoint's step, so every step is logged once."""
+    Starting afresh in a run dir that already holds a checkpoint raises :class:`RunDirInUseError` unless
+    ``cfg.overwrite`` (which deletes the old checkpoint and starts a new ``metrics.jsonl`` once the data, model
+    and loader are built: a run that fails before that leaves the old run dir as it was).
+    A checkpoint that fails its checksum, holds anything but tensors and plain values, or lacks a field, has one
+    of the wrong type or out of range (:func:`check_checkpoint`) raises :class:`CheckpointError` before any towers
+    or caches are built; one that does not fit the run (model shapes, optimiser groups, the loader's window set or
+    position, ``step`` past the run's total) raises it once the model and loader exist. Nothing in ``run_dir`` is
+    written before the checkpoint is accepted. On resume, ``metrics.jsonl`` keeps only the records up to the
+    checkpoint's step, so every step is logged once.
+
+    Raises:
+        TrainSetupError: the run cannot start (a config value, too few windows for one batch, no recordings to
+            hold out); :class:`CheckpointError` and :class:`RunDirInUseError` are kinds of it."""
     from tqdm.auto import tqdm
 
     rank, world, device = _dist_setup(cfg.device)
     run_dir = Path(cfg.run_dir)
-    ck = _resume_from(cfg.resume, run_dir)   # every rank reads it; fails before anything is written
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _rewrite_metrics(run_dir / METRICS_NAME, int(ck["step"]) if ck is not None else None)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    _barrier(world)
+    ck = _resume_from(cfg, run_dir)   # every rank reads and checks it; fails before anything is built or written
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -443,9 +777,10 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     else:
         towers = towers.to(device)
 
-    if windows is None:
-        windows = _open_windows(cfg)
-    train_ws, val_ws = split_train_val(windows, cfg)
+    with _setup_checks():
+        if windows is None:
+            windows = _open_windows(cfg)
+        train_ws, val_ws = split_train_val(windows, cfg)
     if cfg.use_cache:
         from .embed import build_embedding_cache
 
@@ -470,11 +805,15 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
-    loader = train_ws.loader(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
-                             drop_last=True, even_shards=world > 1, pin_memory=device.type == "cuda")
+    with _setup_checks():
+        loader = train_ws.loader(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 num_workers=cfg.num_workers, drop_last=True, even_shards=world > 1,
+                                 pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ws)} train windows on this rank is less than one batch of {cfg.batch_size}")
+        raise TrainSetupError(f"{len(train_ws)} train windows on this rank is less than one batch of "
+                              f"{cfg.batch_size}: lower batch_size, or give more data (a smaller stride, more "
+                              "recordings)")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
     use_amp = bool(cfg.amp and device.type == "cuda")
@@ -485,16 +824,20 @@ def train(cfg: TrainConfig, windows=None, towers=None) -> dict[str, Any]:
 
     step, history, last_val_step = 0, [], -1
     ckpt_path = run_dir / CHECKPOINT_NAME
+    resumed = ck is not None
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        loader.load_state_dict(ck["loader"][rank] if isinstance(ck["loader"], list) else ck["loader"])
-        step, history = int(ck["step"]), list(ck.get("val_history", []))
-        last_val_step = int(ck.get("last_val_step", -1))
-        _set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+        step, history, last_val_step = _restore(ck, ckpt_path, model=model, opt=opt, sched=sched, scaler=scaler,
+                                                loader=loader, rank=rank, world=world, total=total)
         ck = None
+    # only now, with the data, the model and any checkpoint accepted, is the run dir written to
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:   # start over: the old checkpoint goes (its record first: nothing half-valid remains)
+            for f in _checkpoint_files(run_dir):
+                f.unlink()
+        _rewrite_metrics(run_dir / METRICS_NAME, step if resumed else None)   # fresh: a new metrics.jsonl
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _barrier(world)
 
     def log(rec: dict[str, Any]) -> None:
         if rank == 0:

@@ -281,12 +281,13 @@ def write_store(
     stream_rows: list[dict[str, Any]] = []
     gap_rows: list[dict[str, Any]] = []
     with StoreWriter(url, dataset=dataset, source_fingerprint=source_fingerprint or "", options=dict(options or {}),
-                     overwrite=overwrite, **storage_options) as writer:
+                     overwrite=overwrite, protect=list(pending[0].videos.values()), **storage_options) as writer:
         while True:
             rec = pending.pop() if pending else next(it, _END)
             if rec is _END:
                 break
             _check_recording(rec, seen, kinds)
+            writer.protect(list(rec.videos.values()))  # a video inside url: overwrite would delete it
             checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
             rec_events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
             # identity before the probe: the pts index then describes this very file (MediaError names the file)

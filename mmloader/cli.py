@@ -379,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmloader {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    except OSError as e:  # a DST under a file, no permission, a full disk...: one line, not a traceback
+        print(f"mmloader {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

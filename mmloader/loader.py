@@ -17,6 +17,9 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
   once, naming the worker, its pid and the batch; an exception raised in a worker reaches the caller with its own
   type and message, the worker's traceback attached as a note. Workers (and the forkserver) never outlive the
   main process: they watch their parent and exit when it is gone.
+- **Timeout**: ``timeout=s`` raises ``WorkerError`` when no batch has come back for ``s`` seconds while batches
+  are in flight — a worker that is stopped (SIGSTOP, a debugger), deadlocked or stuck in I/O — naming the
+  worker(s) and the late batch, and stops the pool. ``None`` (default) waits as long as it takes.
 - Iterating continues from the current state: after a full pass the epoch advances by one; after a
   ``break`` the next ``for`` picks up at the next unseen sample.
 """
@@ -24,7 +27,10 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
 from __future__ import annotations
 
 import importlib
+import math
+import multiprocessing
 import multiprocessing.connection as mpc
+import numbers
 import os
 import pickle
 import signal
@@ -43,6 +49,8 @@ import torch.multiprocessing  # registers the reductions that send tensors throu
 from .collate import collate
 
 STATE_VERSION = 1
+MAX_WORKERS = 256  # each worker holds 3 file descriptors in the main process and a process of its own
+MAX_SEED = 2**63  # seeds are non-negative and fit an int64 (states are saved as plain ints)
 _PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
 _WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
 
@@ -194,6 +202,21 @@ def _short(indices: list[int], n: int = 16) -> str:
     return str(indices) if len(indices) <= n else f"[{', '.join(map(str, indices[:n]))}, ... {len(indices)} in all]"
 
 
+_PROC_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible sleep (I/O)", "T": "stopped",
+                "t": "stopped by a debugger", "Z": "exited", "X": "exited"}
+
+
+def _state(pid: int) -> str:
+    """A process's scheduler state, from /proc (Linux); 'state unknown' elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        code = stat[stat.rindex(")") + 2]
+    except (OSError, ValueError, IndexError):
+        return "state unknown"
+    return _PROC_STATES.get(code, f"state {code}")
+
+
 def _how(exitcode: int | None) -> str:
     if exitcode is None:
         return "stopped answering"
@@ -216,10 +239,13 @@ class _WorkerPool:
     not depend on the number of workers. The loop waits on the result pipes *and* the processes' sentinels: a
     worker that dies for any reason raises ``WorkerError`` at once, naming it and its batch."""
 
-    def __init__(self, windows, collate_fn: Callable, num_workers: int, context: str, per_worker: int):
+    def __init__(self, windows, collate_fn: Callable, num_workers: int, context: str, per_worker: int,
+                 timeout: float | None = None):
         _prepare_context(context)
         ctx = torch.multiprocessing.get_context(context)
         self.per_worker = max(1, per_worker)
+        self.timeout = timeout
+        self.late: dict[int, str] = {}  # worker -> what it was doing when the watchdog stopped it
         self.procs: list[Any] = []
         self.tasks: list[Any] = []
         self.results: list[Any] = []
@@ -251,6 +277,8 @@ class _WorkerPool:
         return not self.broken and all(not q for q in self.inflight) and all(p.exitcode is None for p in self.procs)
 
     def _death(self, i: int, detail: str = "") -> WorkerError:
+        if i in self.late:  # killed by the timeout's watchdog, not by anyone else
+            return self._late_in_io(i)
         self.broken = True
         p = self.procs[i]
         p.join(0.5)
@@ -265,6 +293,56 @@ class _WorkerPool:
                 if p.exitcode is not None and p.exitcode == -getattr(signal, "SIGKILL", -1) else "")
         return WorkerError(f"loader worker {i} (pid {p.pid}) {_how(p.exitcode)} {what}{detail}{hint}")
 
+    def _in_flight(self, skip: int | None = None) -> str:
+        rest = [f"worker {j} (pid {self.procs[j].pid}, {_state(self.procs[j].pid)}): "
+                + ", ".join(f"batch {k}" for k, _ in q) for j, q in enumerate(self.inflight) if q and j != skip]
+        return "; in flight on " + "; ".join(rest) if rest else ""
+
+    def _late(self, k: int, what: str = "") -> WorkerError:
+        """No batch came back for ``timeout`` seconds while batch ``k`` (at least) was in flight."""
+        self.broken = True
+        i = next((j for j, q in enumerate(self.inflight) if any(b == k for b, _ in q)), None)
+        if i is None:  # cannot happen: the batch waited for is always in flight
+            who, idx = "no worker", ""
+        else:
+            pid = self.procs[i].pid
+            idx = next(f" (windows {_short(x)})" for b, x in self.inflight[i] if b == k)
+            who = f"loader worker {i} (pid {pid}, {_state(pid)})"
+        return WorkerError(f"{who} has not handed back batch {k} of this pass{idx}{what}: no batch came back from "
+                           f"any worker for {self.timeout:g} s (timeout={self.timeout:g}){self._in_flight(i)}; "
+                           f"the pool was stopped")
+
+    def _guarded(self, i: int, what: str, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on worker ``i``'s pipe; with a timeout, a watchdog kills worker ``i`` if it takes longer
+        (a worker stopped half-way through a send, or before the main process fetched its tensors' shared memory,
+        would otherwise block this call forever), so the call fails and the caller raises the timeout."""
+        if self.timeout is None:
+            return fn(*args)
+        proc = self.procs[i]
+
+        def fire() -> None:
+            self.late[i] = what
+            try:
+                proc.kill()
+            except Exception:
+                pass
+
+        timer = threading.Timer(self.timeout, fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return fn(*args)
+        finally:
+            timer.cancel()
+
+    def _late_in_io(self, i: int) -> WorkerError:
+        self.broken = True
+        q = self.inflight[i]
+        batch = f"batch {q[0][0]} of this pass (windows {_short(q[0][1])})" if q else "a batch"
+        return WorkerError(f"loader worker {i} (pid {self.procs[i].pid}) did not finish {self.late[i]} within "
+                           f"{self.timeout:g} s (timeout={self.timeout:g}) while {batch} was in flight; it was "
+                           f"killed{self._in_flight(i)}; the pool was stopped")
+
     def _take(self, i: int, msg: tuple, buffer: dict) -> None:
         kind, k = msg[0], msg[1]
         q = self.inflight[i]
@@ -275,20 +353,27 @@ class _WorkerPool:
             where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
             buffer[k] = _Failure(_unpack_error(msg[2], where))
 
-    def _receive(self, buffer: dict, timeout: float) -> None:
+    def _receive(self, buffer: dict, timeout: float) -> int:
+        """Waits up to ``timeout`` s; takes what has come back; returns how many messages that was."""
         by_conn = {c: i for i, c in enumerate(self.results)}
         by_sentinel = {p.sentinel: i for i, p in enumerate(self.procs)}
         ready = mpc.wait(list(by_conn) + list(by_sentinel), timeout=timeout)
         dead = []
+        got = 0
         for r in ready:
             if r in by_conn:
                 i = by_conn[r]
                 try:
                     while r.poll():
-                        self._take(i, r.recv(), buffer)
+                        self._take(i, self._guarded(i, "handing back its batch", r.recv), buffer)
+                        got += 1
                 except (EOFError, OSError) as e:  # pipe closed, or the batch's shared memory went with the worker
+                    if i in self.late:
+                        raise self._late_in_io(i) from None
                     dead.append((i, "" if isinstance(e, EOFError) else f" (receiving its batch failed: {e})"))
                 except Exception as e:  # a batch that does not unpickle here
+                    if i in self.late:
+                        raise self._late_in_io(i) from e
                     self.broken = True
                     q = self.inflight[i]
                     what = f"batch {q[0][0]} (windows {_short(q[0][1])})" if q else "a batch"
@@ -298,6 +383,7 @@ class _WorkerPool:
                 dead.append((by_sentinel[r], ""))
         for i, detail in dead:
             raise self._death(i, detail)
+        return got
 
     def _dispatch(self, todo: deque) -> None:
         while todo:
@@ -307,8 +393,10 @@ class _WorkerPool:
             k, idx = todo[0]
             self.inflight[i].append((k, idx))
             try:
-                self.tasks[i].send((k, idx))
+                self._guarded(i, "taking its next task", self.tasks[i].send, (k, idx))
             except (OSError, EOFError):
+                if i in self.late:
+                    raise self._late_in_io(i) from None
                 raise self._death(i) from None
             todo.popleft()
 
@@ -318,8 +406,16 @@ class _WorkerPool:
         buffer: dict[int, Any] = {}
         for k in range(len(batches)):
             self._dispatch(todo)
+            since = time.monotonic()  # the last time a batch came back (or the wait began)
             while k not in buffer:
-                self._receive(buffer, _WAIT_S)
+                if self.timeout is None:
+                    self._receive(buffer, _WAIT_S)
+                    continue
+                left = since + self.timeout - time.monotonic()
+                if left <= 0:
+                    raise self._late(k)
+                if self._receive(buffer, min(_WAIT_S, left)):
+                    since = time.monotonic()
             self._receive(buffer, 0)  # a worker that died meanwhile is an error now, not at the end
             out = buffer.pop(k)
             if isinstance(out, _Failure):
@@ -343,6 +439,11 @@ class _WorkerPool:
         for p in self.procs:
             if p.exitcode is None:
                 p.terminate()
+                if hasattr(signal, "SIGCONT"):  # a stopped worker handles its SIGTERM only once it runs again
+                    try:
+                        os.kill(p.pid, signal.SIGCONT)
+                    except OSError:
+                        pass
         for p in self.procs:
             p.join(2.0)
             if p.exitcode is None:
@@ -366,8 +467,55 @@ def _pin(batch: Any) -> Any:
     return batch
 
 
+def _integer(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python int (numpy integers too; never a bool, float or string) in ``[lo, hi]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f">= {lo} and <= {hi}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (or None: wait forever), got {value!r}")
+    return value
+
+
+def _context(value: Any) -> str:
+    methods = multiprocessing.get_all_start_methods()
+    if not isinstance(value, str):
+        raise TypeError(f"multiprocessing_context must be one of {methods}, got {type(value).__name__} {value!r}")
+    if value not in methods:
+        raise ValueError(f"multiprocessing_context must be one of {methods} (the start methods of this platform), "
+                         f"got {value!r}")
+    return value
+
+
 class WindowLoader:
-    """Batches of windows for one rank. ``state_dict()`` / ``load_state_dict()`` resume exactly."""
+    """Batches of windows for one rank. ``state_dict()`` / ``load_state_dict()`` resume exactly.
+
+    Arguments are checked up front; a wrong one raises ``TypeError`` (wrong type: integers may be Python or numpy
+    integers, never bools, floats or strings) or ``ValueError`` (out of range), the message starting with its name:
+    ``batch_size >= 1``; ``num_workers`` in ``[0, MAX_WORKERS]`` (256); ``prefetch >= 1`` (batches queued per
+    worker; unused without workers, but checked all the same); ``seed`` in ``[0, 2**63)``; ``rank`` in
+    ``[0, world_size)``, ``world_size >= 1``, both or neither; ``timeout`` ``None`` or a finite number of seconds
+    ``> 0``; ``multiprocessing_context`` one of this platform's start methods; the flags ``True``/``False``;
+    ``collate_fn`` callable.
+    """
 
     def __init__(
         self,
@@ -385,17 +533,32 @@ class WindowLoader:
         collate_fn: Callable = collate,
         multiprocessing_context: str = "forkserver",
         persistent_workers: bool = True,
+        timeout: float | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not (hasattr(windows, "__len__") and hasattr(windows, "__getitem__")):
+            raise TypeError(f"windows must support len() and indexing (a WindowSet), got {type(windows).__name__}")
+        batch_size = _integer("batch_size", batch_size, 1)
+        shuffle = _flag("shuffle", shuffle)
+        seed = _integer("seed", seed, 0, MAX_SEED - 1)
+        num_workers = _integer("num_workers", num_workers, 0, MAX_WORKERS)
+        drop_last = _flag("drop_last", drop_last)
+        even_shards = _flag("even_shards", even_shards)
+        prefetch = _integer("prefetch", prefetch, 1)
+        pin_memory = _flag("pin_memory", pin_memory)
+        persistent_workers = _flag("persistent_workers", persistent_workers)
+        if not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__} {collate_fn!r}")
+        multiprocessing_context = _context(multiprocessing_context)
+        timeout = _timeout(timeout)
         if (rank is None) != (world_size is None):
-            raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
+            raise ValueError("rank and world_size must be given together, or neither (then torch.distributed "
+                             f"decides); got rank={rank!r}, world_size={world_size!r}")
         if rank is None:
             rank, world_size = _dist_rank_world()
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        world_size = _integer("world_size", world_size, 1)
+        rank = _integer("rank", rank, 0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
         self.windows = windows
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -410,6 +573,7 @@ class WindowLoader:
         self.collate_fn = collate_fn
         self.multiprocessing_context = multiprocessing_context
         self.persistent_workers = persistent_workers
+        self.timeout = timeout
         self._pool: _WorkerPool | None = None
         self._finalizer: weakref.finalize | None = None
         self.epoch = 0
@@ -438,7 +602,7 @@ class WindowLoader:
     # -- state -----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning."""
-        self.epoch, self.offset = int(epoch), 0
+        self.epoch, self.offset = _integer("epoch", epoch, 0), 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -480,7 +644,7 @@ class WindowLoader:
             self.close()  # a worker died between epochs, or the last pass ended early: start afresh
         if self._pool is None:
             self._pool = _WorkerPool(self.windows, self.collate_fn, self.num_workers, self.multiprocessing_context,
-                                     per_worker=self.prefetch)
+                                     per_worker=self.prefetch, timeout=self.timeout)
             self._finalizer = weakref.finalize(self, _WorkerPool.close, self._pool)
         return self._pool
 

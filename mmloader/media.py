@@ -330,7 +330,7 @@ _HASHED: dict[tuple[str, int, int | None], str] = {}
 
 
 def verify_media(url: str, expected: MediaIdentity, *, recording_id: str | None = None, stream: str = "video",
-                 storage_options: Mapping[str, Any] | None = None) -> tuple[int, int | None]:
+                 storage_options: Mapping[str, Any] | None = None, deep: bool = False) -> tuple[int, int | None]:
     """Check that the file at ``url`` is the one prepared; returns its (size, mtime_ns).
 
     How the three fields are used:
@@ -341,6 +341,9 @@ def verify_media(url: str, expected: MediaIdentity, *, recording_id: str | None 
       without metadata, an S3 upload) has a new mtime and the same content, and is accepted; a different
       hash → MediaError. An mtime change alone is never an error. Each (file, size, mtime) is hashed at
       most once per process.
+    - ``deep=True`` (``mmloader validate``) always hashes, trusting neither the mtime nor the per-process
+      memo: a replacement padded to the same size with its mtime set back (``os.utime``) passes the cheap
+      check a reader makes at every open, but not this one.
 
     The error names the file, the recording and stream, and what differs.
     """
@@ -355,10 +358,10 @@ def verify_media(url: str, expected: MediaIdentity, *, recording_id: str | None 
         raise MediaError(url, f"media file of {who} is not the one prepared: size {size} bytes, recorded "
                          f"{expected.size} bytes at prepare (replaced or truncated)",
                          "the same file; prepare the store again") from None
-    if expected.mtime_ns is not None and mtime == expected.mtime_ns:
+    if not deep and expected.mtime_ns is not None and mtime == expected.mtime_ns:
         return size, mtime
     key = (url, size, mtime)
-    found = _HASHED.get(key)
+    found = None if deep else _HASHED.get(key)
     if found is None:
         found = fast_hash(url, _fs=fs, _path=path, _size=size)
         _HASHED[key] = found
@@ -372,7 +375,7 @@ def verify_media(url: str, expected: MediaIdentity, *, recording_id: str | None 
 
 def check_store_media(store: Any) -> list[str]:
     """Every video row's media file of an open ``Store`` checked against its recorded identity
-    (``verify_media``); returns the problems (empty when all are intact). For ``Store.validate``-style
+    (``verify_media(deep=True)``: always hashed); returns the problems (empty when all are intact). For ``Store.validate``-style
     reports: rows without an identity are skipped."""
     problems = []
     for row in store.streams.to_pylist():
@@ -383,7 +386,7 @@ def check_store_media(store: Any) -> list[str]:
             continue
         url = media_url(store.url, row["uri"])
         try:
-            verify_media(url, ident, recording_id=row["recording_id"], stream=row["stream"],
+            verify_media(url, ident, recording_id=row["recording_id"], stream=row["stream"], deep=True,
                          storage_options=media_storage_options(store.url, url, store.storage_options))
         except MediaError as e:
             problems.append(str(e))

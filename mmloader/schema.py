@@ -125,3 +125,8 @@ def check_manifest(manifest: Any, where: str) -> None:
             raise StoreFormatError(
                 f"{where}: field 'files' entry {rel!r} is {entry!r}, expected {{\"size\": int, \"sha256\": str}}"
             )
+        if "sha256" not in entry and not rel.startswith("media/"):
+            raise StoreFormatError(
+                f"{where}: field 'files' entry {rel!r} has no sha256 (every file but media/ has one, Zarr chunks "
+                "included; a store written by an earlier mmloader): prepare the store again"
+            )

@@ -232,7 +232,9 @@ class WindowSet:
         return self._subset(mask, "filter")
 
     def loader(self, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kw: Any):
-        """A resumable, shardable PyTorch loader over this set (see ``mmloader.loader.WindowLoader``)."""
+        """A resumable, shardable PyTorch loader over this set (see ``mmloader.loader.WindowLoader``); ``**kw``
+        passes its other arguments through (``drop_last``, ``rank``, ``world_size``, ``even_shards``, ``prefetch``,
+        ``pin_memory``, ``collate_fn``, ``multiprocessing_context``, ``persistent_workers``, ``timeout``)."""
         from .loader import WindowLoader
 
         return WindowLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, **kw)

@@ -20,8 +20,8 @@ pytest.importorskip("open_clip")
 from imu2clip_plugin import train as train_mod  # noqa: E402
 from imu2clip_plugin.cli import main  # noqa: E402
 from imu2clip_plugin.train import (  # noqa: E402
-    CHECKPOINT_NAME, METRICS_NAME, CheckpointError, TrainConfig, checksum_path, load_checkpoint, save_checkpoint,
-    train)
+    CHECKPOINT_NAME, METRICS_NAME, CheckpointError, RunDirInUseError, TrainConfig, TrainSetupError, checksum_path,
+    load_checkpoint, save_checkpoint, train)
 
 TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
                     dropout=0.1)
@@ -42,10 +42,14 @@ class _OpensAFile:
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory):
+def store(tmp_path_factory):
     root = generate_ego4d_sample(tmp_path_factory.mktemp("ck") / "ego4d", videos=4, seconds=16, seed=2,
                                  defect_fraction=0.0, progress=False)
-    store = Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+    return Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def windows(store):
     return mmloader.open(store).windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 32))
 
 
@@ -119,7 +123,7 @@ def test_a_checkpoint_whose_pickle_opens_a_file_is_refused_and_runs_nothing(run_
     _write_record(ckpt)
     with pytest.raises(CheckpointError, match="refusing to load.*more than tensors and plain values") as e:
         train(_cfg(run_dir, resume=True))
-    assert str(ckpt) in str(e.value)
+    assert str(ckpt) in str(e.value) and "\x1b" not in str(e.value)   # torch's bold/colour codes stripped
     assert not marker.exists()
     # the CLI's --resume takes the same path (it fails before any data is opened): one line naming the file
     capsys.readouterr()
@@ -127,6 +131,7 @@ def test_a_checkpoint_whose_pickle_opens_a_file_is_refused_and_runs_nothing(run_
                "--set", "device=cpu", "--resume"])
     err = capsys.readouterr().err
     assert rc == 1 and "refusing to load" in err and str(ckpt) in err and len(err.strip().splitlines()) == 1
+    assert "\x1b" not in err
     assert not marker.exists()
 
 
@@ -205,8 +210,8 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_continues_with_one(wi
     assert out["step"] == 3 and not out["stopped_early"]
     steps = [r["step"] for r in _metrics(d) if r["event"] == "train"]
     assert steps == [1, 2, 3]
-    # starting afresh in the same run dir begins a new metrics.jsonl (not steps 1.. again after the old ones)
-    train(_cfg(d, stop_after_steps=1), windows=windows)
+    # starting afresh in the same run dir (overwrite) begins a new metrics.jsonl (not steps 1.. after the old ones)
+    train(_cfg(d, stop_after_steps=1, overwrite=True), windows=windows)
     assert [r["step"] for r in _metrics(d) if r["event"] == "train"] == [1]
 
 
@@ -320,3 +325,179 @@ def test_tower_weights_file_with_a_pickle_payload_is_refused(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="refusing") as e:
         ClipTowers("imu2clip-tiny", checkpoint=f)
     assert str(f) in str(e.value) and not marker.exists()
+
+
+# -- hand-made checkpoints with a matching checksum record: contents checked field by field ------------------
+def _craft(run_dir, mutate):
+    """Rewrite run_dir's checkpoint, changed in place by ``mutate(ck)``, with a matching checksum record."""
+    ckpt = run_dir / CHECKPOINT_NAME
+    ck = torch.load(ckpt, weights_only=True)
+    mutate(ck)
+    torch.save(ck, ckpt)
+    _write_record(ckpt)
+    return ckpt
+
+
+def _nan_model(ck):
+    ck["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ck["model"].items()}
+
+
+def _nan_exp_avg(ck):
+    st = next(iter(ck["optimizer"]["state"].values()))
+    st["exp_avg"] = torch.full_like(st["exp_avg"], float("inf"))
+
+
+def _shrunk_model(ck):
+    ck["model"] = {k: v[:1] if v.dim() else v for k, v in ck["model"].items()}
+
+
+def _short_exp_avg(ck):
+    st = next(iter(ck["optimizer"]["state"].values()))
+    st["exp_avg"] = st["exp_avg"].flatten()[:1]
+
+
+# (mutation, field named in the message, words in the message); the interrupted run's checkpoint is at step 3 of 8
+BAD_CONTENTS = {
+    "no model": (lambda ck: ck.pop("model"), "'model'", "missing"),
+    "only format_version": (lambda ck: ck.clear() or ck.update(format_version=2), "'model'", "missing"),
+    "no step": (lambda ck: ck.pop("step"), "'step'", "missing"),
+    "step -5": (lambda ck: ck.update(step=-5), "'step'", ">= 0"),
+    "step a string": (lambda ck: ck.update(step="3"), "'step'", "must be an int"),
+    "step past the run": (lambda ck: ck.update(step=1000), "'step'", "past this run's 8 steps"),
+    "loader offset 10**12": (lambda ck: ck["loader"].update(offset=10 ** 12), "'loader.offset'", "past the"),
+    "loader epoch 'x'": (lambda ck: ck["loader"].update(epoch="x"), "'loader.epoch'", "must be an int"),
+    "loader without seed": (lambda ck: ck["loader"].pop("seed"), "'loader'", "lacks 'seed'"),
+    "loader of other windows": (lambda ck: ck["loader"].update(num_windows=7), "'loader'", "num_windows=7"),
+    "rng garbage": (lambda ck: ck.update(rng={"torch": torch.zeros(3), "numpy": 1, "python": "x"}),
+                    "'rng.torch'", "uint8 tensor"),
+    "python rng short": (lambda ck: ck["rng"]["python"].update(state=[1, 2, 3]), "'rng.python.state'", "624"),
+    "numpy rng key floats": (lambda ck: ck["rng"]["numpy"].update(key=torch.zeros(624)), "'rng.numpy.key'",
+                             "int64"),
+    "NaN weights": (_nan_model, "'model.", "NaN or infinite"),
+    "inf optimiser moment": (_nan_exp_avg, "'optimizer.state.", "NaN or infinite"),
+    "NaN learning rate": (lambda ck: ck["optimizer"]["param_groups"][0].update(lr=float("nan")),
+                          "'optimizer.param_groups[0].lr'", "not a finite number"),
+    "model of another shape": (_shrunk_model, "'model'", "does not fit this run's model"),
+    "optimiser moment of another shape": (_short_exp_avg, "'optimizer.state.exp_avg'", "has shape"),
+    "scheduler behind the step": (lambda ck: ck["scheduler"].update(last_epoch=1), "'scheduler.last_epoch'",
+                                  "not the checkpoint's step 3"),
+    "scheduler unknown key": (lambda ck: ck["scheduler"].update(optimizer=1), "'scheduler'", "unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTENTS))
+def test_hand_made_checkpoint_with_wrong_contents_is_refused_by_file_and_field(case, run_dir, windows):
+    mutate, field, words = BAD_CONTENTS[case]
+    ckpt = _craft(run_dir, mutate)
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+    with pytest.raises(CheckpointError) as e:
+        train(_cfg(run_dir, resume=True), windows=windows)
+    msg = str(e.value)
+    assert msg.startswith(f"{ckpt}: field {field}") and words in msg, msg
+    assert "\n" not in msg and len(msg) - len(str(ckpt)) < 400    # one line, not torch's 47
+    # nothing in the run dir was touched: not the checkpoint, not metrics.jsonl, not config.json
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()} == before
+
+
+def test_an_untouched_checkpoint_passes_the_content_checks(run_dir, windows):
+    """The checks refuse nothing the trainer writes (here re-saved through _craft, so the record is rewritten)."""
+    _craft(run_dir, lambda ck: None)
+    out = train(_cfg(run_dir, resume=True, max_steps=4), windows=windows)
+    assert out["step"] == 4 and all(torch.isfinite(p).all() for p in out["model"].parameters())
+
+
+# -- a fresh run into a run dir that holds a checkpoint ------------------------------------------------------
+def test_a_fresh_run_into_a_run_dir_with_a_checkpoint_is_refused(run_dir, windows, capsys):
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+    with pytest.raises(RunDirInUseError) as e:
+        train(_cfg(run_dir), windows=windows)
+    assert isinstance(e.value, FileExistsError) and isinstance(e.value, CheckpointError)
+    msg = str(e.value)
+    assert msg.startswith(f"{run_dir}:") and "--resume" in msg and "--resume auto" in msg and "--overwrite" in msg
+    assert "step 3" in msg
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()} == before
+    # a checksum record alone (the data lost) counts too: the run dir is not silently reused
+    (run_dir / CHECKPOINT_NAME).unlink()
+    with pytest.raises(RunDirInUseError):
+        train(_cfg(run_dir), windows=windows)
+    # the CLI: one line naming the run dir, exit status 1, before anything is opened
+    capsys.readouterr()
+    rc = main(["train", "--config", "imu_video", "--set", f"run_dir={run_dir}", "--set", "device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and str(run_dir) in err and "--overwrite" in err
+
+
+def test_overwrite_starts_over_replacing_the_checkpoint_and_metrics(run_dir, windows):
+    old_metrics = _metrics(run_dir)
+    assert [r["step"] for r in old_metrics if r["event"] == "train"] == [1, 2, 3]
+    out = train(_cfg(run_dir, overwrite=True, stop_after_steps=1), windows=windows)
+    assert out["step"] == 1
+    assert [r["step"] for r in _metrics(run_dir) if r["event"] == "train"] == [1]
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 1
+    assert json.loads((run_dir / "config.json").read_text())["overwrite"] is True
+    # overwrite on a new run dir is just a fresh run
+    out = train(_cfg(run_dir.parent / "new", overwrite=True, stop_after_steps=1), windows=windows)
+    assert out["step"] == 1
+
+
+def test_overwrite_that_fails_before_training_leaves_the_old_run(run_dir, windows):
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+    with pytest.raises(TrainSetupError, match="less than one batch"):
+        train(_cfg(run_dir, overwrite=True, batch_size=100000), windows=windows)
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()} == before
+
+
+def test_overwrite_and_resume_in_config_and_cli(tmp_path, capsys):
+    with pytest.raises(ValueError, match="overwrite"):
+        TrainConfig(overwrite=True, resume=True)
+    with pytest.raises(ValueError, match="overwrite"):
+        TrainConfig(overwrite=True, resume="auto")
+    with pytest.raises(ValueError, match="overwrite"):
+        TrainConfig(overwrite="yes")
+    assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig(overwrite=True).to_dict()))).overwrite is True
+    with pytest.raises(SystemExit):   # argparse: not both
+        main(["train", "--config", "imu_video", "--resume", "--overwrite", "--print-config"])
+    capsys.readouterr()
+    assert main(["train", "--config", "imu_video", "--overwrite", "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["overwrite"] is True and d["resume"] is False
+    # the flags override the file: a run's own config.json (overwrite: true) resumes with --resume
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps(d))
+    assert main(["train", "--config", str(f), "--resume", "auto", "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["overwrite"] is False and d["resume"] == "auto"
+
+
+# -- the CLI: expected errors are one line, bugs keep their traceback -------------------------------------------
+def _cli_train(store, run, *sets):
+    return main(["train", "--config", "imu_video", "--set", f"store={store}", "--set", "sec=1", "--set",
+                 "stride=0.5", "--set", "size=[32,32]", "--set", "device=cpu", "--set", "use_cache=false",
+                 "--set", "progress=false", "--set", "batch_size=8", "--set", f"run_dir={run}",
+                 *[a for s in sets for a in ("--set", s)]])
+
+
+def test_cli_train_prints_one_line_for_config_and_data_errors(store, tmp_path, capsys):
+    cases = [(["batch_size=100000"], "less than one batch of 100000"),
+             (["train_split=nope"], "nope"),
+             (["sec=-1"], "sec"),
+             (["amp_dtype=float8"], "amp_dtype"),
+             (["epochs=0"], "epochs"),
+             (["no_such_key=1"], "unknown TrainConfig keys")]
+    for sets, words in cases:
+        capsys.readouterr()
+        rc = _cli_train(store, tmp_path / "r", *sets)
+        err = capsys.readouterr().err
+        assert rc == 1, sets
+        assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, (sets, err)
+        assert err.startswith("imu2clip train: error:")
+    assert not (tmp_path / "r" / CHECKPOINT_NAME).exists()
+
+
+def test_cli_train_keeps_the_traceback_of_a_bug(monkeypatch, tmp_path):
+    def broken(cfg, *a, **k):
+        raise ValueError("a bug, not a config problem")
+
+    monkeypatch.setattr(train_mod, "train", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["train", "--config", "imu_video", "--set", f"run_dir={tmp_path / 'r'}"])

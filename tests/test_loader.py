@@ -152,3 +152,113 @@ def test_memory_stays_flat_over_many_epochs(windows):
     growth = _rss_mb() - before
     assert growth < 25, f"resident memory grew by {growth:.1f} MB over 12 epochs"
     assert len(windows.readers) <= windows.reader_capacity
+
+
+# -- arguments -----------------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (dict(batch_size="4"), TypeError, r"^batch_size must be an integer, got str '4'"),
+    (dict(batch_size=2.5), TypeError, r"^batch_size must be an integer, got float 2\.5"),
+    (dict(batch_size=4.0), TypeError, r"^batch_size must be an integer"),
+    (dict(batch_size=True), TypeError, r"^batch_size must be an integer, got bool"),
+    (dict(batch_size=None), TypeError, r"^batch_size must be an integer"),
+    (dict(batch_size=0), ValueError, r"^batch_size must be >= 1, got 0"),
+    (dict(batch_size=-3), ValueError, r"^batch_size must be >= 1, got -3"),
+    (dict(num_workers=-1), ValueError, r"^num_workers must be >= 0 and <= 256, got -1"),
+    (dict(num_workers=1000), ValueError, r"^num_workers must be >= 0 and <= 256, got 1000"),
+    (dict(num_workers=1.0), TypeError, r"^num_workers must be an integer"),
+    (dict(num_workers="2"), TypeError, r"^num_workers must be an integer"),
+    (dict(prefetch=0), ValueError, r"^prefetch must be >= 1, got 0"),
+    (dict(prefetch=-5), ValueError, r"^prefetch must be >= 1, got -5"),
+    (dict(prefetch=0, num_workers=2), ValueError, r"^prefetch must be >= 1, got 0"),
+    (dict(prefetch=1.5), TypeError, r"^prefetch must be an integer"),
+    (dict(seed=-1, shuffle=True), ValueError, r"^seed must be >= 0 and <= 9223372036854775807, got -1"),
+    (dict(seed=2**63), ValueError, r"^seed must be >= 0 and <= 9223372036854775807"),
+    (dict(seed=1.5), TypeError, r"^seed must be an integer, got float"),
+    (dict(seed="0"), TypeError, r"^seed must be an integer, got str"),
+    (dict(seed=None), TypeError, r"^seed must be an integer, got NoneType"),
+    (dict(rank=0), ValueError, r"^rank and world_size must be given together"),
+    (dict(world_size=2), ValueError, r"^rank and world_size must be given together"),
+    (dict(rank=2, world_size=2), ValueError, r"^rank must be < world_size \(2\), got 2"),
+    (dict(rank=-1, world_size=2), ValueError, r"^rank must be >= 0, got -1"),
+    (dict(rank=0, world_size=0), ValueError, r"^world_size must be >= 1, got 0"),
+    (dict(rank=0.0, world_size=2), TypeError, r"^rank must be an integer, got float"),
+    (dict(rank=0, world_size="2"), TypeError, r"^world_size must be an integer, got str"),
+    (dict(rank=False, world_size=1), TypeError, r"^rank must be an integer, got bool"),
+    (dict(timeout=0), ValueError, r"^timeout must be a finite number of seconds > 0 \(or None: wait forever\), got 0\.0"),
+    (dict(timeout=-1.5), ValueError, r"^timeout must be a finite number of seconds > 0"),
+    (dict(timeout=float("inf")), ValueError, r"^timeout must be a finite number of seconds > 0"),
+    (dict(timeout=float("nan")), ValueError, r"^timeout must be a finite number of seconds > 0"),
+    (dict(timeout="3"), TypeError, r"^timeout must be a number of seconds or None, got str"),
+    (dict(timeout=True), TypeError, r"^timeout must be a number of seconds or None, got bool"),
+    (dict(multiprocessing_context="bogus", num_workers=1), ValueError, r"^multiprocessing_context must be one of \["),
+    (dict(multiprocessing_context="bogus"), ValueError, r"^multiprocessing_context must be one of"),
+    (dict(multiprocessing_context=None), TypeError, r"^multiprocessing_context must be one of"),
+    (dict(shuffle="False"), TypeError, r"^shuffle must be True or False, got str 'False'"),
+    (dict(shuffle=1), TypeError, r"^shuffle must be True or False, got int"),
+    (dict(drop_last=None), TypeError, r"^drop_last must be True or False"),
+    (dict(even_shards=0), TypeError, r"^even_shards must be True or False"),
+    (dict(pin_memory="yes"), TypeError, r"^pin_memory must be True or False"),
+    (dict(persistent_workers=1), TypeError, r"^persistent_workers must be True or False"),
+    (dict(collate_fn=None), TypeError, r"^collate_fn must be callable, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("kw, error, message", BAD_ARGUMENTS, ids=[repr(kw) for kw, _, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_naming_the_argument(kw, error, message):
+    from mmloader.loader import WindowLoader
+
+    with pytest.raises(error, match=message):
+        WindowLoader(list(range(10)), **kw)
+
+
+def test_bad_windows_are_refused():
+    from mmloader.loader import WindowLoader
+
+    with pytest.raises(TypeError, match=r"^windows must support len\(\) and indexing"):
+        WindowLoader(42)
+
+
+def test_bad_arguments_are_refused_through_windowset_loader(windows):
+    with pytest.raises(TypeError, match=r"^batch_size must be an integer, got str"):
+        windows.loader(batch_size="4")
+    with pytest.raises(ValueError, match=r"^seed must be >= 0"):
+        windows.loader(seed=-1, shuffle=True)
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number"):
+        windows.loader(timeout=0)
+    assert windows.loader(timeout=30, num_workers=1).timeout == 30.0
+
+
+def test_numpy_integers_and_bools_are_accepted_as_plain_values(windows):
+    from mmloader.loader import WindowLoader
+
+    ld = WindowLoader(list(range(10)), batch_size=np.int64(4), seed=np.uint32(3), shuffle=np.bool_(True),
+                      num_workers=np.int32(0), prefetch=np.int16(1), rank=np.int64(0), world_size=np.int8(1),
+                      timeout=np.float32(2.5), drop_last=np.True_)
+    state = ld.state_dict()
+    assert [type(state[k]) for k in ("batch_size", "seed", "rank", "world_size")] == [int] * 4
+    assert type(ld.shuffle) is bool and type(ld.timeout) is float and ld.timeout == 2.5
+    assert ld.seed == 3 and ld.batch_size == 4 and len(ld) == 2
+    # the largest seed works, and a huge batch_size is one batch of everything
+    assert sorted(WindowLoader(list(range(10)), shuffle=True, seed=2**63 - 1).order(0).tolist()) == list(range(10))
+    big = windows.loader(batch_size=10**12, num_workers=np.int64(0))
+    assert len(big) == 1 and len(next(iter(big))["index"]) == len(windows)
+
+
+def test_set_epoch_checks_its_argument():
+    from mmloader.loader import WindowLoader
+
+    ld = WindowLoader(list(range(10)))
+    with pytest.raises(ValueError, match=r"^epoch must be >= 0, got -1"):
+        ld.set_epoch(-1)
+    with pytest.raises(TypeError, match=r"^epoch must be an integer"):
+        ld.set_epoch(1.5)
+    ld.set_epoch(np.int64(3))
+    assert type(ld.epoch) is int and ld.epoch == 3
+
+
+def test_a_timeout_does_not_disturb_a_healthy_pass(windows):
+    expected = _indices(windows.loader(batch_size=3, shuffle=True, seed=4))
+    loader = windows.loader(batch_size=3, shuffle=True, seed=4, num_workers=2, timeout=60)
+    assert _indices(loader) == expected
+    loader.close()

@@ -4,10 +4,12 @@ worker or forkserver behind, errors raised in a worker keep their type and messa
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,105 @@ def test_worker_errors_keep_their_type_and_message(workers):
     if workers:
         note = "\n".join(getattr(info.value, "__notes__", []))
         assert "loader worker" in note and "windows [8, 9, 10, 11]" in note and "in __getitem__" in note
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def _wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+@linux_only
+def test_a_stopped_worker_raises_after_the_timeout_naming_it_and_the_batch():
+    loader = WindowLoader(SlowWindows(n=400, delay=0.01), batch_size=2, num_workers=2, timeout=3)
+    it = iter(loader)
+    next(it)
+    pids = loader.worker_pids
+    victim = pids[0]
+    try:
+        os.kill(victim, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            for _ in it:
+                pass
+        took = time.monotonic() - t
+        msg = str(info.value)
+        assert 2.5 < took < 6, took
+        assert re.search(rf"loader worker 0 \(pid {victim}, stopped\) has not handed back batch \d+ of this pass "
+                         r"\(windows \[\d+, \d+\]\): no batch came back from any worker for 3 s \(timeout=3\)", msg), msg
+        assert "the pool was stopped" in msg
+        assert loader.worker_pids == []
+        assert _wait_gone(pids) == []  # the stopped worker was ended too (SIGTERM + SIGCONT)
+    finally:
+        _kill_leftovers(pids)
+
+
+class _SlowToUnpickle:
+    """Takes ``delay`` s to unpickle in the main process, so a tensor after it is fetched late."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def __reduce__(self):
+        return (_slow_rebuild, (self.delay,))
+
+
+def _slow_rebuild(delay: float) -> str:
+    if os.environ.get("MMLOADER_TEST_WORKER") != "1":
+        time.sleep(delay)
+    return "slow"
+
+
+def _stop_self_soon(delay: float) -> None:
+    def stop() -> None:
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    threading.Thread(target=stop, daemon=True).start()
+
+
+def _collate_then_stop(items: list) -> dict:
+    """Collates, and for the batch of window 0 stops this worker 0.5 s after sending it: before the main process,
+    busy 1.5 s unpickling the first field, fetches the tensor's shared memory from it."""
+    os.environ["MMLOADER_TEST_WORKER"] = "1"
+    out = {"slow": _SlowToUnpickle(1.5), "index": torch.tensor([d["index"] for d in items]),
+           "x": torch.stack([d["x"] for d in items])}
+    if items[0]["index"] == 0:
+        _stop_self_soon(0.5)
+    return out
+
+
+@linux_only
+def test_a_worker_stopped_while_its_batch_is_received_raises_after_the_timeout():
+    loader = WindowLoader(SlowWindows(n=8), batch_size=2, num_workers=1, timeout=3, collate_fn=_collate_then_stop)
+    pids: list[int] = []
+    t = time.monotonic()
+    try:
+        with pytest.raises(WorkerError) as info:
+            for _ in loader:
+                pids = pids or loader.worker_pids
+        took = time.monotonic() - t
+        msg = str(info.value)
+        found = re.search(r"loader worker 0 \(pid (\d+)\) did not finish handing back its batch within 3 s "
+                          r"\(timeout=3\) while batch 0 of this pass \(windows \[0, 1\]\) was in flight; it was "
+                          r"killed", msg)
+        assert found, msg
+        pids = [int(found.group(1))]
+        assert took < 15, took  # (starting the forkserver, 1.5 s unpickling, the 3 s timeout)
+        assert loader.worker_pids == []
+        assert _wait_gone(pids) == []
+    finally:
+        _kill_leftovers(pids)
 
 
 def _alive(pid: int, start: str | None = None) -> bool:

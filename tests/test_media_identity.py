@@ -106,6 +106,21 @@ def test_same_size_other_content_is_caught_by_the_hash(tree, tmp_path):
     assert "'vid-b'" in str(e.value) and str(mp4) in str(e.value)
 
 
+def test_validate_hashes_media_even_when_the_mtime_was_set_back(tree, tmp_path):
+    """A reader trusts an unchanged (size, mtime) — one stat per open; ``validate`` never does."""
+    url = Ego4DAdapter().prepare(str(tree), str(tmp_path / "s"), progress=False)
+    assert mmloader.open(url).validate() == []
+    mp4 = tree / "v2" / "full_scale" / "vid-b.mp4"
+    st = mp4.stat()
+    data = bytearray(mp4.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    mp4.write_bytes(bytes(data))
+    os.utime(mp4, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the recorded mtime put back
+    problems = mmloader.open(url).validate()
+    assert len(problems) == 1 and "vid-b.mp4" in problems[0] and "content hash" in problems[0]
+    assert cli_main(["validate", url]) == 1
+
+
 def test_new_mtime_same_content_is_accepted(tree, tmp_path):
     """A copy (cp, upload) changes mtime, not content: the hash decides, no error."""
     url = Ego4DAdapter().prepare(str(tree), str(tmp_path / "s"), progress=False)

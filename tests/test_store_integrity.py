@@ -311,3 +311,241 @@ def test_unsafe_ids_are_refused(tmp_path, bad):
 @pytest.mark.parametrize("good", ["r1", "vid-a", "0b1c2d3e-uuid", "a.b_c-d", "x" * 200, "ünïcode"])
 def test_safe_ids_pass(good):
     assert check_recording_id(good, "x") == good
+
+
+# -- chunks bound to their place, zarr.json checked on read ---------------------------------------------------
+def _constant_chunks_store(url: str) -> str:
+    """One series whose data chunks are each one constant (chunk i = i + 1): every chunk compresses to the same
+    size, so two can be swapped without changing any size."""
+    n = 4 * ROWS
+    t = np.arange(n, dtype=np.int64) * 5_000_000
+    data = np.repeat(np.arange(1, 5, dtype=np.float32), ROWS)[:, None].repeat(2, axis=1)
+    with StoreWriter(url, dataset="toy", source_fingerprint="fp") as w:
+        rel = w.write_timeseries("r1", "imu", t, data, ["a", "b"], ["u", "u"], 200.0, chunk_rows=ROWS)
+        w.write_table("recordings", pa.Table.from_pylist([
+            {"recording_id": "r1", "dataset": "toy", "split": "train", "duration_ns": int(t[-1]),
+             "modalities": ["imu"], "meta_json": None}]))
+        w.write_table("streams", pa.Table.from_pylist([
+            {"recording_id": "r1", "stream": "imu", "kind": "timeseries", "uri": rel, "index_uri": None,
+             "t_start_ns": 0, "t_end_ns": int(t[-1]), "n_samples": n, "rate_hz": 200.0, "channels": ["a", "b"],
+             "units": ["u", "u"], "width": None, "height": None, "codec": None}], schema=table_schema("streams")))
+        w.write_table("gaps", pa.Table.from_pylist([], schema=table_schema("gaps")))
+    return url
+
+
+def test_every_chunk_has_a_sha256_in_the_manifest(store_dir):
+    files = json.loads((store_dir / "mmloader.json").read_text())["files"]
+    chunks = [rel for rel in files if "/c/" in rel]
+    assert len(chunks) >= 10 and all("sha256" in files[rel] for rel in files)
+    import hashlib
+
+    for rel in chunks + ["timeseries/r1/imu.zarr/zarr.json", "timeseries/r1/imu.zarr/data/zarr.json"]:
+        assert files[rel]["sha256"] == hashlib.sha256((store_dir / rel).read_bytes()).hexdigest(), rel
+
+
+def test_swapped_same_size_chunks_are_refused(tmp_path):
+    """Two chunks of one size, swapped: both crc32c are intact, so only the manifest's sha256 tells."""
+    url = _constant_chunks_store(str(tmp_path / "s"))
+    a, b = (tmp_path / "s/timeseries/r1/imu.zarr/data/c" / f"{i}/0" for i in (1, 2))
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    assert len(raw_a) == len(raw_b) and raw_a != raw_b
+    a.write_bytes(raw_b)
+    b.write_bytes(raw_a)
+    s = Store(url)
+    t0 = ROWS * 5_000_000  # in chunk 1
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/c/1/0: chunk \(1, 0\) of array 'data' is damaged "
+                                               r"\(sha256 differs from the manifest's, crc32c intact"):
+        s.timeseries_slice("r1", "imu", t0, t0 + 10_000_000)
+    np.testing.assert_array_equal(s.timeseries_slice("r1", "imu", 0, 10_000_000)[1][:, 0], 1.0)  # chunk 0 reads
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/c/1/0: .*sha256 differs"):
+        s.read_timeseries("r1", "imu")
+    problems = Store(url).validate()
+    assert len(problems) == 2 and "data/c/1/0: checksum mismatch" in problems[0] and "data/c/2/0" in problems[1]
+    r = _cli_validate(url)
+    assert r.returncode == 1 and "data/c/1/0" in r.stderr and "data/c/2/0" in r.stderr and "2 problem(s)" in r.stdout
+
+
+def test_edited_zarr_json_is_refused_on_read(store_dir):
+    """zarr.json files are checked (sha256) when a group is opened: an edited shape or attr is never served."""
+    meta = store_dir / "timeseries/r1/imu.zarr/data/zarr.json"
+    original = meta.read_text()
+    doc = json.loads(original)
+    doc["shape"][0] -= 64  # a shorter array: would silently drop the last chunk
+    meta.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/zarr.json: checksum mismatch"):
+        Store(str(store_dir)).read_timeseries("r1", "imu")
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/zarr.json: checksum mismatch"):
+        Store(str(store_dir)).timeseries_slice("r1", "imu", 0, 10)
+    meta.write_text(original)
+    group = store_dir / "timeseries/r1/imu.zarr/zarr.json"
+    doc = json.loads(group.read_text())
+    doc["attributes"]["channels"] = ["b", "a"]
+    group.write_text(json.dumps(doc, indent=2))
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/zarr.json: checksum mismatch"):
+        Store(str(store_dir)).read_timeseries("r1", "imu")
+    problems = Store(str(store_dir)).validate()
+    assert len(problems) == 1 and "imu.zarr/zarr.json" in problems[0]
+
+
+def test_stripped_crc32c_codec_is_refused_on_read(store_dir):
+    """data/zarr.json rewritten without the crc32c codec, and chunks rewritten to match: refused at the
+    zarr.json, before any chunk is read."""
+    import zarr
+
+    g = store_dir / "timeseries/r1/imu.zarr"
+    doc = json.loads((g / "data/zarr.json").read_text())
+    doc["codecs"] = [c for c in doc["codecs"] if c["name"] != "crc32c"]
+    (g / "data/zarr.json").write_text(json.dumps(doc, indent=2))
+    arr = zarr.open_array(str(g / "data"), mode="r+")
+    arr[:] = np.full(arr.shape, 42.0, np.float32)
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/zarr.json: checksum mismatch"):
+        Store(str(store_dir)).timeseries_slice("r1", "imu", 0, 10)
+    with pytest.raises(StoreFormatError, match=r"imu.zarr/data/zarr.json"):
+        Store(str(store_dir)).read_timeseries("r1", "imu")
+    assert any("data/zarr.json" in p for p in Store(str(store_dir)).validate())
+
+
+# -- what --overwrite may replace --------------------------------------------------------------------------
+def test_overwrite_replaces_only_a_store_or_an_empty_folder(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("precious")
+    with pytest.raises(FileExistsError, match=r"afile: already exists and is a file, not an mmloader store, so it "
+                                              "will not be replaced"):
+        _write(str(afile), overwrite=True)
+    assert afile.read_text() == "precious"
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError, match=r"userdir: already exists and is a folder without mmloader.json: not "
+                                              "an mmloader store, so it will not be replaced"):
+        _write(str(user), overwrite=True)
+    assert (user / "thesis.tex").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    assert Store(_write(str(tmp_path / "empty"), overwrite=True)).validate() == []
+    gen = Store(str(tmp_path / "empty")).generation
+    assert Store(_write(str(tmp_path / "empty"), overwrite=True)).generation != gen  # a store: replaced
+    assert sorted(os.listdir(tmp_path)) == ["afile", "empty", "userdir"]
+
+
+def test_overwrite_on_memory_fs(tmp_path):
+    """Non-local: an interrupted writer's folder (its .mmloader-writing marker) may be replaced; other files not."""
+    url = f"memory://mmtest-{uuid.uuid4().hex}/store"
+    w = StoreWriter(url, dataset="toy", source_fingerprint="fp")
+    w.write_timeseries("r1", "imu", np.arange(3, dtype=np.int64), np.zeros((3, 1)), ["a"], ["u"], 1.0)
+    # killed: no commit, no abort; the next prepare --overwrite replaces it
+    _write(url, overwrite=True)
+    assert Store(url).validate() == []
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    assert not fs.exists(url + "/.mmloader-writing")
+    assert ".mmloader-writing" not in json.loads(fs.cat(url + "/mmloader.json"))["files"]
+    other = f"memory://mmtest-{uuid.uuid4().hex}/notes"
+    fs.pipe(other + "/thesis.tex", b"x")
+    with pytest.raises(FileExistsError, match="not an mmloader store"):
+        _write(other, overwrite=True)
+    assert fs.cat(other + "/thesis.tex") == b"x"
+
+
+def test_destination_may_not_be_or_contain_the_source(tmp_path):
+    src = tmp_path / "data" / "ego4d"
+    src.mkdir(parents=True)
+    for dst in (tmp_path / "data", src):
+        with pytest.raises(ValueError, match=r"the destination (contains|is) .*ego4d, which this store is written "
+                                             "from"):
+            StoreWriter(str(dst), dataset="toy", source_fingerprint="fp", overwrite=True, protect=[str(src)])
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "data")
+    with pytest.raises(ValueError, match="contains"):
+        StoreWriter(str(link), dataset="toy", source_fingerprint="fp", overwrite=True, protect=[str(src)])
+    with pytest.raises(ValueError, match="contains"):
+        StoreWriter("memory://b/data", dataset="toy", source_fingerprint="fp", protect=["memory://b/data/ego4d"])
+    w = StoreWriter(str(src / "store"), dataset="toy", source_fingerprint="fp", protect=[str(src)])  # inside: fine
+    w.abort()
+    assert sorted(os.listdir(src)) == []
+
+
+def test_prepare_overwrite_onto_a_store_holding_the_source(tmp_path):
+    """`mmloader prepare ego4d STORE/ego4d STORE --overwrite`: STORE is a store, but replacing it would delete the
+    source inside it: refused in one line, nothing removed."""
+    from conftest import make_ego4d_tree
+
+    store = Path(_write(str(tmp_path / "s")))
+    src = make_ego4d_tree(store / "ego4d")
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "prepare", "ego4d", str(src), str(store), "--overwrite",
+                        "-q"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "the destination contains" in r.stderr and str(src) in r.stderr
+    assert (src / "v2" / "full_scale" / "vid-a.mp4").exists() and (store / "mmloader.json").exists()
+
+
+def test_prepare_to_unreachable_s3_is_one_line(ego4d_tree, tmp_path):
+    pytest.importorskip("s3fs")
+    from mmloader.errors import StoreUnreachableError
+
+    opts = {"key": "x", "secret": "y",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}}
+    with pytest.raises(StoreUnreachableError, match=r"^s3://bkt/newstore: cannot reach the storage"):
+        StoreWriter("s3://bkt/newstore", dataset="toy", source_fingerprint="fp", **opts)
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "prepare", "ego4d", str(ego4d_tree), "s3://bkt/newstore",
+                        "-q"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and (r.stdout + r.stderr).strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "s3://bkt/newstore: cannot reach the storage" in r.stderr
+
+
+def test_prepare_under_a_file_is_one_line(ego4d_tree, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "prepare", "ego4d", str(ego4d_tree),
+                        str(tmp_path / "afile" / "sub" / "store"), "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "afile" in r.stderr, r.stderr
+
+
+# -- partial folders of killed writers -----------------------------------------------------------------------
+_HOLD_PARTIAL = """
+import sys, time
+import numpy as np
+from mmloader import StoreWriter
+w = StoreWriter(sys.argv[1], dataset="toy", source_fingerprint="fp")
+w.write_timeseries("r1", "imu", np.arange(3, dtype=np.int64), np.zeros((3, 1)), ["a"], ["u"], 1.0)
+print(w.work_path, flush=True)
+time.sleep(120)
+"""
+
+
+def test_partial_folders_of_killed_writers_are_removed(tmp_path):
+    import signal
+    import socket
+
+    dst = tmp_path / "s"
+
+    def holder() -> tuple[subprocess.Popen, str]:
+        p = subprocess.Popen([sys.executable, "-c", _HOLD_PARTIAL, str(dst)], stdout=subprocess.PIPE, text=True)
+        return p, p.stdout.readline().strip()
+
+    killed, killed_partial = holder()
+    live, live_partial = holder()
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+        assert os.path.isdir(killed_partial) and os.path.isdir(live_partial)
+        assert os.path.basename(killed_partial).startswith(".s.partial-")
+        assert f"-{killed.pid}@" in os.path.basename(killed_partial)
+        other_host = tmp_path / f".s.partial-0123abcd-{killed.pid}@not-{socket.gethostname()}"
+        other_host.mkdir()
+        old_only_copy = tmp_path / f".s.old-0123abcd-{killed.pid}@{os.path.basename(killed_partial).split('@')[1]}"
+        old_only_copy.mkdir()  # a killed overwrite between its renames: DST absent, so this is the store
+        _write(str(dst))  # a new writer for the same DST
+        left = sorted(os.listdir(tmp_path))
+        assert os.path.basename(killed_partial) not in left  # dead owner on this host: removed
+        assert os.path.basename(live_partial) in left  # live owner: never touched
+        assert other_host.name in left and old_only_copy.name in left
+        _write(str(dst), overwrite=True)  # DST exists now: the stale .old- folder goes too
+        assert old_only_copy.name not in os.listdir(tmp_path)
+    finally:
+        live.kill()
+        live.wait(30)
+        killed.stdout.close()
+        live.stdout.close()
+    assert Store(str(dst)).validate() == []

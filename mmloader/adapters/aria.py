@@ -587,7 +587,7 @@ class AriaAdapter:
         recordings, streams, gaps, narrations = [], [], [], []
         t_start = time.perf_counter()
         with StoreWriter(dst, dataset="aria", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite, **(storage_options or {})) as writer:
+                         overwrite=overwrite, protect=[root], **(storage_options or {})) as writer:
             for files in tqdm(layout.recordings, desc="prepare aria", unit="recording", disable=not progress):
                 try:
                     check_id(files)

@@ -314,7 +314,7 @@ class Ego4DAdapter:
                                   "recordings": {}, "skipped": {}, "failed": dict(meta.failed),
                                   "duplicates": dict(meta.duplicates)}
         with StoreWriter(dst, dataset="ego4d", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite, **(storage_options or {})) as writer:
+                         overwrite=overwrite, protect=[root], **(storage_options or {})) as writer:
             for video in tqdm(videos, desc="prepare ego4d", unit="video", disable=not progress):
                 uid = video["video_uid"]
                 if uid not in mp4s and uid not in csvs:

@@ -4,15 +4,18 @@ What a read checks (format version 2), cheaply, once per load:
 
 - a Parquet table: the sha256 of its bytes against the manifest loaded at open (the reader reads the whole file
   anyway); a mismatch is damage, or a store replaced since it was opened;
-- a Zarr group (once per handle; handles are cached): its ``generation`` attr equals the manifest's, and every
-  chunk its arrays' shapes imply is present (one listing of the group: the writer stores every chunk, so an
-  absent one is damage, never fill values);
-- a Zarr chunk: its crc32c (the codec checks it on every decode); on a local filesystem also that its files
-  still exist and that the store's root is still the directory opened (a ``prepare --overwrite`` renames a
-  new directory into place), so a replaced store raises instead of mixing versions.
+- a Zarr group (once per handle; handles are cached): the sha256 of its ``zarr.json`` and of each array's
+  ``zarr.json`` against the manifest (Zarr reads them anyway; small files), its ``generation`` attr equals the
+  manifest's, and every chunk its arrays' shapes imply is present (one listing of the group: the writer stores
+  every chunk, so an absent one is damage, never fill values);
+- a Zarr chunk, each time it is loaded: present, and the sha256 of its bytes against the manifest (a chunk
+  swapped with another of the same size, or copied from another store, is refused), then its crc32c (the
+  codec); on a local filesystem also that the store's root is still the directory opened (a
+  ``prepare --overwrite`` renames a new directory into place), so a replaced store raises instead of mixing
+  versions.
 
-``validate()`` checks everything deeply: every file's size, every non-chunk file's sha256, every chunk present
-and decoded.
+Zarr reads every file through :class:`_VerifiedStore`, which does the per-file checks. ``validate()`` checks
+everything deeply: every file's size and sha256, every chunk present and decoded.
 """
 
 from __future__ import annotations
@@ -28,17 +31,57 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, read_arrow_buffer, probe_exists
 from ..lru import LRU
 from ..schema import check_manifest, check_table, load_schema
-from .writer import MANIFEST, has_sha256
+from .writer import MANIFEST, has_sha256, is_chunk_file
 
 HANDLE_CACHE = 64  # open time-series groups kept per process
 CHUNK_CACHE = 64  # decoded time-series chunks kept per process (4096 rows x C float32 each)
 TIMESERIES_ARRAYS = ("t_ns", "data", "t_coarse")
 VIDEO_INDEX_ARRAYS = ("pts_ns", "keyframe")
+
+
+class ZarrFileError(StoreFormatError):
+    """A Zarr file that failed a check in :class:`_VerifiedStore`; ``url`` names it, ``rel`` is its path in the
+    store, ``kind`` is ``"missing"`` or ``"damaged"`` and ``detail`` says how (for a chunk, the reader adds its
+    array and index)."""
+
+    def __init__(self, message: str, url: str, rel: str, kind: str, detail: str):
+        super().__init__(message)
+        self.url, self.rel, self.kind, self.detail = url, rel, kind, detail
+
+
+class _VerifiedStore(WrapperStore):
+    """The Zarr store of one group of a store, checking every file Zarr reads against the manifest.
+
+    A key listed in the manifest: present (an absent chunk raises instead of reading as fill values) and with
+    the sha256 the manifest records; a key not listed is refused if it exists (Zarr then asks only for
+    ``zarr.json`` and the chunks the verified metadata implies). Partial reads (``byte_range``: sharding, which
+    the writer does not use) are passed through unchecked.
+    """
+
+    def __init__(self, store: Any, prefix: str, reader: "Store"):
+        super().__init__(store)
+        self._prefix = prefix
+        self._reader = reader
+
+    def _with_store(self, store: Any) -> "_VerifiedStore":
+        return type(self)(store, self._prefix, self._reader)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buf = await self._store.get(key, prototype, byte_range)
+        return self._reader._verify_zarr_file(f"{self._prefix}/{key}", buf, byte_range is None)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def _get_many(self, requests: Any):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
 
 
 @dataclass(frozen=True)
@@ -204,8 +247,11 @@ class Store:
         """Open a Zarr group of the store and check that it belongs to the generation opened."""
         where = join(self.url, rel)
         try:
-            opts = None if self._local else (self.storage_options or {})
-            g = zarr.open_group(join(self.url, rel), mode="r", storage_options=opts)
+            if self._local:
+                inner: Any = LocalStore(join(self.path, rel), read_only=True)
+            else:
+                inner = FsspecStore.from_url(where, storage_options=self.storage_options or {}, read_only=True)
+            g = zarr.open_group(_VerifiedStore(inner, rel, self), mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             self._check_not_replaced()
             raise StoreFormatError(f"{where}: missing or not a Zarr group ({e})") from None
@@ -213,6 +259,52 @@ class Store:
         if found != self.generation:
             raise self._replaced(f". {where} is of generation {found!r}, the manifest opened is of {self.generation!r}")
         return g
+
+    def _verify_zarr_file(self, rel: str, buf: Any, whole: bool) -> Any:
+        """``buf`` (the bytes of the store's file ``rel`` as Zarr read them, None when absent), checked against
+        the manifest opened; returned unchanged when it passes (see :class:`_VerifiedStore`)."""
+        entry = self.manifest["files"].get(rel)
+        url = join(self.url, rel)
+        if entry is None:
+            if buf is None:
+                return None
+            self._check_not_replaced()
+            raise ZarrFileError(f"{url}: not listed in {MANIFEST}'s 'files' (not written with this store); "
+                                "prepare the store again", url, rel, "damaged", "not listed in the manifest")
+        if buf is None:
+            if not is_chunk_file(rel):
+                return None  # zarr.json: Zarr's own "not found" (group or array missing) follows
+            self._check_not_replaced()
+            raise ZarrFileError(f"{url}: missing (listed in {MANIFEST}); the store is damaged: run "
+                                f"`mmloader validate {self.url}` and prepare it again", url, rel, "missing",
+                                "missing")
+        if not whole:
+            return buf
+        raw = buf.as_numpy_array()
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == entry.get("sha256"):
+            return buf
+        self._check_not_replaced()
+        if is_chunk_file(rel):
+            import google_crc32c  # zarr's crc32c codec uses it
+
+            crc_ok = raw.size > 4 and np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() == raw[-4:].tobytes()
+            detail = ("sha256 differs from the manifest's, crc32c intact: another chunk's data (swapped or "
+                      "copied in)" if crc_ok else "crc32c checksum mismatch")
+            raise ZarrFileError(f"{url}: damaged ({detail}); run `mmloader validate {self.url}` and prepare the "
+                                "store again", url, rel, "damaged", detail)
+        if rel.endswith("zarr.json"):
+            try:
+                found = json.loads(raw.tobytes()).get("attributes", {}).get("generation")
+            except (ValueError, AttributeError):
+                found = None
+            if found is not None and found != self.generation:
+                e = self._replaced(f". {join(self.url, rel.rsplit('/', 1)[0])} is of generation {found!r}, the "
+                                   f"manifest opened is of {self.generation!r}")
+                e.url = url  # type: ignore[attr-defined]
+                raise e
+        raise ZarrFileError(self._file_mismatch(url, digest, raw.size, entry), url, rel, "damaged",
+                            "sha256 mismatch")
 
     def _list(self, rel: str) -> set[str]:
         """Paths (relative to the store root) of every file under ``rel``: one listing."""
@@ -280,6 +372,17 @@ class Store:
     def _read_chunk(self, rel: str, name: str, arr: zarr.Array, idx: tuple[int, ...]) -> np.ndarray:
         try:
             return arr[self._chunk_region(arr, idx)]
+        except ZarrFileError as e:  # missing, or its sha256 differs (_VerifiedStore)
+            url = join(self.url, rel, name, self._chunk_key(arr, idx))
+            if e.kind == "missing":
+                raise StoreFormatError(
+                    f"{url}: missing chunk {idx} of array '{name}'; the store is damaged: run "
+                    f"`mmloader validate {self.url}` and prepare it again") from None
+            raise StoreFormatError(
+                f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run `mmloader validate {self.url}` "
+                "and prepare the store again") from None
+        except StoreFormatError:
+            raise
         except Exception as e:  # codec errors (crc32c, zstd) come as ValueError / RuntimeError
             raise self._chunk_error(rel, name, arr, idx, e) from None
 
@@ -296,8 +399,8 @@ class Store:
     def timeseries_group(self, recording_id: str, stream: str) -> zarr.Group:
         """The Zarr group of a time series, for sliced reads (``group['data'][i:j]``), checked when opened.
 
-        Reads through the returned group are checked by the codec (crc32c) only; ``timeseries_slice`` and
-        ``read_timeseries`` check more (chunks present, store not replaced).
+        Reads through the returned group are checked chunk by chunk (present, sha256 against the manifest,
+        crc32c); ``timeseries_slice`` and ``read_timeseries`` also check that the store was not replaced.
         """
         return self._open_group(self.stream_row(recording_id, stream)["uri"], TIMESERIES_ARRAYS)[0]
 
@@ -335,19 +438,10 @@ class Store:
     def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray]:
         def load() -> tuple[np.ndarray, np.ndarray]:
             t_arr, data_arr, rows, rel = self._timeseries_handle(recording_id, stream)[3:7]
+            # a chunk deleted since the handle was opened raises (_VerifiedStore), never reads as fill values
             t = self._read_chunk(rel, "t_ns", t_arr, (c,))
             x = self._read_chunk(rel, "data", data_arr, (c, 0))
-            if self._local:
-                # a chunk deleted since the handle was opened reads as fill values: check it was there,
-                # and that the store was not replaced underneath (its root renamed away) meanwhile
-                for name, arr, idx in (("t_ns", t_arr, (c,)), ("data", data_arr, (c, 0))):
-                    if not os.path.exists(join(self.path, rel, name, self._chunk_key(arr, idx))):
-                        self._check_not_replaced()
-                        raise StoreFormatError(
-                            f"{join(self.url, rel, name, self._chunk_key(arr, idx))}: missing chunk {idx} of array "
-                            f"'{name}'; the store is damaged: run `mmloader validate {self.url}` and prepare it again"
-                        )
-                self._check_not_replaced()
+            self._check_not_replaced()  # local: the store was not replaced underneath (root renamed) meanwhile
             return t, x
 
         return self._chunks.get((recording_id, stream, c), load)
@@ -375,7 +469,7 @@ class Store:
     def validate(self) -> list[str]:
         """Check the whole store deeply; returns a list of problems (empty when the store is intact).
 
-        Every file listed in the manifest: present, with its recorded size and (all but Zarr chunks) sha256.
+        Every file listed in the manifest: present, with its recorded size and (all but ``media/``) sha256.
         Every Zarr group (those in the manifest and those ``streams`` names): its generation, every chunk its
         arrays' shapes imply present, and every chunk decoded (crc32c). Every events table: readable, with the
         schema's columns. Every video's media file: its recorded size and content hash (``media.verify_media``).
@@ -418,8 +512,8 @@ class Store:
             try:
                 g = self._group(rel)
                 arrays = dict(g.arrays())
-            except StoreFormatError as e:
-                add(join(self.url, rel), str(e))
+            except StoreFormatError as e:  # a zarr.json that fails its check is named (and counted) once
+                add(getattr(e, "url", join(self.url, rel)), str(e))
                 continue
             absent = self._missing_chunks(rel, arrays)
             missing = {key for key, _, _ in absent}

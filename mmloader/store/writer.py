@@ -1,10 +1,17 @@
 """Writing a store atomically.
 
 A store is published in one step: on a local filesystem everything is written under a hidden temporary
-sibling (``.NAME.partial-<random>``) and renamed into place; on other filesystems (``memory://``, ``s3://``),
-where directories cannot be renamed atomically, the files are written in place and ``mmloader.json`` is
-written *last*. Either way a store without its manifest is refused by the reader, and a writer that fails
-removes what it wrote.
+sibling (``.NAME.partial-<random>-<pid>@<host>``) and renamed into place; on other filesystems (``memory://``,
+``s3://``), where directories cannot be renamed atomically, the files are written in place (beside a
+``.mmloader-writing`` marker) and ``mmloader.json`` is written *last*. Either way a store without its manifest is
+refused by the reader, and a writer that fails removes what it wrote. A local writer also removes the partial
+folders of earlier writers to the same destination that were killed (their pid is of this host and no longer
+alive); a live writer's folder is never touched.
+
+``overwrite`` replaces only an mmloader store (a folder holding ``mmloader.json``, or a non-local store that a
+writer left without one: it holds the ``.mmloader-writing`` marker) or an empty folder; anything else (a file,
+a folder of other files) raises ``FileExistsError``. ``protect`` names paths (a recipe's source) that the
+destination must not be or contain.
 
 Without ``overwrite`` the publish never replaces an existing store: the local rename fails when the
 destination exists (two concurrent writers to one destination: exactly one wins, the other raises
@@ -13,8 +20,10 @@ it is written.
 
 Integrity (format version 2): every Zarr chunk ends with a crc32c checksum (``zstd`` then ``crc32c``), every
 chunk is written even when it holds only fill values (so an absent chunk is always an error), the manifest's
-``files`` records each file's size and, for every file that is not a Zarr chunk, its sha256, and each store
-gets a ``generation`` id (uuid4) written into the manifest and into every Zarr group's attrs.
+``files`` records each file's size and, for every file but media copied into ``media/``, its sha256 (Zarr
+chunks and ``zarr.json`` included: hashed as Zarr writes them, so a chunk swapped with another of the same size
+is found), and each store gets a ``generation`` id (uuid4) written into the manifest and into every Zarr
+group's attrs.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,13 +45,15 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .. import __version__
 from ..errors import StoreFormatError
-from ..fsutil import get_fs, is_local, join, normalize_url
+from ..fsutil import get_fs, is_local, join, normalize_url, probe_exists
 from ..schema import FORMAT, FORMAT_VERSION, conform, load_schema, table_file
 
 MANIFEST = "mmloader.json"
+WRITING_MARKER = ".mmloader-writing"  # non-local stores: present from a writer's start until its manifest is written
 TIMESERIES_CHUNK_ROWS = 4096
 MAX_ID_LENGTH = 200
 # zstd, then a crc32c of the compressed bytes: zarr verifies it on every chunk decode
@@ -55,9 +68,88 @@ def is_chunk_file(rel: str) -> bool:
 
 
 def has_sha256(rel: str) -> bool:
-    """Whether the manifest records a sha256 of this file: all but Zarr chunks (their own crc32c) and media
-    copied into the store (``media/``: large; identified by size, mtime and fast hash in ``streams``)."""
-    return not (is_chunk_file(rel) or rel.startswith("media/"))
+    """Whether the manifest records a sha256 of this file: all but media copied into the store (``media/``:
+    large; identified by size, mtime and fast hash in ``streams``). Zarr chunks have one too (besides their
+    crc32c): it binds each chunk to its place, so a chunk swapped with another of the same size is found."""
+    return not rel.startswith("media/")
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in partial folder names (only ``[A-Za-z0-9._-]``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost")[:64]
+
+
+def _owner_tag() -> str:
+    return f"{uuid.uuid4().hex[:8]}-{os.getpid()}@{_host_tag()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid this writer could have written: never treat as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    except OSError:
+        return True
+    return True
+
+
+def _same_or_inside(inner: str, outer: str) -> bool:
+    """Whether the path/URL ``inner`` is ``outer`` or lies inside it (local paths with symlinks resolved)."""
+    a, b = normalize_url(inner), normalize_url(outer)
+    if "://" in a or "://" in b:
+        pa_, _, ra = a.partition("://")
+        pb, _, rb = b.partition("://")
+        if "://" not in a or "://" not in b or pa_.lower() != pb.lower():
+            return False
+        ra, rb = ra.rstrip("/"), rb.rstrip("/")
+        return ra == rb or ra.startswith(rb + "/")
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    try:
+        return os.path.commonpath([a, b]) == b
+    except ValueError:  # different drives
+        return False
+
+
+class _HashingStore(WrapperStore):
+    """A Zarr store that records the sha256 of every key it writes (``sink[prefix/key]``): the manifest's
+    checksums without reading the store back (on S3 that would download it)."""
+
+    def __init__(self, store: Any, prefix: str = "", sink: dict[str, str] | None = None):
+        super().__init__(store)
+        self._prefix = prefix
+        self._sink = {} if sink is None else sink
+
+    def _with_store(self, store: Any) -> "_HashingStore":
+        return type(self)(store, self._prefix, self._sink)
+
+    def _rel(self, key: str) -> str:
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._store.set(key, value)
+        self._sink[self._rel(key)] = hashlib.sha256(value.as_numpy_array()).hexdigest()
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        self._sink.pop(self._rel(key), None)  # maybe not written: hashed from the file at commit
+        await self._store.set_if_not_exists(key, value)
+
+    async def _set_many(self, values: Any) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        self._sink.pop(self._rel(key), None)
+        await self._store.delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        start = self._rel(prefix).rstrip("/") + "/"
+        for k in [k for k in self._sink if k.startswith(start)]:
+            del self._sink[k]
+        await self._store.delete_dir(prefix)
 
 
 def check_recording_id(rid: str, where: str) -> str:
@@ -104,6 +196,7 @@ class StoreWriter:
         source_fingerprint: str,
         options: dict[str, Any] | None = None,
         overwrite: bool = False,
+        protect: Sequence[str | os.PathLike] = (),
         **storage_options: Any,
     ):
         self.url = normalize_url(url)
@@ -117,15 +210,20 @@ class StoreWriter:
         self._sha256: dict[str, str] = {}
         self.generation = str(uuid.uuid4())
         self._done = False
-        if self.fs.exists(self.path):
+        self._protected: list[str] = []
+        self.protect(protect)
+        self._local = is_local(self.fs)
+        # the first request: an unreachable S3 endpoint fails fast, in one line naming the URL
+        if probe_exists(self.fs, self.path, self.url, storage_options):
             if not overwrite:
                 raise FileExistsError(f"{self.url}: already exists (pass overwrite=True / --overwrite to replace it)")
+            self._check_replaceable(self.path)
         self._overwrite = overwrite
-        self._local = is_local(self.fs)
         if self._local:
             parent, name = os.path.split(self.path)
             os.makedirs(parent, exist_ok=True)
-            self.work_path = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+            self._remove_stale_partials(parent, name)
+            self.work_path = os.path.join(parent, f".{name}.partial-{_owner_tag()}")
             os.makedirs(self.work_path)
             self.work_url = self.work_path
         else:
@@ -134,6 +232,59 @@ class StoreWriter:
             self.fs.makedirs(self.path, exist_ok=True)
             self.work_path = self.path
             self.work_url = self.url
+            with self.fs.open(join(self.path, WRITING_MARKER), "w") as f:  # "an mmloader store being written"
+                json.dump({"generation": self.generation, "pid": os.getpid(), "host": _host_tag()}, f)
+
+    # -- destination safety ----------------------------------------------------------------------
+    def protect(self, paths: Sequence[str | os.PathLike] | str | os.PathLike) -> None:
+        """Refuse (``ValueError``) a destination that is, or contains, one of ``paths`` (a recipe's source
+        folder, the media files a store is written from): publishing there would delete them. May be called
+        while writing (e.g. with each recording's media files); on a local filesystem nothing is replaced
+        before ``commit``."""
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        for p in paths:
+            if p is None or os.fspath(p) == "":
+                continue
+            if _same_or_inside(os.fspath(p), self.url):
+                what = "is" if _same_or_inside(self.url, os.fspath(p)) else "contains"
+                raise ValueError(
+                    f"{self.url}: the destination {what} {normalize_url(p)}, which this store is written from; "
+                    "writing (or --overwrite) there would delete it: choose another destination"
+                )
+            self._protected.append(os.fspath(p))
+
+    def _check_replaceable(self, path: str) -> None:
+        """An existing destination may be replaced only when it is an mmloader store or an empty folder."""
+        why = None
+        if not self.fs.isdir(path):
+            why = "is a file, not an mmloader store"
+        elif not (self.fs.exists(join(path, MANIFEST)) or self.fs.exists(join(path, WRITING_MARKER))):
+            if self.fs.ls(path, detail=False):
+                why = f"is a folder without {MANIFEST}: not an mmloader store"
+        if why is not None:
+            raise FileExistsError(
+                f"{self.url}: already exists and {why}, so it will not be replaced (overwrite / --overwrite "
+                "replaces only an mmloader store or an empty folder); choose another destination or remove it"
+            )
+
+    @staticmethod
+    def _remove_stale_partials(parent: str, name: str) -> None:
+        """Remove ``.NAME.partial-*`` folders of killed writers: owner on this host, pid no longer alive. A
+        ``.NAME.old-*`` folder (the previous store, moved aside by an overwrite) goes only when ``NAME`` exists."""
+        pattern = re.compile(rf"^\.{re.escape(name)}\.(partial|old)-[0-9a-f]{{8}}-(\d+)@(.+)$")
+        host = _host_tag()
+        try:
+            entries = os.listdir(parent)
+        except OSError:
+            return
+        for entry in entries:
+            m = pattern.match(entry)
+            if m is None or m.group(3) != host or _pid_alive(int(m.group(2))):
+                continue
+            if m.group(1) == "old" and not os.path.isdir(os.path.join(parent, name)):
+                continue  # a killed overwrite between its two renames: this is the only copy of the store
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -184,7 +335,7 @@ class StoreWriter:
         check_recording_id(recording_id, f"{where}: recording id")
         check_recording_id(stream, f"{where}: stream name")
         rel = load_schema()["timeseries"]["path_pattern"].format(recording_id=recording_id, stream=stream)
-        group = zarr.open_group(self._url(rel), mode="w", storage_options=self._zarr_options())
+        group = self._open_group(rel)
         n = max(1, t_ns.shape[0])
         rows = min(chunk_rows, n)
         self._create_array(group, "t_ns", t_ns, chunks=(rows,))
@@ -202,7 +353,7 @@ class StoreWriter:
         check_recording_id(recording_id, f"{where}: recording id")
         check_recording_id(stream, f"{where}: stream name")
         rel = load_schema()["video_index"]["path_pattern"].format(recording_id=recording_id, stream=stream)
-        group = zarr.open_group(self._url(rel), mode="w", storage_options=self._zarr_options())
+        group = self._open_group(rel)
         self._create_array(group, "pts_ns", np.asarray(pts_ns, dtype=np.int64))
         self._create_array(group, "keyframe", np.asarray(keyframe, dtype=bool))
         group.attrs["generation"] = self.generation
@@ -250,8 +401,13 @@ class StoreWriter:
             f.write(buf)
         self._sha256[rel] = hashlib.sha256(buf).hexdigest()
 
-    def _zarr_options(self) -> dict[str, Any] | None:
-        return None if self._local else (self.storage_options or {})
+    def _open_group(self, rel: str) -> zarr.Group:
+        """A new Zarr group at ``rel``, through a store that records the sha256 of every file Zarr writes."""
+        if self._local:
+            inner: Any = LocalStore(join(self.work_path, rel))
+        else:
+            inner = FsspecStore.from_url(self._url(rel), storage_options=self.storage_options or {})
+        return zarr.open_group(_HashingStore(inner, rel, self._sha256), mode="w", zarr_format=3)
 
     # -- publish ---------------------------------------------------------------------------------
     def commit(self) -> str:
@@ -270,7 +426,7 @@ class StoreWriter:
         root = self.fs._strip_protocol(self.work_path)
         for p in self.fs.find(self.work_path, detail=True).values():
             rel = p["name"][len(root):].lstrip("/")
-            if rel == MANIFEST:
+            if rel in (MANIFEST, WRITING_MARKER):
                 continue
             entry: dict[str, Any] = {"size": int(p["size"])}
             if has_sha256(rel):
@@ -300,6 +456,11 @@ class StoreWriter:
             json.dump(manifest, f, indent=1, default=_json_default)
         if self._local:
             self._publish_local()
+        else:
+            try:
+                self.fs.rm(join(self.work_path, WRITING_MARKER))
+            except OSError:
+                pass  # harmless: a store with its manifest is complete; the marker is not in 'files'
         self._done = True
         return self.url
 
@@ -328,11 +489,18 @@ class StoreWriter:
                 raise
             return
         parent, name = os.path.split(self.path)
-        trash = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+        trash = os.path.join(parent, f".{name}.old-{_owner_tag()}")
         try:
             os.rename(self.path, trash)
         except FileNotFoundError:
             trash = None
+        if trash is not None:
+            try:  # checked again once moved aside: what is replaced is what was checked
+                self._check_replaceable(trash)
+            except FileExistsError:
+                os.rename(trash, self.path)
+                self.abort()
+                raise
         try:
             os.rename(self.work_path, self.path)
         except OSError as e:
