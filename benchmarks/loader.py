@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import mmloader
-from mmloader.media import media_url
+from mmloader.video.probe import media_url
 from mmloader.video import open_reader
 from mmloader.video.backends import backend_problems
 

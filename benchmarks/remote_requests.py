@@ -20,7 +20,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import generate_ego4d_sample
 
 

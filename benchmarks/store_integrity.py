@@ -33,7 +33,7 @@ import pyarrow as pa
 
 import mmloader
 from mmloader import Store, StoreWriter
-from mmloader.schema import table_schema
+from mmloader.store.schema import table_schema
 
 
 def write_store(url: str, recordings: int, seconds: float, hz: float, channels: int) -> None:

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import os
 
     import mmloader
-    from mmloader.adapters.ego4d import Ego4DAdapter
+    from mmloader.recipes.ego4d.recipe import Ego4DAdapter
     from mmloader.samples import generate_ego4d_sample
 
     from imu2clip_plugin import ContrastiveLoss, IMUEncoder, IMUEncoderConfig

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import mmloader
-    from mmloader.adapters.ego4d import Ego4DAdapter
+    from mmloader.recipes.ego4d.recipe import Ego4DAdapter
     from mmloader.samples import generate_ego4d_sample
 
     from .encoder import IMUEncoder, IMUEncoderConfig

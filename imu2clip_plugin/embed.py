@@ -1,6 +1,6 @@
 """Embedding cache: IMU windows plus frozen-tower embeddings, materialised through mmloader's window cache.
 
-``EmbeddedWindows(windows, towers)`` is a :class:`mmloader.windowset.WindowSet` whose samples carry the IMU keys
+``EmbeddedWindows(windows, towers)`` is a :class:`mmloader.windows.dataset.WindowSet` whose samples carry the IMU keys
 (``imu``, ``imu_mask``...), the index fields (``text``, ``recording_id``, ``t0``...) and
 
 - ``video_emb (D,)`` float32: ``towers.encode_frames(video, reduce=...)`` of the window's frames (when the set
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmloader.windowset import WindowSet
+from mmloader.windows.dataset import WindowSet
 
 EMBED_FORMAT = 1
 REDUCES = ("center", "mean")

@@ -5,10 +5,10 @@
 >>> ds.info()["recordings"]
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
-from .dataset import Dataset, open  # noqa: E402,A004
-from .byo import InputError, Recording, TimeSeriesInput, write_store  # noqa: E402
+from .api import Dataset, open  # noqa: E402,A004
+from .recipes.custom import InputError, Recording, TimeSeriesInput, write_store  # noqa: E402
 from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
 from .store import Store, StoreWriter  # noqa: E402
 
@@ -34,11 +34,11 @@ __all__ = [
 def __getattr__(name: str):
     # torch is imported only when windows are used: `import mmloader` and the CLI stay light
     if name == "WindowSet":
-        from .windowset import WindowSet
+        from .windows.dataset import WindowSet
 
         return WindowSet
     if name == "WindowSpec":
-        from .windows import WindowSpec
+        from .windows.spec import WindowSpec
 
         return WindowSpec
     raise AttributeError(f"module 'mmloader' has no attribute {name!r}")

@@ -11,8 +11,8 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .adapters import available, get_adapter
-from .dataset import Dataset
+from .recipes import available, get_adapter
+from .api import Dataset
 from .errors import MMLoaderError, StoreFormatError
 from .store import Store
 

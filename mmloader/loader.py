@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
-from .collate import collate
+from .windows.collate import collate
 
 STATE_VERSION = 1
 MAX_WORKERS = 256  # each worker holds 3 file descriptors in the main process and a process of its own
@@ -76,7 +76,7 @@ def _prepare_context(name: str) -> None:
     imported mmloader once, so starting is fast and no decoder thread of the parent is ever inherited
     (forking a process that runs decord or FFmpeg threads can kill the child)."""
     if name == "forkserver":
-        torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["mmloader.windowset", "mmloader.loader"])
+        torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["mmloader.windows.dataset", "mmloader.loader"])
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from mmloader.adapters.ego4d_imu import HEADER
+from mmloader.recipes.ego4d.imu import HEADER
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.cli import main
 from mmloader.samples import generate_ego4d_sample
 from mmloader.windows import MAX_FRAMES_PER_WINDOW, MAX_SAMPLES_PER_WINDOW, WindowSpec, frames_held

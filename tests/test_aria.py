@@ -16,8 +16,8 @@ import pytest
 from projectaria_tools.core import data_provider
 
 import mmloader
-from mmloader.adapters import available, get_adapter
-from mmloader.adapters.aria import (
+from mmloader.recipes import available, get_adapter
+from mmloader.recipes.aria.recipe import (
     CHANNELS,
     AriaAdapter,
     AriaLayout,
@@ -27,7 +27,7 @@ from mmloader.adapters.aria import (
 )
 from mmloader.cli import main as cli_main
 from mmloader.errors import SourceFormatError
-from mmloader.media import media_url, probe_video
+from mmloader.video.probe import media_url, probe_video
 
 # the shared data sits beside the repository (here and in CI); MMLOADER_SHARED overrides
 DATA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "aria"
@@ -247,7 +247,7 @@ class _Hiding:
 
 
 def test_missing_labels(tmp_path, monkeypatch):
-    import mmloader.adapters.aria as aria
+    import mmloader.recipes.aria.recipe as aria
 
     real = aria.open_vrs
     monkeypatch.setattr(aria, "open_vrs", lambda path: _Hiding(real(path), {"imu-left", "camera-rgb"}))
@@ -278,7 +278,7 @@ def test_rectify_applies_factory_calibration(tmp_path, aea_store):
 
 
 def test_clear_error_without_projectaria_tools(monkeypatch, tmp_path):
-    import mmloader.adapters.aria as aria
+    import mmloader.recipes.aria.recipe as aria
 
     monkeypatch.setitem(sys.modules, "projectaria_tools", None)
     monkeypatch.setitem(sys.modules, "projectaria_tools.core", None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.byo import InputError, Recording, TimeSeriesInput, find_gaps, write_store
+from mmloader.recipes.custom import InputError, Recording, TimeSeriesInput, find_gaps, write_store
 from mmloader.errors import MediaError
 
 from conftest import write_mp4

@@ -1,5 +1,5 @@
 """docs/own-dataset.md section 4, as a test: a 50 Hz wrist accelerometer with activity labels, written with
-mmloader.byo, windowed with label_stream, and the IMU encoder trained IMU<->text against frozen CLIP text
+mmloader.recipes.custom, windowed with label_stream, and the IMU encoder trained IMU<->text against frozen CLIP text
 embeddings of the labels (the tiny offline open_clip config)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 import mmloader
 from imu2clip_plugin import ClipTowers, ContrastiveLoss, IMUEncoder, IMUEncoderConfig
-from mmloader.byo import Recording, TimeSeriesInput, write_store
+from mmloader.recipes.custom import Recording, TimeSeriesInput, write_store
 
 NS = 1_000_000_000
 ACTIVITIES = {"walking": (2.0, 2.0), "running": (3.0, 6.0), "sitting": (0.0, 0.0)}  # (step Hz, amplitude m/s^2)

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.cache import PAUSE_ENV, CacheError, WindowCache, cache_root, list_caches
 from mmloader.cli import main
-from mmloader.collate import collate
+from mmloader.windows.collate import collate
 from mmloader.samples import generate_ego4d_sample
-from mmloader.windowset import WindowSet
+from mmloader.windows.dataset import WindowSet
 
 SPEC = dict(sec=1, stride=0.5, modalities=["imu", "video"], frames=2, size=(32, 40))
 CLI_SPEC = ["--sec", "1", "--stride", "0.5", "--modalities", "imu", "video", "--frames", "2", "--size", "32", "40"]
@@ -164,7 +164,7 @@ def test_torn_shard_on_an_object_store_is_a_miss(sample, monkeypatch):
         if k == 1:
             raise RuntimeError("writer died")
 
-    monkeypatch.setattr("mmloader.cache._pause_hook", crash)
+    monkeypatch.setattr("mmloader.cache.window_cache._pause_hook", crash)
     with pytest.raises(RuntimeError, match="writer died"):
         windows.cache(url, fill="eager", progress=False, shard_size=K)
     monkeypatch.undo()

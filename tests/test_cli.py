@@ -58,7 +58,7 @@ def test_usage_error_exit_2():
 
 
 def test_mmloader_never_imports_the_plugin_or_open_clip():
-    code = "import sys, mmloader, mmloader.cli, mmloader.adapters.ego4d; " \
+    code = "import sys, mmloader, mmloader.cli, mmloader.recipes.ego4d.recipe; " \
            "bad = [m for m in sys.modules if m.split('.')[0] in ('imu2clip_plugin', 'open_clip', 'torch')]; print(bad)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]"

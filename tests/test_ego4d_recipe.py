@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
-from mmloader.adapters.ego4d_imu import HEADER, read_imu_csv
-from mmloader.adapters.ego4d_narration import clean_narration
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
+from mmloader.recipes.ego4d.imu import HEADER, read_imu_csv
+from mmloader.recipes.ego4d.narration import clean_narration
 from mmloader.errors import MediaError, SourceFormatError
 
 from conftest import imu_rows, make_ego4d_tree, write_csv, write_mp4

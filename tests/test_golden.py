@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.adapters import get_adapter
+from mmloader.recipes import get_adapter
 from mmloader.samples import generate_ego4d_sample
 
 # recorded with av 18.1.0, numpy 2.4.6, torch 2.14.1 on x86_64

@@ -12,7 +12,7 @@ import mmloader
 from imu2clip_plugin import ClipTowers, IMUEncoder, IMUEncoderConfig
 from imu2clip_plugin.evaluate import (AR_METHODS, WindowEmbeddings, activity_recognition, embed_windows, evaluate_encoder,
                                       fine_tune, linear_probe, retrieval, write_report)
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import ACTIVITIES, generate_ego4d_sample
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import generate_ego4d_sample
 
 pytest.importorskip("open_clip")

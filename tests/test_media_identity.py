@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.adapters.aria import AriaAdapter
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.aria.recipe import AriaAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.cli import main as cli_main
 from mmloader.errors import MediaError
-from mmloader.media import (
+from mmloader.video.probe import (
     HASH_SPAN,
     MediaIdentity,
     check_store_media,
@@ -237,7 +237,7 @@ def test_media_location_helpers():
 
 
 def test_reader_pool_reopens_a_changed_local_file(tmp_path):
-    from mmloader.media import probe_video
+    from mmloader.video.probe import probe_video
     from mmloader.video import ReaderPool
 
     mp4 = write_mp4(tmp_path / "a.mp4", seconds=1)
@@ -259,7 +259,7 @@ def test_remote_media_decode_with_pyav_when_decord_is_asked(tmp_path):
 
     import fsspec
 
-    from mmloader.media import copy_media, probe_video
+    from mmloader.video.probe import copy_media, probe_video
     from mmloader.video import available_backends, open_reader
 
     mp4 = write_mp4(tmp_path / "a.mp4", seconds=1)
@@ -300,7 +300,7 @@ def test_replaced_mp4_raises_media_error_through_loader_workers(tree, tmp_path):
 
 
 def test_byo_store_records_and_checks_media_identity(tmp_path):
-    from mmloader.byo import Recording, write_store
+    from mmloader.recipes.custom import Recording, write_store
 
     mp4 = write_mp4(tmp_path / "cam.mp4", seconds=2.0)
     url = write_store(tmp_path / "store", [Recording(id="r1", videos={"video": mp4})], dataset="mine")

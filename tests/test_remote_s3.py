@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import generate_ego4d_sample
 
 from moto import server as moto_server  # in the dev extra: moto[server], s3fs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mmloader
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import generate_ego4d_sample, load_sample_manifest
 
 

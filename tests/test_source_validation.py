@@ -13,9 +13,9 @@ import pytest
 
 import mmloader
 from mmloader import cli
-from mmloader.adapters.ego4d import Ego4DAdapter, check_metadata
-from mmloader.adapters.ego4d_imu import read_imu_csv
-from mmloader.byo import InputError, Recording, TimeSeriesInput, write_store
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter, check_metadata
+from mmloader.recipes.ego4d.imu import read_imu_csv
+from mmloader.recipes.custom import InputError, Recording, TimeSeriesInput, write_store
 from mmloader.errors import SourceFormatError
 
 from conftest import imu_rows, make_ego4d_tree, write_csv
@@ -339,7 +339,7 @@ AEA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ari
 
 
 def test_speech_csv_absurd_numbers(tmp_path):
-    from mmloader.adapters.aria import read_speech_csv
+    from mmloader.recipes.aria.recipe import read_speech_csv
 
     head = "startTime_ns,endTime_ns,written,confidence\n"
     for line, pattern in [("1,2,a,inf", "field 'confidence' is 'inf'"), ("1,2,a,nan", "field 'confidence' is 'nan'"),
@@ -358,7 +358,7 @@ def test_speech_csv_absurd_numbers(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(AEA, "recording.vrs")), reason="no Aria test recording")
 def test_aria_folder_name_that_is_not_a_safe_id(tmp_path):
     pytest.importorskip("projectaria_tools")
-    from mmloader.adapters.aria import AriaAdapter
+    from mmloader.recipes.aria.recipe import AriaAdapter
 
     root = tmp_path / "aria"
     for name in ("good", "bad\x01name"):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmloader import Dataset, Store, StoreFormatError, StoreWriter
-from mmloader.schema import FORMAT_VERSION, load_schema, table_schema
+from mmloader.store.schema import FORMAT_VERSION, load_schema, table_schema
 
 
 def _write_small_store(url: str, **kw) -> str:

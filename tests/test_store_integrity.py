@@ -18,7 +18,7 @@ import pytest
 
 from mmloader import Store, StoreFormatError, StoreWriter
 from mmloader.cli import main
-from mmloader.schema import table_schema
+from mmloader.store.schema import table_schema
 from mmloader.store import check_recording_id
 
 ROWS = 64  # small chunks: 300 samples -> 5 chunks of t_ns and data

@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from mmloader.media import ticks_to_ns
-from mmloader.resample import resample
+from mmloader.video.probe import ticks_to_ns
+from mmloader.windows.resample import resample
 
 
 def test_ticks_to_ns_is_exact_and_does_not_overflow():

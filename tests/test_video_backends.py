@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mmloader.media import probe_video
+from mmloader.video.probe import probe_video
 from mmloader.video import ReaderPool, available_backends, nearest_frames, open_reader, resolve_backend
 from mmloader.video import backends as backends_module
 from mmloader.video.backends import backend_problems

@@ -8,9 +8,9 @@ import pytest
 
 import mmloader
 from mmloader import StoreWriter
-from mmloader.adapters.ego4d import Ego4DAdapter
+from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.samples import generate_ego4d_sample
-from mmloader.schema import table_schema
+from mmloader.store.schema import table_schema
 
 NS = 1_000_000_000
 

@@ -36,8 +36,9 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, read_arrow_buffer, probe_exists
 from ..lru import LRU
-from ..schema import check_manifest, check_table, load_schema
-from .writer import MANIFEST, has_sha256, is_chunk_file
+from .schema import check_manifest, check_table, load_schema
+from .schema import MANIFEST
+from .writer import has_sha256, is_chunk_file
 
 HANDLE_CACHE = 64  # open time-series groups kept per process
 CHUNK_CACHE = 64  # decoded time-series chunks kept per process (4096 rows x C float32 each)
@@ -533,7 +534,7 @@ class Store:
                 self.events(name)
             except StoreFormatError as e:
                 add(join(self.url, self.manifest["events"][name]), str(e))
-        from ..media import check_store_media  # media sits beside the store layer; imported late, no cycle
+        from ..video.probe import check_store_media
 
         for msg in check_store_media(self):  # every video's file against its size and content hash
             problems.setdefault(msg, msg)

@@ -47,12 +47,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .. import __version__
+from .._version import __version__
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, probe_exists
-from ..schema import FORMAT, FORMAT_VERSION, conform, load_schema, table_file
+from .schema import FORMAT, FORMAT_VERSION, MANIFEST, conform, load_schema, table_file
 
-MANIFEST = "mmloader.json"
+
 WRITING_MARKER = ".mmloader-writing"  # non-local stores: present from a writer's start until its manifest is written
 TIMESERIES_CHUNK_ROWS = 4096
 MAX_ID_LENGTH = 200
@@ -159,7 +159,7 @@ def check_recording_id(rid: str, where: str) -> str:
     they must be a single, ordinary path component: a non-empty ``str`` of at most 200 characters, not
     ``.`` / ``..``, not starting with ``.`` (hidden; also the writer's ``.NAME.partial-*`` names), and without
     ``/``, ``\\``, NUL or other control characters. ``where`` names the source of the value in the message
-    (e.g. ``"ego4d metadata.json: video_uid"``). Recipes and :mod:`mmloader.byo` call this on their ids.
+    (e.g. ``"ego4d metadata.json: video_uid"``). Recipes and :mod:`mmloader.recipes.custom` call this on their ids.
     """
     if not isinstance(rid, str):
         raise StoreFormatError(f"{where}: id must be a string, got {type(rid).__name__} {rid!r}")

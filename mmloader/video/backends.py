@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import MediaError
 from ..fsutil import get_fs, is_local
-from ..media import MediaIdentity, open_remote, ticks_to_ns, verify_media
+from .probe import MediaIdentity, open_remote, ticks_to_ns, verify_media
 
 Size = tuple[int, int]  # (height, width)
 
@@ -321,7 +321,7 @@ def open_reader(backend: str, url: str, pts_ns: np.ndarray, keyframe: np.ndarray
     """Open one reader of ``backend`` (``auto`` resolved per URL, see ``reader_backend``).
 
     ``storage_options``: the fsspec options of ``url`` (e.g. an S3 endpoint). ``identity``: what the file
-    was at prepare (``MediaIdentity``); checked before the file is opened (``mmloader.media.verify_media``:
+    was at prepare (``MediaIdentity``); checked before the file is opened (``mmloader.video.probe.verify_media``:
     a replaced file raises MediaError naming it, ``recording_id`` and ``stream``).
     """
     if identity is not None:

@@ -43,15 +43,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
-from . import __version__
-from .errors import MMLoaderError
-from .fsutil import get_fs, is_local, join, normalize_url
-from .paths import cache_dir
+from .._version import __version__
+from ..errors import MMLoaderError
+from ..fsutil import get_fs, is_local, join, normalize_url
+from ..paths import cache_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from .windowset import WindowSet
+    from ..windows.dataset import WindowSet
 
 NS = 1_000_000_000
 CACHE_FORMAT = "mmloader-window-cache"
@@ -825,8 +825,8 @@ class WindowCache:
     def stale_reason(self) -> str | None:
         """Why the store this cache was built from has changed since (None if it has not, as far as the
         store's manifest and this mmloader's version tell; the index is checked when a window set opens it)."""
-        from .errors import StoreFormatError
-        from .store import Store
+        from ..errors import StoreFormatError
+        from ..store import Store
 
         c = self.components
         if c.get("cache_version") != CACHE_VERSION or c.get("mmloader_version") != __version__:

@@ -1,0 +1,368 @@
+"""Bring your own dataset: write a store from plain arrays, media files and label lists.
+
+>>> import numpy as np
+>>> from mmloader.recipes.custom import Recording, TimeSeriesInput, write_store
+>>> t_ns = np.arange(3000, dtype=np.int64) * 20_000_000            # 50 Hz, ns on the recording's clock
+>>> acc = np.random.randn(3000, 3).astype(np.float32)
+>>> url = write_store("/data/wrist-store", dataset="wrist", recordings=[
+...     Recording(id="subject1-day1", split="train",
+...               timeseries={"wrist": TimeSeriesInput(t_ns, acc, ["acc_x", "acc_y", "acc_z"], ["m/s^2"] * 3)},
+...               events={"labels": [(0, 10_000_000_000, "walking")]}),
+... ])
+
+Time is int64 nanoseconds on each recording's own clock (any origin). ``write_store`` takes any iterable
+of recordings (a list, or a generator for datasets larger than memory: it is read once, one recording at a
+time), validates every input as it arrives (errors name the recording and the stream), measures rates, finds
+gaps (periods longer than ``gap_factor`` × the median period; windows mask them, never fill them), probes
+videos (their pts index is stored; the media stays where it is) and writes the recordings / streams / gaps
+tables for you, atomically. A store with no recording is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import MMLoaderError, StoreFormatError
+from ..fsutil import normalize_url
+from ..video.probe import media_identity, probe_video
+from ..store.schema import table_schema
+from ..store.writer import StoreWriter, check_recording_id
+
+NS = 1_000_000_000
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # stream names
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_END = object()
+EventRow = Union[Sequence[Any], Mapping[str, Any]]
+
+
+class InputError(MMLoaderError, ValueError):
+    """An input given to ``write_store`` is malformed; the message names the recording and the stream."""
+
+
+@dataclass(frozen=True)
+class TimeSeriesInput:
+    """One time series: ``t_ns (N,)`` integer ns on the recording's clock, strictly increasing;
+    ``data (N, C)`` numeric, finite; one channel name and unit per column. ``rate_hz`` is the nominal
+    rate (None: measured from the median period)."""
+
+    t_ns: np.ndarray
+    data: np.ndarray
+    channels: Sequence[str]
+    units: Sequence[str]
+    rate_hz: float | None = None
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One continuous capture and its streams (stream name = modality name, e.g. ``imu``, ``video``).
+
+    ``timeseries``: name → TimeSeriesInput. ``videos``: name → path or fsspec URL of a media file (probed;
+    frame times are its pts, which must be on the same clock as the time series). ``events``: name →
+    rows, each ``(t_start_ns, t_end_ns, text)`` or a dict with ``t_start_ns``, ``t_end_ns``, ``text`` and
+    optionally ``text_raw``, ``kind``, ``source``, ``uid``. ``meta``: JSON-serialisable, kept as meta_json.
+    ``duration_ns``: default = span of its time series and videos.
+    """
+
+    id: str
+    split: str | None = None
+    timeseries: Mapping[str, TimeSeriesInput] = field(default_factory=dict)
+    videos: Mapping[str, str | os.PathLike] = field(default_factory=dict)
+    events: Mapping[str, Sequence[EventRow]] = field(default_factory=dict)
+    meta: Mapping[str, Any] | None = None
+    duration_ns: int | None = None
+
+
+def _default_kind(events_name: str) -> str:
+    return {"narrations": "narration", "summaries": "summary"}.get(events_name, "label")
+
+
+def check_timeseries(rec_id: str, name: str, ts: TimeSeriesInput) -> tuple[np.ndarray, np.ndarray]:
+    """``(t_ns int64, data float32)`` of a validated time series; InputError naming ``rec_id``/``name``."""
+    where = f"recording {rec_id!r}, stream {name!r}"
+    t = np.asarray(ts.t_ns)
+    x = np.asarray(ts.data)
+    if t.ndim != 1:
+        raise InputError(f"{where}: t_ns must be 1-D (N,), got shape {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise InputError(f"{where}: t_ns must be integer nanoseconds, got {t.dtype}; convert seconds with "
+                         "np.round(t_sec * 1e9).astype(np.int64)")
+    if x.ndim != 2:
+        raise InputError(f"{where}: data must be 2-D (N, C), got shape {x.shape}"
+                         + ("; use data.reshape(-1, 1) for one channel" if x.ndim == 1 else ""))
+    if x.shape[0] != t.shape[0]:
+        raise InputError(f"{where}: data has {x.shape[0]} rows but t_ns has {t.shape[0]}")
+    if t.shape[0] < 2:
+        raise InputError(f"{where}: needs at least 2 samples, got {t.shape[0]}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)) or x.dtype == np.bool_:
+        raise InputError(f"{where}: data must be numeric, got {x.dtype}")
+    channels, units = list(ts.channels), list(ts.units)
+    if len(channels) != x.shape[1] or len(units) != x.shape[1]:
+        raise InputError(f"{where}: data has {x.shape[1]} columns but {len(channels)} channels and "
+                         f"{len(units)} units were given")
+    if len(set(channels)) != len(channels):
+        raise InputError(f"{where}: channel names repeat: {channels}")
+    if t.dtype.kind == "u" and t.size and int(t.max()) > INT64_MAX:
+        raise InputError(f"{where}: t_ns has values above the int64 range (max {int(t.max())})")
+    t = t.astype(np.int64)
+    d = np.diff(t)
+    if np.any(d <= 0):
+        i = int(np.flatnonzero(d <= 0)[0])
+        raise InputError(f"{where}: t_ns must be strictly increasing; t_ns[{i}] = {t[i]} then t_ns[{i + 1}] = "
+                         f"{t[i + 1]} (sort the samples and drop repeated times first)")
+    xf = x.astype(np.float32)
+    bad = ~np.isfinite(xf).all(axis=1)
+    if bad.any():
+        raise InputError(f"{where}: data has NaN or inf in {int(bad.sum())} rows (first at row "
+                         f"{int(np.flatnonzero(bad)[0])}); drop those rows, gaps are found from the time stamps")
+    if ts.rate_hz is not None and not (np.isfinite(ts.rate_hz) and ts.rate_hz > 0):
+        raise InputError(f"{where}: rate_hz must be a positive number or None, got {ts.rate_hz!r}")
+    return t, xf
+
+
+def find_gaps(t_ns: np.ndarray, gap_factor: float = 5.0) -> list[tuple[int, int]]:
+    """``(last sample before, first sample after)`` of every period longer than ``gap_factor`` × median."""
+    d = np.diff(t_ns)
+    if d.size == 0:
+        return []
+    limit = gap_factor * float(np.median(d))
+    return [(int(t_ns[i]), int(t_ns[i + 1])) for i in np.flatnonzero(d > limit)]
+
+
+def _event_rows(rec_id: str, name: str, rows: Sequence[EventRow]) -> list[dict[str, Any]]:
+    where = f"recording {rec_id!r}, events {name!r}"
+    out = []
+    for i, r in enumerate(rows):
+        if isinstance(r, Mapping):
+            missing = [k for k in ("t_start_ns", "t_end_ns", "text") if k not in r]
+            if missing:
+                raise InputError(f"{where}: row {i} lacks {missing}")
+            row = dict(r)
+        elif isinstance(r, (list, tuple)) and len(r) == 3:
+            row = {"t_start_ns": r[0], "t_end_ns": r[1], "text": r[2]}
+        else:
+            raise InputError(f"{where}: row {i} is {r!r}; expected (t_start_ns, t_end_ns, text) or a dict")
+        for k in ("t_start_ns", "t_end_ns"):
+            v = row[k]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise InputError(f"{where}: row {i}: {k} is {v!r}; expected integer nanoseconds")
+            if not INT64_MIN <= int(v) <= INT64_MAX:
+                raise InputError(f"{where}: row {i}: {k} is {v!r}, outside the int64 range of nanoseconds")
+            row[k] = int(v)
+        if row["t_end_ns"] < row["t_start_ns"]:
+            raise InputError(f"{where}: row {i}: t_end_ns {row['t_end_ns']} < t_start_ns {row['t_start_ns']}")
+        if not isinstance(row["text"], str):
+            raise InputError(f"{where}: row {i}: text is {type(row['text']).__name__}, expected str")
+        row.setdefault("text_raw", row["text"])
+        row.setdefault("kind", _default_kind(name))
+        row.setdefault("source", name)
+        row.setdefault("uid", f"{rec_id}:{name}:{i}")
+        row["recording_id"] = rec_id
+        out.append(row)
+    return out
+
+
+def _check_recording(rec: Any, seen: set[str], kinds: dict[str, str]) -> None:
+    """Check one recording as it arrives; ``seen`` (ids so far) and ``kinds`` (stream name → kind) carry
+    the rules that span recordings, and are updated once the recording passes."""
+    if not isinstance(rec, Recording):
+        raise InputError(f"expected Recording objects, got {type(rec).__name__}")
+    try:
+        check_recording_id(rec.id, "Recording.id")
+    except StoreFormatError as e:
+        raise InputError(f"recording id {rec.id!r}: {e} (it names folders)") from None
+    if rec.id in seen:
+        raise InputError(f"recording id {rec.id!r} appears twice")
+    if not rec.timeseries and not rec.videos:
+        raise InputError(f"recording {rec.id!r} has no time series and no video (windows need one)")
+    names = [*rec.timeseries, *rec.videos, *rec.events]
+    for kind, group in (("timeseries", rec.timeseries), ("video", rec.videos), ("events", rec.events)):
+        for name in group:
+            if not isinstance(name, str) or not NAME.match(name) or name == "text":
+                raise InputError(f"recording {rec.id!r}: stream name {name!r} is not allowed "
+                                 "(letters, digits, '_', '-', '.'; 'text' is reserved)")
+            if names.count(name) > 1:
+                raise InputError(f"recording {rec.id!r}: stream name {name!r} is used by two kinds")
+            if kinds.get(name, kind) != kind:
+                raise InputError(f"recording {rec.id!r}: stream {name!r} is {kind} here but {kinds[name]} in "
+                                 "another recording (a name has one kind in a store)")
+    if rec.meta is not None:
+        try:
+            json.dumps(rec.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"recording {rec.id!r}: meta is not JSON-serialisable ({e})") from None
+    if rec.duration_ns is not None:
+        d = rec.duration_ns
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or not 0 < int(d) <= INT64_MAX:
+            raise InputError(f"recording {rec.id!r}: duration_ns is {d!r}; expected a positive integer of "
+                             "nanoseconds (or None: the span of its streams)")
+    for name, ts in rec.timeseries.items():
+        if not isinstance(ts, TimeSeriesInput):
+            raise InputError(f"recording {rec.id!r}, stream {name!r}: expected a TimeSeriesInput, "
+                             f"got {type(ts).__name__}")
+    seen.add(rec.id)
+    for kind, group in (("timeseries", rec.timeseries), ("video", rec.videos), ("events", rec.events)):
+        for name in group:
+            kinds.setdefault(name, kind)
+
+
+def _recording_digest(rec: Recording, checked: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """What the source fingerprint sees of one recording (its time stamps, shapes and video paths)."""
+    h = hashlib.sha256()
+    for name, (t, x) in sorted(checked.items()):
+        h.update(f"{rec.id}|{name}|{x.shape}|{t[0]}|{t[-1]}\n".encode())
+        h.update(np.ascontiguousarray(t).tobytes())
+    for name, path in sorted(rec.videos.items()):
+        h.update(f"{rec.id}|{name}|{os.fspath(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint(digests: list[str]) -> str:
+    """The source fingerprint, independent of the order in which the recordings came."""
+    h = hashlib.sha256(b"byo-2")
+    for d in sorted(digests):
+        h.update(d.encode())
+    return h.hexdigest()[:32]
+
+
+def write_store(
+    url: str | os.PathLike,
+    recordings: Iterable[Recording],
+    *,
+    dataset: str = "custom",
+    overwrite: bool = False,
+    gap_factor: float = 5.0,
+    source_fingerprint: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    **storage_options: Any,
+) -> str:
+    """Write a store at ``url`` (path or fsspec URL) from ``recordings``; returns its URL.
+
+    ``recordings`` is any iterable of :class:`Recording` (a list, a tuple, a generator). It is read once:
+    each recording is validated, then written, then let go before the next one is read, so a generator that
+    loads one recording at a time writes a dataset larger than memory (only table rows and event rows are
+    kept until the end). No recording → InputError, and nothing is created. A failure, in validation, in
+    the iterable itself or while writing, leaves nothing at ``url``. Time series must be strictly increasing
+    (they are refused, not sorted: the message names the recording, the stream and the first offending
+    pair). The report (``reports/prepare.json``) lists, per recording, samples, measured rates, gaps, frames
+    and events.
+    """
+    if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not (
+            np.isfinite(gap_factor) and gap_factor > 1):
+        raise InputError(f"gap_factor must be a finite number > 1, got {gap_factor!r}")
+    if isinstance(recordings, (Recording, str, bytes, Mapping)):
+        raise InputError("recordings must be an iterable of Recording objects (a list or a generator), got "
+                         f"{type(recordings).__name__}")
+    try:
+        it = iter(recordings)
+    except TypeError:
+        raise InputError("recordings must be an iterable of Recording objects (a list or a generator), got "
+                         f"{type(recordings).__name__}") from None
+    first = next(it, _END)
+    if first is _END:
+        raise InputError("write_store needs at least one Recording (an empty store is never written)")
+    _check_recording(first, set(), {})  # before anything is created at url
+    pending = [first]
+    del first
+
+    seen: set[str] = set()
+    kinds: dict[str, str] = {}
+    digests: list[str] = []
+    events: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {"dataset": dataset, "gap_factor": gap_factor, "recordings": {}}
+    rec_rows: list[dict[str, Any]] = []
+    stream_rows: list[dict[str, Any]] = []
+    gap_rows: list[dict[str, Any]] = []
+    with StoreWriter(url, dataset=dataset, source_fingerprint=source_fingerprint or "", options=dict(options or {}),
+                     overwrite=overwrite, protect=list(pending[0].videos.values()), **storage_options) as writer:
+        while True:
+            rec = pending.pop() if pending else next(it, _END)
+            if rec is _END:
+                break
+            _check_recording(rec, seen, kinds)
+            writer.protect(list(rec.videos.values()))  # a video inside url: overwrite would delete it
+            checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
+            rec_events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
+            # identity before the probe: the pts index then describes this very file (MediaError names the file)
+            idents = {name: media_identity(normalize_url(path)) for name, path in rec.videos.items()}
+            videos = {name: probe_video(normalize_url(path)) for name, path in rec.videos.items()}
+            digests.append(_recording_digest(rec, checked))
+            rep: dict[str, Any] = {}
+            spans: list[tuple[int, int]] = []
+            for name, ts in rec.timeseries.items():
+                t, x = checked.pop(name)
+                measured = NS / float(np.median(np.diff(t)))
+                rate = float(ts.rate_hz) if ts.rate_hz is not None else round(measured, 3)
+                rel = writer.write_timeseries(rec.id, name, t, x, list(ts.channels), list(ts.units), rate_hz=rate)
+                gaps = find_gaps(t, gap_factor)
+                stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "timeseries", "uri": rel,
+                                    "t_start_ns": int(t[0]), "t_end_ns": int(t[-1]), "n_samples": int(t.size),
+                                    "rate_hz": rate, "channels": list(ts.channels), "units": list(ts.units)})
+                gap_rows.extend({"recording_id": rec.id, "stream": name, "t_start_ns": a, "t_end_ns": b}
+                                for a, b in gaps)
+                rep[name] = {"samples": int(t.size), "measured_rate_hz": round(measured, 3), "rate_hz": rate,
+                             "gaps": len(gaps), "gaps_sec": [[(a - t[0]) / NS, (b - a) / NS] for a, b in gaps]}
+                spans.append((int(t[0]), int(t[-1])))
+                del t, x
+            for name, path in rec.videos.items():
+                info = videos[name]
+                rel = writer.write_video_index(rec.id, name, info.pts_ns, info.keyframe)
+                stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "video",
+                                    "uri": normalize_url(path), "index_uri": rel, "t_start_ns": int(info.pts_ns[0]),
+                                    "t_end_ns": int(info.pts_ns[-1]), "n_samples": info.num_frames,
+                                    "rate_hz": info.fps, "width": info.width, "height": info.height,
+                                    "codec": info.codec, **idents[name].columns()})
+                rep[name] = {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
+                             "codec": info.codec, "first_pts_sec": info.pts_ns[0] / NS}
+                spans.append((int(info.pts_ns[0]), int(info.pts_ns[-1])))
+                del info
+            for name, rows in rec_events.items():
+                rep[name] = {"events": len(rows)}
+                events.setdefault(name, []).extend(rows)
+                if rows:
+                    stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "events",
+                                        "uri": f"events/{name}.parquet",
+                                        "t_start_ns": min(r["t_start_ns"] for r in rows),
+                                        "t_end_ns": max(r["t_end_ns"] for r in rows), "n_samples": len(rows)})
+            start, end = min(a for a, _ in spans), max(b for _, b in spans)
+            duration = int(rec.duration_ns) if rec.duration_ns is not None else end - start
+            modalities = [*rec.timeseries, *rec.videos, *(n for n in rec.events if rep[n]["events"])]
+            rec_rows.append({"recording_id": rec.id, "dataset": dataset, "split": rec.split, "duration_ns": duration,
+                             "modalities": modalities,
+                             "meta_json": json.dumps(dict(rec.meta), sort_keys=True) if rec.meta is not None else None})
+            report["recordings"][rec.id] = rep
+            rec = ts = videos = rec_events = None  # let this recording go before the next one is read
+        writer.source_fingerprint = source_fingerprint or _fingerprint(digests)
+        writer.write_table("recordings", _table("recordings", rec_rows))
+        writer.write_table("streams", _table("streams", stream_rows))
+        writer.write_table("gaps", _table("gaps", gap_rows))
+        for name, rows in events.items():
+            if rows:
+                writer.write_events(name, _events_table(name, rows))
+        writer.write_json("reports/prepare.json", report)
+    return writer.url
+
+
+def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
+    schema = table_schema(kind)
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _events_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """The schema's columns first, then any extra keys the rows carry (missing extras → null)."""
+    base = table_schema("events").names
+    extra = sorted({k for r in rows for k in r} - set(base))
+    try:
+        return pa.Table.from_pylist([{k: r.get(k) for k in [*base, *extra]} for r in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"events {name!r}: the extra columns {extra} have mixed types ({e})") from None
+
+
+__all__ = ["InputError", "Recording", "TimeSeriesInput", "find_gaps", "write_store"]

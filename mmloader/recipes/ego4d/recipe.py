@@ -1,0 +1,462 @@
+"""The Ego4D recipe: native layout → store.
+
+Reads (``ROOT`` may hold them directly or under ``v2/`` or ``v1/``)::
+
+    ego4d.json                          videos[]: video_uid, duration_sec, has_imu, video_metadata, split_*
+    full_scale/<video_uid>.mp4          canonical videos (probed with PyAV: fps, size, codec, pts index)
+    imu/<video_uid>.csv                 ~200 Hz IMU on the canonical clock (repaired: see ego4d_imu)
+    annotations/narration.json          narrations and summaries (either pass may be missing)
+    annotations/sample_activity_segments.json   optional, written by the sample generator only
+
+Clock: canonical video time, int64 ns. Every video with at least one downloaded file (mp4 or IMU CSV)
+becomes a recording; its ``modalities`` say which streams it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ...errors import SourceFormatError, StoreFormatError
+from ...fsutil import get_fs, join, normalize_url, read_json
+from ...video.probe import copy_media as _copy_media
+from ...video.probe import media_identity, probe_video
+from ...store.writer import StoreWriter, check_recording_id
+from .imu import CHANNELS, UNITS, read_imu_csv
+from .narration import MAX_SECONDS, check_seconds, parse_narrations
+
+RECIPE_VERSION = 1
+SPLIT_FIELDS = ("split_fho", "split_em", "split_av")
+MAX_FPS = 1000.0
+MAX_FRAMES = 10**9
+# video_metadata fields that are seconds → their lower bound (starts may be negative: mp4 edit lists)
+METADATA_SECONDS = {"video_start_sec": -MAX_SECONDS, "video_duration_sec": 0.0, "mp4_duration_sec": 0.0,
+                    "audio_start_sec": -MAX_SECONDS, "audio_duration_sec": 0.0}
+
+
+class Ego4DLayout:
+    """Where the files of an Ego4D download are."""
+
+    def __init__(self, root: str):
+        self.root = normalize_url(root)
+        self.fs, _ = get_fs(self.root)
+        candidates = [join(self.root, "ego4d.json"), join(self.root, "v2", "ego4d.json"), join(self.root, "v1", "ego4d.json")]
+        self.metadata = next((c for c in candidates if self.fs.exists(c)), None)
+        if self.metadata is None:
+            if not self.fs.exists(self.root):
+                raise SourceFormatError(self.root, "no such directory", "an Ego4D download")
+            raise SourceFormatError(self.root, "no ego4d.json found", "ego4d.json at the root or under v2/ or v1/")
+        data_dirs = [join(self.root, "v2"), join(self.root, "v1"), self.root]
+        self.data_dir = next(
+            (d for d in data_dirs if any(self.fs.exists(join(d, s)) for s in ("full_scale", "imu", "annotations"))),
+            os.path.dirname(self.metadata),
+        )
+        self.video_dir = join(self.data_dir, "full_scale")
+        self.imu_dir = join(self.data_dir, "imu")
+        self.narration = join(self.data_dir, "annotations", "narration.json")
+        self.activities = join(self.data_dir, "annotations", "sample_activity_segments.json")
+
+    def listing(self, directory: str, suffix: str) -> dict[str, dict[str, Any]]:
+        """Files in ``directory`` ending with ``suffix``: stem → fsspec info."""
+        if not self.fs.exists(directory):
+            return {}
+        out = {}
+        for info in self.fs.ls(directory, detail=True):
+            name = os.path.basename(info["name"].rstrip("/"))
+            if name.endswith(suffix):
+                out[name[: -len(suffix)]] = info
+        return out
+
+    def source_files(self) -> list[dict[str, Any]]:
+        files = [self.fs.info(p) for p in (self.metadata, self.narration, self.activities) if self.fs.exists(p)]
+        files += list(self.listing(self.video_dir, ".mp4").values())
+        files += list(self.listing(self.imu_dir, ".csv").values())
+        return files
+
+
+@dataclass
+class Metadata:
+    """``videos[]`` of ego4d.json after the checks of ``check_metadata``.
+
+    ``videos``: the entries kept, each ``video_uid`` once. ``failed``: ``{uid (or "videos[i]"): why}`` for
+    entries left out under ``errors="skip"``. ``duplicates``: ``{uid: what was done}`` for every
+    ``video_uid`` listed more than once.
+    """
+
+    videos: list[dict[str, Any]]
+    failed: dict[str, str] = field(default_factory=dict)
+    duplicates: dict[str, str] = field(default_factory=dict)
+
+
+def read_metadata(path: str, *, split_fields: tuple[str, ...] = SPLIT_FIELDS) -> list[dict[str, Any]]:
+    """``videos[]`` of ego4d.json; the first bad entry or repeated ``video_uid`` raises (see ``check_metadata``)."""
+    return check_metadata(path, split_fields=split_fields).videos
+
+
+def check_metadata(path: str, *, split_fields: tuple[str, ...] = SPLIT_FIELDS, errors: str = "raise") -> Metadata:
+    """Read and check ``videos[]`` of ego4d.json.
+
+    Each entry: an object; ``video_uid`` a non-empty string that is a safe path component (the store's id
+    rule, ``check_recording_id``); ``duration_sec`` finite, > 0 and <= ``MAX_SECONDS``; ``video_metadata``
+    an object or absent, with ``fps`` in (0, ``MAX_FPS``], ``num_frames`` an integer >= 0, its ``*_sec``
+    fields finite and bounded; the split fields a string (or a list of one distinct string); no NaN or
+    Infinity anywhere in the entry (Python's json reads them; they would end in ``meta_json``).
+    ``video_uid`` must be unique: a recording listed twice would sit in two splits, its IMU written twice.
+
+    ``errors="raise"``: the first problem raises SourceFormatError naming the file, ``videos[i]``, the
+    uid and the field. ``errors="skip"``: a bad entry is left out (``failed``); a ``video_uid`` listed more
+    than once is kept once if all its copies are identical (``duplicates``), else every copy is left out
+    (which one is right cannot be known) and listed in both ``failed`` and ``duplicates``.
+    """
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("videos"), list):
+        raise SourceFormatError(path, "no 'videos' list at the top level", "an object with a 'videos' array")
+    out = Metadata(videos=[])
+    seen: dict[str, list[int]] = {}
+    problems: dict[int, str] = {}
+    for i, v in enumerate(doc["videos"]):
+        try:
+            uid = _check_video(path, i, v, split_fields)
+        except SourceFormatError as e:
+            if errors == "raise":
+                raise
+            uid = v.get("video_uid") if isinstance(v, dict) else None
+            if not isinstance(uid, str) or not uid:
+                out.failed[f"videos[{i}]"] = str(e)
+                continue
+            problems[i] = str(e)
+        if uid in seen and errors == "raise":
+            first = seen[uid][0]
+            raise SourceFormatError(path, f"videos[{i}]: field 'video_uid' {uid!r} is also the video_uid of "
+                                    f"videos[{first}] (a recording listed twice would sit in two splits)",
+                                    "each video_uid once (--errors skip keeps one of identical copies, "
+                                    "else leaves them all out)")
+        seen.setdefault(uid, []).append(i)
+    videos = doc["videos"]
+    for uid, idx in seen.items():
+        if len(idx) > 1:
+            where = ", ".join(f"videos[{i}]" for i in idx)
+            same = all(json.dumps(videos[i], sort_keys=True) == json.dumps(videos[idx[0]], sort_keys=True)
+                       for i in idx[1:])
+            if same and idx[0] not in problems:
+                out.duplicates[uid] = f"listed {len(idx)} times in ego4d.json ({where}), identical: kept {where.split(',')[0]}"
+            else:
+                why = "identical but invalid" if same else "with different contents"
+                out.duplicates[uid] = f"listed {len(idx)} times in ego4d.json ({where}) {why}: all copies left out"
+                out.failed[uid] = (f"{path}: field 'video_uid' {uid!r} is listed {len(idx)} times ({where}) {why}; "
+                                   "which copy is right cannot be known: all left out")
+                continue
+        if idx[0] in problems:
+            out.failed[uid] = problems[idx[0]]
+            continue
+        out.videos.append(videos[idx[0]])
+    return out
+
+
+def _check_video(path: str, i: int, v: Any, split_fields: tuple[str, ...]) -> str:
+    """The ``video_uid`` of entry ``i`` after its checks (see ``check_metadata``); SourceFormatError otherwise."""
+    where = f"videos[{i}]"
+    if not isinstance(v, dict):
+        raise SourceFormatError(path, f"{where} is a {type(v).__name__}", "an object")
+    uid = v.get("video_uid")
+    if not isinstance(uid, str) or not uid:
+        raise SourceFormatError(path, f"{where}: field 'video_uid' is {uid!r}", "a non-empty string")
+    try:
+        check_recording_id(uid, f"{where}: field 'video_uid'")
+    except StoreFormatError as e:
+        raise SourceFormatError(path, str(e), "a video_uid usable as a recording id") from None
+    where = f"{where} ({uid})"
+    check_seconds(v.get("duration_sec"), "duration_sec", where, path, lo_open=True)
+    vm = v.get("video_metadata")
+    if vm is not None:
+        if not isinstance(vm, dict):
+            raise SourceFormatError(path, f"{where}: field 'video_metadata' is not an object", "an object")
+        fps = vm.get("fps")
+        if fps is not None:
+            ok = not isinstance(fps, bool) and isinstance(fps, (int, float)) and math.isfinite(fps) and 0 < fps <= MAX_FPS
+            if not ok:
+                raise SourceFormatError(path, f"{where}: field 'video_metadata.fps' is {fps!r}",
+                                        f"a finite number of frames per second, > 0 and <= {MAX_FPS:g}")
+        n = vm.get("num_frames")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_FRAMES):
+            raise SourceFormatError(path, f"{where}: field 'video_metadata.num_frames' is {n!r}",
+                                    f"an integer >= 0 and <= {MAX_FRAMES}")
+        for key, lo in METADATA_SECONDS.items():
+            if vm.get(key) is not None:
+                check_seconds(vm[key], f"video_metadata.{key}", where, path, lo=lo)
+    bad = _non_finite(v)
+    if bad is not None:
+        raise SourceFormatError(path, f"{where}: field '{bad[0]}' is {bad[1]!r}", "finite numbers only (no NaN or Infinity)")
+    try:
+        _split(v, split_fields)
+    except ValueError as e:
+        raise SourceFormatError(path, f"{where}: {e}", "a split name (a string, or a list of one distinct string)") from None
+    return uid
+
+
+def _non_finite(obj: Any, prefix: str = "") -> tuple[str, float] | None:
+    """``(dotted field, value)`` of the first NaN or ±Infinity inside a JSON value, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return prefix, obj
+    if isinstance(obj, dict):
+        items = ((f"{prefix}.{k}" if prefix else str(k), x) for k, x in obj.items())
+    elif isinstance(obj, list):
+        items = ((f"{prefix}[{j}]", x) for j, x in enumerate(obj))
+    else:
+        return None
+    for name, x in items:
+        found = _non_finite(x, name)
+        if found is not None:
+            return found
+    return None
+
+
+def read_activity_segments(path: str) -> dict[str, list[dict[str, Any]]]:
+    """The sample generator's ground-truth segments: ``{uid: [{start_sec, end_sec, activity}]}`` → event rows."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not all(isinstance(v, list) for v in doc.values()):
+        raise SourceFormatError(path, "top level is not an object of lists", "{video_uid: [segments]}")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for uid, segs in doc.items():
+        rows = []
+        for i, s in enumerate(segs):
+            try:
+                t0, t1, label = float(s["start_sec"]), float(s["end_sec"]), str(s["activity"])
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise SourceFormatError(path, f"video {uid} segment {i}: {s!r}", "start_sec, end_sec, activity") from None
+            check_seconds(t0, "start_sec", f"video {uid} segment {i}", path)
+            check_seconds(t1, "end_sec", f"video {uid} segment {i}", path, lo=t0)
+            rows.append({"recording_id": uid, "t_start_ns": round(t0 * 1e9), "t_end_ns": round(t1 * 1e9),
+                         "text": label, "text_raw": label, "kind": "label", "source": "sample_activity_segments",
+                         "uid": f"{uid}:activity:{i}"})
+        out[uid] = rows
+    return out
+
+
+def _split(video: dict[str, Any], fields: tuple[str, ...]) -> str | None:
+    """The split of a video: the first of ``fields`` that is set, lower-cased; ValueError naming the field
+    when it is neither a string nor a list of one distinct string (a list of several would put the
+    recording in two splits)."""
+    for f in fields:
+        v = video.get(f)
+        if v is None or v == "" or v == []:
+            continue
+        if isinstance(v, str):
+            return v.strip().lower()
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            names = sorted({x.strip().lower() for x in v})
+            if len(names) == 1:
+                return names[0]
+            raise ValueError(f"field '{f}' is {v!r}, several splits for one recording")
+        raise ValueError(f"field '{f}' is {v!r}")
+    return None
+
+
+class Ego4DAdapter:
+    """Prepares an Ego4D download (or the sample generator's tree) into a store."""
+
+    name = "ego4d"
+
+    def fingerprint(self, root: str) -> str:
+        layout = Ego4DLayout(root)
+        h = hashlib.sha256(f"ego4d-recipe-{RECIPE_VERSION}".encode())
+        for info in sorted(layout.source_files(), key=lambda i: i["name"]):
+            h.update(f"{info['name']}|{info.get('size')}|{info.get('mtime', info.get('LastModified', ''))}\n".encode())
+        return h.hexdigest()[:32]
+
+    def prepare(
+        self,
+        root: str,
+        dst: str,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+        errors: str = "raise",
+        split_fields: tuple[str, ...] = SPLIT_FIELDS,
+        imu_gap_factor: float = 5.0,
+        storage_options: dict[str, Any] | None = None,
+        copy_media: bool = False,
+    ) -> str:
+        """Write the store. ``errors="raise"`` aborts on the first bad file or entry (nothing is left at
+        ``dst``); ``errors="skip"`` leaves that recording out (a bad narration event: that event) and records
+        why in the prepare report (``failed``, ``duplicates``, per recording ``events_dropped``); see
+        ``check_metadata`` for the rule on a ``video_uid`` listed twice.
+        ``storage_options`` configure the filesystem of ``dst`` (e.g. an S3 endpoint and keys).
+        ``copy_media=True`` (``prepare --copy-media``) copies every mp4 into the store (``media/<uid>.mp4``,
+        referenced relative to the store root): the store is self-contained and can be moved, copied or
+        uploaded; by default the store references the source mp4s by absolute path/URL. Either way each mp4's
+        size, mtime and fast hash are recorded and checked when a reader opens it."""
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+        layout = Ego4DLayout(root)
+        meta = check_metadata(layout.metadata, split_fields=split_fields, errors=errors)
+        videos = meta.videos
+        mp4s = layout.listing(layout.video_dir, ".mp4")
+        csvs = layout.listing(layout.imu_dir, ".csv")
+        narrations, narr_dropped = (parse_narrations(layout.narration, errors=errors)
+                                    if layout.fs.exists(layout.narration) else ({}, {}))
+        activities = read_activity_segments(layout.activities) if layout.fs.exists(layout.activities) else {}
+        options = {"errors": errors, "split_fields": list(split_fields), "imu_gap_factor": imu_gap_factor,
+                   "copy_media": bool(copy_media)}
+
+        recordings, streams, gaps = [], [], []
+        events: dict[str, list[dict[str, Any]]] = {"narrations": [], "summaries": [], "activities": []}
+        report: dict[str, Any] = {"dataset": "ego4d", "source": layout.root, "metadata": layout.metadata,
+                                  "recordings": {}, "skipped": {}, "failed": dict(meta.failed),
+                                  "duplicates": dict(meta.duplicates)}
+        with StoreWriter(dst, dataset="ego4d", source_fingerprint=self.fingerprint(root), options=options,
+                         overwrite=overwrite, protect=[root], **(storage_options or {})) as writer:
+            for video in tqdm(videos, desc="prepare ego4d", unit="video", disable=not progress):
+                uid = video["video_uid"]
+                if uid not in mp4s and uid not in csvs:
+                    report["skipped"][uid] = "not downloaded (no mp4, no IMU CSV)"
+                    continue
+                try:
+                    rec = self._recording(writer, layout, video, mp4s, csvs, narrations, activities,
+                                          split_fields, imu_gap_factor, copy_media)
+                except SourceFormatError as e:
+                    if errors == "raise":
+                        raise
+                    report["failed"][uid] = str(e)
+                    continue
+                recordings.append(rec["recording"])
+                streams.extend(rec["streams"])
+                gaps.extend(rec["gaps"])
+                for name, rows in rec["events"].items():
+                    events[name].extend(rows)
+                if uid in narr_dropped:
+                    d = narr_dropped[uid]
+                    rec["report"]["events_dropped"] = d
+                    rec["report"]["warnings"].append(f"narration.json: {d['events']} bad event(s) dropped")
+                if uid in meta.duplicates:
+                    rec["report"]["warnings"].append(meta.duplicates[uid])
+                report["recordings"][uid] = rec["report"]
+            if not recordings:
+                if report["failed"]:
+                    raise SourceFormatError(layout.root, f"no recording could be prepared: {len(report['failed'])} "
+                                            f"failed ({_first(report['failed'])})", "at least one good video")
+                raise SourceFormatError(layout.root, "no video of ego4d.json has a downloaded mp4 or IMU CSV",
+                                        f"files under {layout.video_dir} or {layout.imu_dir}")
+            writer.write_table("recordings", pa.Table.from_pylist(recordings))
+            writer.write_table("streams", _streams_table(streams))
+            writer.write_table("gaps", pa.Table.from_pylist(gaps, schema=_gap_schema()))
+            for name, rows in events.items():
+                if rows:
+                    writer.write_events(name, pa.Table.from_pylist(rows))
+            report["totals"] = _totals(report)
+            writer.write_json("reports/prepare.json", report)
+        return writer.url
+
+    def _recording(self, writer, layout, video, mp4s, csvs, narrations, activities, split_fields, gap_factor,
+                   copy_media=False):
+        uid = video["video_uid"]
+        duration = float(video["duration_sec"])
+        rep: dict[str, Any] = {"warnings": []}
+        streams, gaps, evs = [], [], {}
+        if uid in mp4s:
+            url, uri, opts = _media_file(writer, join(layout.video_dir, f"{uid}.mp4"), uid, copy_media)
+            ident = media_identity(url, opts)  # before probing: the index describes this very file
+            info = probe_video(url, opts)
+            rel = writer.write_video_index(uid, "video", info.pts_ns, info.keyframe)
+            streams.append({"recording_id": uid, "stream": "video", "kind": "video", "uri": uri, "index_uri": rel,
+                            "t_start_ns": int(info.pts_ns[0]), "t_end_ns": int(info.pts_ns[-1]),
+                            "n_samples": info.num_frames, "rate_hz": info.fps, "width": info.width,
+                            "height": info.height, "codec": info.codec, **ident.columns()})
+            rep["video"] = {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
+                            "codec": info.codec, "first_pts_sec": info.pts_ns[0] / 1e9}
+            declared = (video.get("video_metadata") or {}).get("num_frames")
+            if isinstance(declared, int) and abs(declared - info.num_frames) > 1:
+                rep["warnings"].append(f"ego4d.json declares {declared} frames, the mp4 has {info.num_frames}")
+        else:
+            rep["warnings"].append("no mp4 (full_scale) downloaded")
+        if uid in csvs:
+            imu = read_imu_csv(join(layout.imu_dir, f"{uid}.csv"), duration_sec=duration, gap_factor=gap_factor)
+            rep["imu"] = imu.report
+            if imu.t_ns.size >= 2:
+                rate = float(round(imu.report["measured_rate_hz"]))
+                rel = writer.write_timeseries(uid, "imu", imu.t_ns, imu.data, CHANNELS, UNITS, rate_hz=rate)
+                streams.append({"recording_id": uid, "stream": "imu", "kind": "timeseries", "uri": rel,
+                                "t_start_ns": int(imu.t_ns[0]), "t_end_ns": int(imu.t_ns[-1]),
+                                "n_samples": int(imu.t_ns.size), "rate_hz": rate, "channels": CHANNELS,
+                                "units": UNITS})
+                gaps.extend({"recording_id": uid, "stream": "imu", "t_start_ns": a, "t_end_ns": b} for a, b in imu.gaps)
+            else:
+                rep["warnings"].append(f"IMU CSV has {imu.t_ns.size} valid rows: no imu stream")
+            if video.get("has_imu") is False:
+                rep["warnings"].append("ego4d.json says has_imu false, but an IMU CSV exists; it was used")
+        elif video.get("has_imu"):
+            rep["warnings"].append("ego4d.json says has_imu true, but no IMU CSV was downloaded")
+        rows = narrations.get(uid, [])
+        for name, kind in (("narrations", "narration"), ("summaries", "summary")):
+            sel = [r for r in rows if r["kind"] == kind]
+            if sel:
+                evs[name] = sel
+        if activities.get(uid):
+            evs["activities"] = activities[uid]
+        for name, sel in evs.items():
+            streams.append({"recording_id": uid, "stream": name, "kind": "events", "uri": f"events/{name}.parquet",
+                            "t_start_ns": min(r["t_start_ns"] for r in sel), "t_end_ns": max(r["t_end_ns"] for r in sel),
+                            "n_samples": len(sel)})
+        rep["events"] = {name: len(sel) for name, sel in evs.items()}
+        recording = {"recording_id": uid, "dataset": "ego4d", "split": _split(video, split_fields),
+                     "duration_ns": round(duration * 1e9), "modalities": [s["stream"] for s in streams],
+                     "meta_json": json.dumps(video, sort_keys=True)}
+        return {"recording": recording, "streams": streams, "gaps": gaps, "events": evs, "report": rep}
+
+
+def _media_file(writer: StoreWriter, src: str, uid: str, copy: bool) -> tuple[str, str, dict[str, Any]]:
+    """(URL to probe and hash, ``uri`` for the streams row, fsspec options of that URL) of a recording's
+    mp4: the source file itself (absolute ``uri``), or with ``copy`` its copy at ``media/<uid>.mp4`` in the
+    store being written (``uri`` relative to the store root)."""
+    if not copy:
+        return src, src, {}
+    rel = f"media/{uid}.mp4"
+    dst = join(writer.work_url, rel)
+    opts = dict(writer.storage_options or {})
+    _copy_media(src, dst, dst_options=opts)
+    return dst, rel, opts
+
+
+def _streams_table(rows: list[dict[str, Any]]) -> pa.Table:
+    from ...store.schema import table_schema
+
+    schema = table_schema("streams")
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _gap_schema() -> pa.Schema:
+    from ...store.schema import table_schema
+
+    return table_schema("gaps")
+
+
+def _totals(report: dict[str, Any]) -> dict[str, Any]:
+    dropped: dict[str, int] = {}
+    fixed: dict[str, int] = {}
+    n_gaps = 0
+    for rec in report["recordings"].values():
+        imu = rec.get("imu") or {}
+        for k, v in imu.get("dropped", {}).items():
+            dropped[k] = dropped.get(k, 0) + v
+        for k, v in imu.get("fixed", {}).items():
+            fixed[k] = fixed.get(k, 0) + v
+        n_gaps += len(imu.get("gaps_sec", []))
+    events_dropped = sum((rec.get("events_dropped") or {}).get("events", 0) for rec in report["recordings"].values())
+    return {"recordings": len(report["recordings"]), "skipped": len(report["skipped"]),
+            "failed": len(report["failed"]), "duplicates": len(report.get("duplicates", {})),
+            "events_dropped": events_dropped, "imu_rows_dropped": dropped, "imu_rows_fixed": fixed,
+            "imu_gaps": n_gaps}
+
+
+def _first(failed: dict[str, str]) -> str:
+    uid, why = next(iter(failed.items()))
+    return f"{uid}: {why}" + (f"; and {len(failed) - 1} more" if len(failed) > 1 else "")

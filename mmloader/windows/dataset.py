@@ -1,0 +1,263 @@
+"""``WindowSet``: a map-style dataset of aligned windows.
+
+A sample is a flat dict (one window, times in seconds relative to ``t0`` unless named ``*_ns``):
+
+==================  ==========================  ==============================================================
+key                 type                        meaning
+==================  ==========================  ==============================================================
+``<ts>``            float32 tensor (C, T)       a time series (e.g. ``imu``) on the grid ``t0 + k / imu_hz``
+``<ts>_mask``       bool tensor (T,)            False where the grid point is in a gap (value 0 there)
+``<video>``         uint8 tensor (F, 3, H, W)   the frames nearest to the requested times
+``<video>_t``       float32 tensor (F,)         the frames' actual pts − t0, seconds
+``text``            str or list[str]            the narration (events mode) / narrations inside (tile mode)
+``label``           str                         with ``label_stream``: the segment label covering most of it
+``recording_id``    str
+``t0``, ``t1``      float                       window bounds, seconds on the recording clock
+``index``           int                         position in this WindowSet
+==================  ==========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ..lru import LRU
+from .resample import filter_support_ns, resample
+from ..store import Store
+from ..video.probe import MediaIdentity, media_storage_options, media_url
+from ..video.backends import ReaderPool, reader_backend
+from .index import build_index
+from .spec import NS, Modalities, WindowSpec, check_split, resolve_modalities
+
+VIDEO_INDEX_CACHE = 32
+
+
+class WindowSet:
+    """Windows of one dataset, built once (``Dataset.windows(...)``); ``len``, ``[i]``, ``split``, ``filter``.
+
+    Picklable and cheap to send to workers: it carries the index (Arrow) and the store URL; the store,
+    video readers and caches are opened lazily in the process that reads.
+    """
+
+    def __init__(self, store: Store, spec: WindowSpec, index: pa.Table | None = None,
+                 report: dict[str, Any] | None = None, reader_capacity: int = 4, max_windows: int | None = None):
+        self.spec = spec
+        self._store = store
+        self.modalities: Modalities = resolve_modalities(store, spec)
+        if index is None:
+            index, report = build_index(store, spec, max_windows=max_windows)
+        self.index = index
+        self._report = report or {}
+        self.reader_capacity = reader_capacity
+        self._columns = _Columns(index)
+        self._readers: ReaderPool | None = None
+        self._video_index: LRU = LRU(VIDEO_INDEX_CACHE)
+        self._lock = threading.Lock()
+
+    # -- map-style -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.index.num_rows
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"window {i} out of range ({n} windows)")
+        i = int(i) % n
+        if self._cache is not None:  # -- window cache hook (mmloader.cache): served from / filled into it
+            return self._cache.get(i)
+        c = self._columns
+        rid = c.recording_id[i]
+        t0, t1 = int(c.t0[i]), int(c.t1[i])
+        sample: dict[str, Any] = {"recording_id": rid, "t0": t0 / NS, "t1": t1 / NS, "index": i}
+        for m in self.modalities.timeseries:
+            y, mask = self._read_timeseries(rid, m, t0)
+            sample[m] = torch.from_numpy(np.ascontiguousarray(y.T))
+            sample[f"{m}_mask"] = torch.from_numpy(mask)
+        for v in self.modalities.video:
+            frames, t = self._read_video(rid, v, c.video_idx[v][i], t0)
+            sample[v] = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
+            sample[f"{v}_t"] = torch.from_numpy(t)
+        if self.modalities.text:
+            sample["text"] = c.text[i]
+        if c.label is not None:
+            sample["label"] = c.label[i]
+        return sample
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    # -- window cache (mmloader.cache) -----------------------------------------------------------
+    _cache: Any = None  # the WindowCache of a set returned by .cache(); None: read from the store
+
+    def cache(self, url: str = "auto", fill: str = "lazy", progress: bool = True, *, transforms: str | None = None,
+              shard_size: int | None = None, overwrite: bool = False, **storage_options: Any) -> "WindowSet":
+        """This set, read through a window cache at ``url`` (any fsspec URL; ``"auto"``:
+        ``mmloader.paths.cache_dir()/windows/<fingerprint>``). See ``docs/cache.md``.
+
+        Reads return exactly (bit-identical tensors, same dtypes and shapes) what this set returns. ``fill=
+        "lazy"`` fills the cache as windows are read (a miss reads its whole shard from the store, once, in
+        whichever process reads it); ``"eager"`` builds every missing, torn or corrupt shard now (``progress``:
+        a progress bar). ``transforms``: an identifier of anything beyond the spec that changes what the set
+        yields, made part of the fingerprint. ``overwrite=True`` replaces another set's cache at ``url``
+        (else ``CacheError``). Selecting (``split``, ``filter``...) on the result gives an uncached set: cache
+        the selection instead.
+        """
+        from ..cache import DEFAULT_SHARD_SIZE, WindowCache
+
+        if fill not in ("lazy", "eager"):
+            raise ValueError(f"fill must be 'lazy' or 'eager', got {fill!r}")
+        source = self._cache.source if self._cache is not None else self
+        cached = WindowSet(source._store, source.spec, source.index, source._report, source.reader_capacity)
+        cached._cache = WindowCache.open(source, url, transforms=transforms, overwrite=overwrite,
+                                         shard_size=shard_size or DEFAULT_SHARD_SIZE, **storage_options)
+        if fill == "eager":
+            cached._cache.fill(progress=progress)
+        return cached
+
+    @property
+    def window_cache(self) -> Any:
+        """The ``mmloader.cache.WindowCache`` this set reads through, or None."""
+        return self._cache
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.spec
+        grid = t0 + spec.grid_offsets_ns()
+        src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
+        # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
+        margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
+        t, x = self.store.timeseries_slice(rid, m, int(grid[0]) - margin, int(grid[-1]) + margin)
+        period = 1e9 / src_hz if src_hz else (float(np.median(np.diff(t))) if len(t) > 1 else 1e9)
+        return resample(t, x, grid, spec.imu_hz, source_hz=src_hz, max_gap_ns=int(5 * period))
+
+    def _pts(self, rid: str, v: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._video_index.get((rid, v), lambda: self.store.video_index(rid, v))
+
+    def _media(self, rid: str, v: str) -> tuple[str, dict[str, Any], MediaIdentity | None]:
+        """(URL, fsspec options, identity recorded at prepare) of a video stream's media file: relative
+        uris are inside the store (resolved against its URL); the store's storage_options apply to media on
+        the store's protocol."""
+        row = self.store.stream_row(rid, v)
+        url = media_url(self.store.url, row["uri"])
+        return url, media_storage_options(self.store.url, url, self.store.storage_options), MediaIdentity.from_row(row)
+
+    def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
+        pts, key = self._pts(rid, v)
+        url, options, identity = self._media(rid, v)
+        with self._lock:  # decoders are not thread-safe: one thread at a time per process
+            reader = self.readers.get(url, pts, key, self.spec.size, storage_options=options, identity=identity,
+                                      recording_id=rid, stream=v)
+            frames = reader.get_frames(idx)
+        return frames, ((pts[idx] - t0) / NS).astype(np.float32)
+
+    # -- lazily opened, per process --------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def readers(self) -> ReaderPool:
+        if self._readers is None or self._readers._pid != os.getpid():
+            self._readers = ReaderPool(self.spec.video_backend, capacity=self.reader_capacity)
+        return self._readers
+
+    @property
+    def video_backend(self) -> str | None:
+        """The backend that decodes this set's frames (``auto`` resolved for its first video), or None."""
+        if not self.modalities.video or len(self) == 0:
+            return None
+        url = self._media(self._columns.recording_id[0], self.modalities.video[0])[0]
+        return reader_backend(self.spec.video_backend, url)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_readers"] = None
+        state["_video_index"] = LRU(VIDEO_INDEX_CACHE)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- selection -------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """Candidates, kept windows and dropped windows per reason (kept + dropped == candidates)."""
+        return dict(self._report)
+
+    def _subset(self, mask: np.ndarray | pa.Array, why: str) -> "WindowSet":
+        index = self.index.filter(pa.array(mask))
+        report = dict(self._report)
+        report["selected"] = report.get("selected", []) + [f"{why}: {index.num_rows} of {self.index.num_rows}"]
+        return WindowSet(self._store, self.spec, index, report, self.reader_capacity)
+
+    def split(self, name: str) -> "WindowSet":
+        """Windows of the recordings in split ``name`` (splits are per recording, never per window). A split the
+        store has but with no windows here gives an empty set; one the store lacks: ValueError listing them."""
+        check_split(self._store, name)
+        return self._subset(pc.fill_null(pc.equal(self.index["split"], name), False), f"split={name}")
+
+    def recordings(self, ids: Iterable[str] | str) -> "WindowSet":
+        """Windows of the given recordings only (one string is one id). Ids the store lacks: ValueError."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise TypeError(f"ids must be recording ids (strings), got {bad[0]!r} ({type(bad[0]).__name__})")
+        known = set(self._store.recordings["recording_id"].to_pylist())
+        missing = [i for i in dict.fromkeys(ids) if i not in known]
+        if missing:
+            raise ValueError(f"ids: {len(missing)} recording(s) not in {self._store.url}: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        return self._subset(pc.is_in(self.index["recording_id"], pa.array(ids, pa.string())), "recordings")
+
+    def filter(self, predicate: Callable[[dict[str, Any]], bool] | Sequence[bool] | np.ndarray) -> "WindowSet":
+        """Windows whose index row satisfies ``predicate(row)`` (a dict of the index columns), or a bool mask."""
+        if callable(predicate):
+            mask = np.array([bool(predicate(r)) for r in self.index.to_pylist()], dtype=bool)
+        else:
+            mask = np.asarray(predicate)
+            if mask.dtype != bool and not (mask.size == 0 and mask.dtype == np.float64):  # [] is an empty mask
+                raise TypeError(f"predicate must be a callable or a bool mask, got an array of {mask.dtype} "
+                                "(indices? use ws.filter(np.isin(np.arange(len(ws)), indices)))")
+            mask = mask.astype(bool)
+            if mask.shape != (len(self),):
+                raise ValueError(f"mask has shape {mask.shape}, expected ({len(self)},)")
+        return self._subset(mask, "filter")
+
+    def loader(self, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kw: Any):
+        """A resumable, shardable PyTorch loader over this set (see ``mmloader.loader.WindowLoader``); ``**kw``
+        passes its other arguments through (``drop_last``, ``rank``, ``world_size``, ``even_shards``, ``prefetch``,
+        ``pin_memory``, ``collate_fn``, ``multiprocessing_context``, ``persistent_workers``, ``timeout``)."""
+        from ..loader import WindowLoader
+
+        return WindowLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, **kw)
+
+    def __repr__(self) -> str:
+        mods = [*self.modalities.timeseries, *self.modalities.video] + (["text"] if self.modalities.text else [])
+        return f"WindowSet({len(self)} windows of {self.spec.sec:g} s, modalities={mods}, anchor={self.spec.anchor!r})"
+
+
+class _Columns:
+    """The index as plain arrays for fast per-sample access."""
+
+    def __init__(self, index: pa.Table):
+        self.recording_id = index["recording_id"].to_pylist()
+        self.t0 = index["t0_ns"].to_numpy()
+        self.t1 = index["t1_ns"].to_numpy()
+        self.text = index["text"].to_pylist() if "text" in index.column_names else None
+        self.label = index["label"].to_pylist() if "label" in index.column_names else None
+        self.video_idx: dict[str, list[np.ndarray]] = {}
+        for name in index.column_names:
+            if name.endswith("_idx"):
+                col = index[name].combine_chunks()
+                flat = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+                offsets = col.offsets.to_numpy()
+                self.video_idx[name[:-4]] = [flat[offsets[j]:offsets[j + 1]] for j in range(len(col))]
