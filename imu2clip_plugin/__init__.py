@@ -1,6 +1,6 @@
 """IMU2CLIP on top of mmloader: an IMU encoder trained against frozen CLIP towers.
 
-The encoder, towers, embedding cache, trainer (``from imu2clip_plugin.train import TrainConfig, train``) and
+The encoder, towers, embedding cache, trainer (``from imu2clip_plugin.train import TrainConfig, Trainer, train``) and
 evaluation (``from imu2clip_plugin.evaluate import evaluate_encoder``). This package depends on mmloader, never the
 reverse.
 
@@ -15,7 +15,7 @@ from .loss import ContrastiveLoss, gather_with_grad, info_nce
 
 __version__ = "0.1.0"
 
-_LAZY = {"TrainConfig": "train", "EmbeddedWindows": "embed", "build_embedding_cache": "embed",
+_LAZY = {"TrainConfig": "train", "Trainer": "train", "EmbeddedWindows": "embed", "build_embedding_cache": "embed",
          "towers_fingerprint": "embed"}
 
 _TOWERS = ("ClipTowers", "WeightsUnavailableError", "TINY_MODEL", "TINY_CONFIG", "register_tiny_config",

@@ -1,6 +1,7 @@
 """Embedding cache: IMU windows plus frozen-tower embeddings, materialised through mmloader's window cache.
 
-``EmbeddedWindows(windows, towers)`` is a :class:`mmloader.windows.dataset.WindowSet` whose samples carry the IMU keys
+``EmbeddedWindows(windows, towers)`` wraps a window set (a :class:`mmloader.windows.protocol.Windows`, which it is
+too); its samples carry the IMU keys
 (``imu``, ``imu_mask``...), the index fields (``text``, ``recording_id``, ``t0``...) and
 
 - ``video_emb (D,)`` float32: ``towers.encode_frames(video, reduce=...)`` of the window's frames (when the set
@@ -12,7 +13,7 @@ and **no** raw ``video`` / ``video_t`` keys. Tower calls are batched: the first 
 whole block of ``block_size`` windows at once (the window cache reads a shard at a time, so with
 ``block_size == shard_size`` a shard costs one tower call per modality).
 
-:func:`build_embedding_cache` wraps it in ``WindowSet.cache(...)`` with a ``transforms`` fingerprint of the towers
+:func:`build_embedding_cache` wraps it in mmloader's window cache with a ``transforms`` fingerprint of the towers
 (model name, pretrained tag, checkpoint file, preprocessing, a hash of the weights when they are random) and of
 ``reduce``, so a training loop over the returned set reads IMU + embeddings from the cache and never decodes video.
 """
@@ -23,15 +24,21 @@ import hashlib
 import json
 import os
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
-from mmloader.windows.dataset import WindowSet
+from mmloader.cache import DEFAULT_SHARD_SIZE, CachedWindows, cache_windows
+from mmloader.lru import LRU
+from mmloader.windows.protocol import Windows, position
+
+from .text import text_of
+
+__all__ = ["EMBED_FORMAT", "REDUCES", "EmbeddedWindows", "build_embedding_cache", "text_of", "towers_fingerprint"]
 
 EMBED_FORMAT = 1
 REDUCES = ("center", "mean")
+EMBEDDED_BLOCKS = 2  # blocks of embedded samples kept per process (the window cache reads a shard at a time)
 
 
 def towers_fingerprint(towers: Any, reduce: str = "center") -> str:
@@ -62,38 +69,72 @@ def towers_fingerprint(towers: Any, reduce: str = "center") -> str:
     return f"imu2clip-emb/v{EMBED_FORMAT}:{towers.model_name}:{reduce}:{digest}"
 
 
-def text_of(t: Any) -> str:
-    """The one string a window's ``text`` is embedded as (narrations joined with ". "), in training, in the
-    embedding cache and in evaluation alike."""
-    if t is None:
-        return ""
-    if isinstance(t, (list, tuple)):
-        return ". ".join(str(x) for x in t)
-    return str(t)
+class EmbeddedWindows:
+    """``windows`` with frozen-tower embeddings instead of raw video (see the module docstring).
 
+    Wraps ``windows`` (a ``WindowSet``, or a cached view of one, whose source is then used; it needs
+    ``modalities``) and is itself a :class:`mmloader.windows.protocol.Windows`, so mmloader's window cache holds it
+    like any other set. Its fingerprint components are the wrapped set's: the towers are identified by the cache's
+    ``transforms`` (:func:`towers_fingerprint`, which ``cache()`` and :func:`build_embedding_cache` pass), as the
+    keys of existing embedding caches were built.
+    """
 
-class EmbeddedWindows(WindowSet):
-    """``windows`` with frozen-tower embeddings instead of raw video (see the module docstring)."""
-
-    def __init__(self, windows: WindowSet, towers: Any, reduce: str = "center", block_size: int = 32):
-        if windows.window_cache is not None:
+    def __init__(self, windows: Windows, towers: Any, reduce: str = "center", block_size: int = 32):
+        if getattr(windows, "window_cache", None) is not None:
             windows = windows.window_cache.source
-        super().__init__(windows._store, windows.spec, windows.index, windows._report, windows.reader_capacity)
         if reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+        self.windows = windows
         self.towers = towers
         self.reduce = reduce
         self.block_size = int(block_size)
-        self._emb: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
+        self._emb: LRU[list[dict[str, Any]]] = LRU(EMBEDDED_BLOCKS)
         self._emb_lock = threading.Lock()
+
+    # -- the wrapped set's description -----------------------------------------------------------
+    @property
+    def modalities(self) -> Any:
+        return self.windows.modalities
+
+    @property
+    def spec(self) -> Any:
+        return self.windows.spec
+
+    @property
+    def index(self) -> Any:
+        return self.windows.index
+
+    def report(self) -> dict[str, Any]:
+        return self.windows.report()
 
     @property
     def video_key(self) -> str | None:
         return self.modalities.video[0] if self.modalities.video else None
 
+    # -- the Windows protocol --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        b, j = divmod(position(i, len(self)), self.block_size)
+        with self._emb_lock:
+            block = self._emb.get(b, lambda: self._embed_block(b))
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in block[j].items()}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def index_fields(self, i: int) -> dict[str, Any]:
+        return self.windows.index_fields(i)
+
+    def fingerprint_components(self) -> dict[str, Any]:
+        """The wrapped set's components (the towers and ``reduce`` go in the cache's ``transforms``)."""
+        return self.windows.fingerprint_components()
+
     def raw(self, i: int) -> dict[str, Any]:
-        """The source sample of window ``i`` (with its video), as the plain WindowSet gives it."""
-        return WindowSet.__getitem__(self, i)
+        """The source sample of window ``i`` (with its video), as the wrapped set gives it."""
+        return self.windows[i]
 
     @torch.no_grad()
     def _embed_block(self, b: int) -> list[dict[str, Any]]:
@@ -113,35 +154,33 @@ class EmbeddedWindows(WindowSet):
                 o["text_emb"] = e.clone()
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"window {i} out of range ({n} windows)")
-        i = int(i) % n
-        b, j = divmod(i, self.block_size)
-        with self._emb_lock:
-            block = self._emb.get(b)
-            if block is None:
-                block = self._embed_block(b)
-                self._emb[b] = block
-                while len(self._emb) > 2:
-                    self._emb.popitem(last=False)
-        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in block[j].items()}
+    # -- fluent, pickling ------------------------------------------------------------------------
+    def cache(self, url: str = "auto", fill: str = "lazy", progress: bool = True, *, transforms: str | None = None,
+              shard_size: int | None = None, overwrite: bool = False, **storage_options: Any) -> CachedWindows:
+        """This set read through mmloader's window cache (see ``mmloader.windows.dataset.WindowSet.cache``);
+        ``transforms`` defaults to :func:`towers_fingerprint` of the towers and ``reduce``."""
+        if transforms is None:
+            transforms = towers_fingerprint(self.towers, self.reduce)
+        return cache_windows(self, url, fill, progress, transforms=transforms, shard_size=shard_size,
+                             overwrite=overwrite, **storage_options)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_emb"] = OrderedDict()
+        state = self.__dict__.copy()
+        state["_emb"] = LRU(EMBEDDED_BLOCKS)
         del state["_emb_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        self.__dict__.update(state)
         self._emb_lock = threading.Lock()
 
+    def __repr__(self) -> str:
+        return f"EmbeddedWindows({self.windows!r}, model={self.towers.model_name!r}, reduce={self.reduce!r})"
 
-def build_embedding_cache(windows: WindowSet, towers: Any, url: str = "auto", reduce: str = "center",
+
+def build_embedding_cache(windows: Windows, towers: Any, url: str = "auto", reduce: str = "center",
                           fill: str = "eager", progress: bool = False, shard_size: int | None = None,
-                          overwrite: bool = False, **storage_options: Any) -> WindowSet:
+                          overwrite: bool = False, **storage_options: Any) -> CachedWindows:
     """A set serving ``EmbeddedWindows(windows, towers, reduce)`` from mmloader's window cache at ``url``.
 
     The cache key includes :func:`towers_fingerprint` (model, weights, preprocessing, ``reduce``), so other towers
@@ -149,8 +188,6 @@ def build_embedding_cache(windows: WindowSet, towers: Any, url: str = "auto", re
     training loop afterwards never decodes video; ``"lazy"`` embeds a shard the first time one of its windows is
     read. Publishing is atomic per shard (mmloader's cache writes then commits).
     """
-    from mmloader.cache import DEFAULT_SHARD_SIZE
-
     shard = shard_size or DEFAULT_SHARD_SIZE
     src = EmbeddedWindows(windows, towers, reduce=reduce, block_size=shard)
     return src.cache(url, fill=fill, progress=progress, transforms=towers_fingerprint(towers, reduce),

@@ -7,14 +7,14 @@
   with a linear head; the probe and the fine-tuning are repeated on a randomly initialised encoder as the baseline;
   accuracy and macro-F1.
 - ``evaluate_encoder``: all of the above for a train / held-out pair of window sets, optionally with the report.
-- ``write_report``: ``report.md``, ``metrics.json`` and PNG plots (recall-at-k curves, confusion matrices, and
-  retrieval examples: query IMU traces next to the top retrieved frames).
+- The report (``format_results``, ``write_report``: ``report.md``, ``metrics.json`` and PNG plots) is
+  :mod:`imu2clip_plugin.report`, window text and ``verb_labeller`` :mod:`imu2clip_plugin.text`; both are
+  re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,10 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .embed import text_of
 from .metrics import classification_metrics, confusion_matrix, retrieval_metrics
+from .report import AR_METHODS, RECALL_KS, format_results, plot_retrieval_examples, write_report
+from .text import text_of, verb_labeller
 
-RECALL_KS = (1, 5, 10, 50)
+__all__ = ["WindowEmbeddings", "embed_windows", "reembed", "retrieval", "zero_shot", "linear_probe", "fine_tune",
+           "activity_recognition", "evaluate_encoder", "verb_labeller", "format_results", "plot_retrieval_examples",
+           "write_report", "AR_METHODS", "RECALL_KS"]
 
 
 @dataclass
@@ -50,24 +53,6 @@ class WindowEmbeddings:
         return WindowEmbeddings(pick(self.imu), pick(self.video), pick(self.text), plist(self.labels),
                                 plist(self.recording_ids), pick(self.imu_raw), pick(self.imu_mask), pick(self.frames),
                                 plist(self.texts))
-
-
-def verb_labeller(mapping: dict[str, str]):
-    """A window-text → class function for datasets without activity labels (e.g. Ego4D narrations): the class of
-    the first word of the text that starts with one of ``mapping``'s keys (``{"walk": "walking", "cut": "cooking"}``
-    matches "C walks ..." and "C cuts ..."), or None. Longer keys win over their prefixes."""
-    keys = sorted(((k.lower(), v) for k, v in mapping.items()), key=lambda kv: -len(kv[0]))
-    if not keys:
-        raise ValueError("the verb → class mapping is empty")
-
-    def label(text: str) -> str | None:
-        for word in text.lower().replace("#", " ").split():
-            for k, v in keys:
-                if word.startswith(k):
-                    return v
-        return None
-
-    return label
 
 
 @torch.no_grad()
@@ -236,7 +221,16 @@ def activity_recognition(train: WindowEmbeddings, test: WindowEmbeddings, classe
     return out
 
 
-AR_METHODS = ("zero_shot", "linear_probe", "random_init_linear_probe", "fine_tune", "random_init_fine_tune")
+def _labelled_from_text(emb: WindowEmbeddings, label_map: dict[str, str], name: str) -> WindowEmbeddings:
+    """The windows of ``emb`` whose text names a verb of ``label_map``, labelled by it (:func:`verb_labeller`)."""
+    label = verb_labeller(label_map)
+    if emb.texts is None:
+        raise ValueError("label_map labels windows from their text: build the windows with 'text'")
+    labels = [label(t) for t in emb.texts]
+    keep = [i for i, v in enumerate(labels) if v is not None]
+    if not keep:
+        raise ValueError(f"no {name} window's text names a verb of the label map {sorted(label_map)}")
+    return dataclasses.replace(emb, labels=labels).subset(keep)
 
 
 def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towers, *, classes: Sequence[str] | None = None,
@@ -253,17 +247,7 @@ def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towe
     if train_windows is not None and (label_map is not None or test.labels is not None):
         train = embed_windows(encoder, train_windows, keep_inputs=True)
         if label_map is not None:
-            label = verb_labeller(label_map)
-            parts = []
-            for e, name in ((train, "train"), (test, "held-out")):
-                if e.texts is None:
-                    raise ValueError("label_map labels windows from their text: build the windows with 'text'")
-                labels = [label(t) for t in e.texts]
-                keep = [i for i, v in enumerate(labels) if v is not None]
-                if not keep:
-                    raise ValueError(f"no {name} window's text names a verb of the label map {sorted(label_map)}")
-                parts.append(dataclasses.replace(e, labels=labels).subset(keep))
-            train, test = parts
+            train, test = (_labelled_from_text(e, label_map, name) for e, name in ((train, "train"), (test, "held-out")))
         if train.labels is not None:
             b_train = b_test = None
             if baseline_encoder is not None:
@@ -276,138 +260,3 @@ def evaluate_encoder(encoder: torch.nn.Module, train_windows, test_windows, towe
     if run_dir is not None:
         results["report"] = write_report(results, run_dir, examples=held_out)
     return results
-
-
-def format_results(results: dict) -> str:
-    """The compact text tables of ``evaluate_encoder``'s results (retrieval, then activity recognition)."""
-    lines = [f"{'direction':<12} {'N':>5} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MRR':>6} {'chance R@1':>11}"]
-    for name, m in results["retrieval"].items():
-        lines.append(f"{name:<12} {m['N']:>5} {m['R@1']:>6.3f} {m['R@5']:>6.3f} {m['R@10']:>6.3f} {m['MRR']:>6.3f} "
-                     f"{m['chance_R@1']:>11.4f}")
-    act = results.get("activity_recognition")
-    if act:
-        lines += ["", f"{'activity recognition':<28} {'accuracy':>9} {'macro-F1':>9}   ({len(act['classes'])} classes, "
-                      f"{act['test_windows']} test windows)"]
-        lines += [f"{m:<28} {act[m]['accuracy']:>9.3f} {act[m]['macro_f1']:>9.3f}"
-                  for m in AR_METHODS if m in act]
-    return "\n".join(lines)
-
-
-def plot_retrieval_examples(emb: WindowEmbeddings, path: str | os.PathLike, queries: int = 4, k: int = 5,
-                            seed: int = 0) -> str:
-    """A PNG: for a few IMU queries, the query's IMU trace (channels 0-2 solid on the left axis, 3-5 dashed on the
-    right: accelerometer m/s² and gyroscope rad/s for the Ego4D and Aria recipes) next to its
-    true frame (with its rank) and the top-``k`` retrieved frames (IMU→video) with their cosines; the true match is
-    framed in green where it was retrieved."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if emb.frames is None or emb.imu_raw is None or emb.video is None:
-        raise ValueError("retrieval examples need frames, IMU windows and video embeddings: "
-                         "embed_windows(encoder, windows, towers, keep_inputs=True)")
-    sim = emb.imu @ emb.video.T
-    rng = np.random.default_rng(seed)
-    picks = sorted(rng.choice(len(sim), size=min(queries, len(sim)), replace=False).tolist())
-    fig, axes = plt.subplots(len(picks), k + 2, figsize=(2.0 * (k + 2) + 1.5, 2.0 * len(picks)),
-                             gridspec_kw={"width_ratios": [2.2] + [1] * (k + 1)}, squeeze=False)
-    for row, q in zip(axes, picks):
-        x = emb.imu_raw[q]
-        t = np.arange(x.shape[-1])
-        ax = row[0]
-        if x.shape[0] >= 6:
-            ax.plot(t, x[:3].T, lw=0.6)
-            ax.set_ylabel("ch 0-2 (solid)", fontsize=6)
-            ax2 = ax.twinx()
-            ax2.plot(t, x[3:6].T, lw=0.6, alpha=0.7, linestyle="--")
-            ax2.tick_params(labelsize=6)
-            ax2.set_ylabel("ch 3-5 (dashed)", fontsize=6)
-        else:
-            ax.plot(t, x.T, lw=0.6)
-        label = f" [{emb.labels[q]}]" if emb.labels else ""
-        ax.set_title(f"query IMU {q}{label}", fontsize=7)
-        ax.set_xlabel("sample", fontsize=6)
-        ax.tick_params(labelsize=6)
-        order = np.argsort(-sim[q])
-        rank = int(np.nonzero(order == q)[0][0]) + 1
-        row[1].imshow(emb.frames[q])
-        row[1].set_title(f"true frame (rank {rank})", fontsize=7)
-        for j, c in enumerate(order[:k]):
-            a = row[2 + j]
-            a.imshow(emb.frames[c])
-            a.set_title(f"#{j + 1} cos {sim[q, c]:.2f}", fontsize=7)
-            if c == q:
-                for spine in a.spines.values():
-                    spine.set_edgecolor("green")
-                    spine.set_linewidth(3)
-        for a in row[1:]:
-            a.set_xticks([])
-            a.set_yticks([])
-    fig.suptitle(f"IMU→video retrieval examples (N = {len(sim)} candidates)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
-def write_report(results: dict, run_dir: str | os.PathLike, examples: WindowEmbeddings | None = None) -> str:
-    """``report.md`` + ``metrics.json`` + PNG plots in ``run_dir``; returns the report's path. ``examples``:
-    held-out embeddings with inputs kept, for the retrieval-example figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    lines = ["# IMU2CLIP evaluation", ""]
-    ret = results.get("retrieval", {})
-    if ret:
-        lines += ["## Retrieval", "", "| direction | N | R@1 | R@5 | R@10 | R@50 | MRR | median rank | chance R@1 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, m in ret.items():
-            lines.append(f"| {name} | {m['N']} | " + " | ".join(f"{m[f'R@{k}']:.3f}" for k in RECALL_KS)
-                         + f" | {m['MRR']:.3f} | {m['median_rank']:.1f} | {m['chance_R@1']:.4f} |")
-            ax.plot(RECALL_KS, [m[f"R@{k}"] for k in RECALL_KS], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("k")
-        ax.set_ylabel("recall@k")
-        ax.set_title("Retrieval")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, "recall_at_k.png"), dpi=120)
-        plt.close(fig)
-        lines += ["", "![recall at k](recall_at_k.png)", ""]
-        if examples is not None and examples.frames is not None and examples.video is not None:
-            plot_retrieval_examples(examples, os.path.join(run_dir, "retrieval_examples.png"))
-            lines += ["Query IMU windows (left), their true frame and the top-5 retrieved frames (green: correct):", "",
-                      "![retrieval examples](retrieval_examples.png)", ""]
-    act = results.get("activity_recognition")
-    if act:
-        lines += ["## Activity recognition", "", f"{act['train_windows']} training / {act['test_windows']} test windows, "
-                  f"{len(act['classes'])} classes.", "", "| method | accuracy | macro-F1 |", "|---|---|---|"]
-        for method in AR_METHODS:
-            if method in act:
-                lines.append(f"| {method.replace('_', ' ')} | {act[method]['accuracy']:.3f} | {act[method]['macro_f1']:.3f} |")
-                fig, ax = plt.subplots(figsize=(4.5, 4))
-                cm = np.asarray(act[method]["confusion"])
-                ax.imshow(cm, cmap="Blues")
-                ax.set_xticks(range(len(act["classes"])), act["classes"], rotation=60, ha="right", fontsize=7)
-                ax.set_yticks(range(len(act["classes"])), act["classes"], fontsize=7)
-                for (i, j), v in np.ndenumerate(cm):
-                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                            color="white" if v > cm.max() / 2 else "black")
-                ax.set_xlabel("predicted")
-                ax.set_ylabel("true")
-                ax.set_title(method.replace("_", " "))
-                fig.tight_layout()
-                fig.savefig(os.path.join(run_dir, f"confusion_{method}.png"), dpi=120)
-                plt.close(fig)
-        lines += [""] + [f"![{m}](confusion_{m}.png)" for m in AR_METHODS if m in act]
-    path = os.path.join(run_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path

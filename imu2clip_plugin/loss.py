@@ -27,16 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import rank_world
+
 TARGETS = ("video", "text")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -65,7 +60,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     process group (or with one rank) returns ``(x, 0)``. Per-rank batch sizes may differ (they are exchanged
     first); every rank must call this in the same order, as with any collective.
     """
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return x, 0
     n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
@@ -169,7 +164,7 @@ class ContrastiveLoss(nn.Module):
         missing = [t for t in self.targets if given[t] is None]
         if missing:
             raise ValueError(f"ContrastiveLoss(targets={self.targets}) needs {missing} embeddings")
-        rank, world = _world()
+        rank, world = rank_world()
         distributed = self.gather and world > 1
         ls = self.clamped_logit_scale()
         q_all, offset = gather_with_grad(imu) if distributed else (imu, 0)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from . import __version__
+from ._version import __version__
 from .recipes import available, get_adapter
 from .api import Dataset
 from .errors import MMLoaderError, StoreFormatError
@@ -133,35 +133,73 @@ def _count(minimum: int):
     return parse
 
 
-def _add_window_args(p: argparse.ArgumentParser) -> None:
-    """The options that describe a window set (``windows`` and ``cache build``)."""
-    p.add_argument("store")
-    p.add_argument("--sec", type=float, default=5.0, help="window length, seconds")
-    p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: sec)")
-    p.add_argument("--modalities", nargs="+", default=["imu", "video"], help="e.g. imu video text")
-    p.add_argument("--anchor", choices=["tile", "events"], default="tile")
-    p.add_argument("--imu-hz", type=float, default=200.0)
-    p.add_argument("--frames", type=_count(1), default=4, help="frames per window")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time")
-    p.add_argument("--split", default=None)
-    p.add_argument("--backend", default="auto", help="video backend: auto, pyav, decord, torchcodec")
+# -- window options: shared by ``windows``, ``cache build`` and the plugins' commands (imu2clip embed/evaluate) ---
+# option → (flags, add_argument keywords, the Dataset.windows keyword it sets)
+_WINDOW_ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str | None]] = {
+    "store": (("store",), {}, None),
+    "sec": (("--sec",), dict(type=float, default=5.0, help="window length, seconds"), "sec"),
+    "stride": (("--stride",), dict(type=float, default=None, help="seconds between window starts (default: sec)"),
+               "stride"),
+    "modalities": (("--modalities",), dict(nargs="+", default=["imu", "video"], help="e.g. imu video text"),
+                   "modalities"),
+    "anchor": (("--anchor",), dict(choices=["tile", "events"], default="tile"), "anchor"),
+    "imu_hz": (("--imu-hz",), dict(type=float, default=200.0), "imu_hz"),
+    "frames": (("--frames",), dict(type=_count(1), default=4, help="frames per window"), "frames"),
+    "size": (("--size",), dict(type=int, nargs=2, metavar=("H", "W"), help="resize frames at decode time"), "size"),
+    "split": (("--split",), dict(default=None), "split"),
+    "backend": (("--backend",), dict(default="auto", help="video backend: auto, pyav, decord, torchcodec"),
+                "video_backend"),
+}
+WINDOW_OPTIONS = tuple(_WINDOW_ARGS)
+"""The window options :func:`add_window_arguments` knows, in the order ``mmloader windows`` lists them."""
+
+
+def add_window_arguments(parser: argparse.ArgumentParser, options: Sequence[str] = WINDOW_OPTIONS, *,
+                         defaults: dict[str, Any] | None = None, help: dict[str, str] | None = None) -> None:
+    """Add the options that describe a window set to ``parser``, in the order of ``options`` (names of
+    :data:`WINDOW_OPTIONS`: ``store`` is the positional store URL, the others ``--sec``, ``--stride``,
+    ``--modalities``, ``--anchor``, ``--imu-hz``, ``--frames``, ``--size H W``, ``--split``, ``--backend``).
+    ``defaults`` / ``help``: another default or help text for some of them (a command's own defaults). The parsed
+    values become ``Dataset.windows`` keyword arguments with :func:`window_kwargs`."""
+    unknown = sorted(set(options) - set(_WINDOW_ARGS))
+    if unknown:
+        raise ValueError(f"unknown window options {unknown}; known: {list(WINDOW_OPTIONS)}")
+    for name in options:
+        flags, kw, _ = _WINDOW_ARGS[name]
+        kw = dict(kw)
+        if defaults and name in defaults:
+            kw["default"] = defaults[name]
+        if help and name in help:
+            kw["help"] = help[name]
+        parser.add_argument(*flags, **kw)
+
+
+def window_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The ``Dataset.windows(...)`` keyword arguments of the window options on ``args`` (those
+    :func:`add_window_arguments` added; ``store`` is not one), with ``overrides`` on top (e.g. ``modalities`` a
+    command derives from its own options). ``size`` becomes a tuple (or None); ``frames`` is left out when the
+    modalities do not include ``video``."""
+    kw = {key: getattr(args, name) for name, (_, _, key) in _WINDOW_ARGS.items()
+          if key is not None and hasattr(args, name)}
+    kw.update(overrides)
+    if "size" in kw:
+        kw["size"] = tuple(kw["size"]) if kw["size"] else None
+    if "video" not in kw.get("modalities", ()):
+        kw.pop("frames", None)
+    return kw
 
 
 def _windows_from_args(args: argparse.Namespace):
     """The WindowSet that the window options of ``windows`` and ``cache build`` describe."""
-    kw = {"frames": args.frames} if "video" in args.modalities else {}
     ds = Dataset(Store(args.store))
     try:  # the Python API's own checks: a bad value is a usage error (exit 2), named like argparse names it
-        return ds.windows(
-            sec=args.sec, stride=args.stride, modalities=args.modalities, anchor=args.anchor, imu_hz=args.imu_hz,
-            size=tuple(args.size) if args.size else None, split=args.split, video_backend=args.backend, **kw)
+        return ds.windows(**window_kwargs(args))
     except (ValueError, TypeError) as e:
         raise UsageError(_flag_message(str(e))) from None
 
 
 # the Python argument a check names → the flag that sets it (windows / cache build)
-_FLAGS = {"sec": "--sec", "stride": "--stride", "modalities": "--modalities", "anchor": "--anchor",
-          "imu_hz": "--imu-hz", "frames": "--frames", "size": "--size", "split": "--split", "video_backend": "--backend"}
+_FLAGS = {key: flags[0] for flags, _, key in _WINDOW_ARGS.values() if key is not None}
 
 
 def _flag_message(msg: str) -> str:
@@ -299,7 +337,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     cache = sub.add_parser("cache", help="window caches: build, info, clear")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     s = csub.add_parser("build", help="build (or repair) the cache of a window set now")
-    _add_window_args(s)
+    add_window_arguments(s)
     s.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
     s.add_argument("--shard-size", type=_count(1), default=DEFAULT_SHARD_SIZE, help="windows per shard")
     s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
@@ -347,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("windows", help="build windows on a store, print the report, optionally load them")
-    _add_window_args(s)
+    add_window_arguments(s)
     s.add_argument("--epochs", type=_count(0), default=1, help="epochs to load (0: only build and report)")
     s.add_argument("--batch-size", type=_count(1), default=16)
     s.add_argument("--workers", type=_count(0), default=0)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
+from .dist import rank_world
 from .windows.collate import collate
 
 STATE_VERSION = 1
@@ -77,12 +78,6 @@ def _prepare_context(name: str) -> None:
     (forking a process that runs decord or FFmpeg threads can kill the child)."""
     if name == "forkserver":
         torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["mmloader.windows.dataset", "mmloader.loader"])
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # -- worker side -------------------------------------------------------------------------------------
@@ -554,7 +549,7 @@ class WindowLoader:
             raise ValueError("rank and world_size must be given together, or neither (then torch.distributed "
                              f"decides); got rank={rank!r}, world_size={world_size!r}")
         if rank is None:
-            rank, world_size = _dist_rank_world()
+            rank, world_size = rank_world()
         world_size = _integer("world_size", world_size, 1)
         rank = _integer("rank", rank, 0)
         if rank >= world_size:

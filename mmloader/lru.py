@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
 
 V = TypeVar("V")
 
 
 class LRU(Generic[V]):
-    """At most ``capacity`` entries; ``get(key, load)`` returns the cached value or stores ``load()``."""
+    """At most ``capacity`` entries; ``get(key, load)`` returns the cached value or stores ``load()``.
 
-    def __init__(self, capacity: int):
+    ``on_evict(key, value)``, when given, is called for each least recently used entry pushed out by ``get``
+    (e.g. to close a file handle); not for ``pop`` or ``clear``."""
+
+    def __init__(self, capacity: int, on_evict: Callable[[Hashable, V], None] | None = None):
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
+        self._on_evict = on_evict
         self._items: OrderedDict[Hashable, V] = OrderedDict()
 
     def get(self, key: Hashable, load: Callable[[], V]) -> V:
@@ -24,8 +28,29 @@ class LRU(Generic[V]):
         value = load()
         self._items[key] = value
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            old_key, old = self._items.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict(old_key, old)
         return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def pop(self, key: Hashable) -> V | None:
+        """Forget ``key`` (e.g. an entry found invalid); its value, or None if it was not there."""
+        return self._items.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """The keys, least recently used first."""
+        return iter(list(self._items))
+
+    def values(self) -> list[V]:
+        """The values, least recently used first."""
+        return list(self._items.values())
+
+    def clear(self) -> None:
+        """Forget every entry (``on_evict`` is not called)."""
+        self._items.clear()

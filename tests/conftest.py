@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import av
@@ -86,3 +87,81 @@ def ego4d_tree(tmp_path) -> Path:
 
 def store_files(path: Path) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+# -- sample stores: generated and prepared once per parameter set per session -------------------------------------
+def _tree_state(*roots: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``roots``: what a test must leave as it found it."""
+    return {os.path.join(str(r), rel): (st.st_size, st.st_mtime_ns)
+            for r in roots for rel in store_files(r) for st in [os.stat(os.path.join(r, rel))]}
+
+
+class SampleStores:
+    """Sample stores shared by a test session: ``generate_ego4d_sample`` then the Ego4D recipe's ``prepare``.
+
+    ``sample_store(videos=3, seconds=16, seed=2, defect_fraction=0.0, fps=30, size=(160, 120))`` returns the
+    store's path (str), generating and preparing it once per distinct parameter set per session (``seconds``,
+    ``fps`` in the generator's units: s and frames/s; ``size`` = (width, height) of the videos, px). Shared stores
+    and their sources are read-only: a test that changes a store (tamper, delete, overwrite) asks ``copy=True`` and
+    gets a private copy of the store in a fresh directory (its media stay the shared source's mp4s, referenced by
+    absolute path: a test that changes media builds its own tree). Every reuse, and the end of the session, check
+    that no file of a shared source or store changed, and fail naming them otherwise.
+    ``sample_store.source(...)`` is the generated source root (Path), not prepared.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._sources: dict[tuple, Path] = {}
+        self._stores: dict[tuple, str] = {}
+        self._states: dict[tuple, dict[str, tuple[int, int]]] = {}
+
+    @staticmethod
+    def _key(videos=3, seconds=16.0, seed=2, defect_fraction=0.0, fps=30.0, size=(160, 120)) -> tuple:
+        return int(videos), float(seconds), int(seed), float(defect_fraction), float(fps), tuple(int(v) for v in size)
+
+    def source(self, **params) -> Path:
+        """The generated Ego4D tree for ``params`` (see the class), shared: do not change it."""
+        key = self._key(**params)
+        if key not in self._sources:
+            from mmloader.samples import generate_ego4d_sample
+
+            videos, seconds, seed, defect_fraction, fps, size = key
+            self._sources[key] = generate_ego4d_sample(
+                self._tmp.mktemp("sample") / "ego4d", videos=videos, seconds=seconds, seed=seed,
+                defect_fraction=defect_fraction, fps=fps, size=size, progress=False)
+            self._states[key] = _tree_state(self._sources[key])
+        self.check(key)
+        return self._sources[key]
+
+    def __call__(self, copy: bool = False, **params) -> str:
+        key = self._key(**params)
+        root = self.source(**params)
+        if key not in self._stores:
+            from mmloader.recipes.ego4d.recipe import Ego4DAdapter
+
+            self._stores[key] = Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+            self._states[key] = _tree_state(root, Path(self._stores[key]))
+        self.check(key)
+        if not copy:
+            return self._stores[key]
+        dst = self._tmp.mktemp("store-copy") / "store"
+        shutil.copytree(self._stores[key], dst)
+        return str(dst)
+
+    def check(self, key: tuple | None = None) -> None:
+        """Fail when a file of a shared source or store (all of them when ``key`` is None) was changed."""
+        for k in [key] if key is not None else list(self._states):
+            roots = [self._sources[k]] + ([Path(self._stores[k])] if k in self._stores else [])
+            now = _tree_state(*roots)
+            if now != self._states[k]:
+                changed = sorted(p for p in now.keys() | self._states[k].keys() if now.get(p) != self._states[k].get(p))
+                pytest.fail(f"a test changed the shared sample store {roots[-1]} ({', '.join(changed[:5])}); "
+                            f"a test that changes a store must use sample_store(..., copy=True)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory) -> SampleStores:
+    """The session's sample-store factory: ``sample_store(videos=..., ..., copy=False) -> store path``."""
+    stores = SampleStores(tmp_path_factory)
+    yield stores
+    stores.check()

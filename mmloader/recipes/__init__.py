@@ -7,6 +7,11 @@ Built-in: ``ego4d``, ``aria``. Third parties register more through the entry-poi
 
 An adapter is a class with a ``name``, ``fingerprint(root) -> str`` and
 ``prepare(root, dst, *, overwrite=False, progress=True) -> str`` (the store URL).
+
+The toolkit recipes are written on, so that a recipe holds only the parsing and repair of its source:
+``base`` (the prepare loop: raise-or-skip, the report and its totals, the tables written), ``rows`` (stream,
+gap, event and recording rows; rows → Arrow tables) and ``imu`` (channels and units, sort and de-duplicate,
+gaps). ``ego4d/``, ``aria/`` and ``custom`` (``write_store``, for data already in arrays) use it.
 """
 
 from __future__ import annotations

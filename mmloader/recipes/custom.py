@@ -25,18 +25,18 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import MMLoaderError, StoreFormatError
 from ..fsutil import normalize_url
-from ..video.probe import media_identity, probe_video
-from ..store.schema import table_schema
 from ..store.writer import StoreWriter, check_recording_id
+from ..video.probe import media_identity, probe_video
+from .base import REPORT
+from .imu import NS, find_gaps, gaps_relative_sec, median_period_ns
+from .rows import RecordingRows, StoreRows, meta_json, video_report
 
-NS = 1_000_000_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # stream names
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _END = object()
@@ -125,15 +125,6 @@ def check_timeseries(rec_id: str, name: str, ts: TimeSeriesInput) -> tuple[np.nd
     if ts.rate_hz is not None and not (np.isfinite(ts.rate_hz) and ts.rate_hz > 0):
         raise InputError(f"{where}: rate_hz must be a positive number or None, got {ts.rate_hz!r}")
     return t, xf
-
-
-def find_gaps(t_ns: np.ndarray, gap_factor: float = 5.0) -> list[tuple[int, int]]:
-    """``(last sample before, first sample after)`` of every period longer than ``gap_factor`` × median."""
-    d = np.diff(t_ns)
-    if d.size == 0:
-        return []
-    limit = gap_factor * float(np.median(d))
-    return [(int(t_ns[i]), int(t_ns[i + 1])) for i in np.flatnonzero(d > limit)]
 
 
 def _event_rows(rec_id: str, name: str, rows: Sequence[EventRow]) -> list[dict[str, Any]]:
@@ -257,6 +248,31 @@ def write_store(
     if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not (
             np.isfinite(gap_factor) and gap_factor > 1):
         raise InputError(f"gap_factor must be a finite number > 1, got {gap_factor!r}")
+    it, pending = _first_recording(recordings)
+    seen: set[str] = set()
+    kinds: dict[str, str] = {}
+    digests: list[str] = []
+    rows = StoreRows(error=InputError)
+    report: dict[str, Any] = {"dataset": dataset, "gap_factor": gap_factor, "recordings": {}}
+    with StoreWriter(url, dataset=dataset, source_fingerprint=source_fingerprint or "", options=dict(options or {}),
+                     overwrite=overwrite, protect=list(pending[0].videos.values()), **storage_options) as writer:
+        for rec in _one_at_a_time(pending, it):
+            _check_recording(rec, seen, kinds)
+            writer.protect(list(rec.videos.values()))  # a video inside url: overwrite would delete it
+            out, digest = _write_recording(writer, rec, dataset, gap_factor)
+            digests.append(digest)
+            rows.add(out)
+            report["recordings"][rec.id] = out.report
+            del rec, out  # let this recording go before the next one is read
+        writer.source_fingerprint = source_fingerprint or _fingerprint(digests)
+        rows.write(writer)
+        writer.write_json(REPORT, report)
+    return writer.url
+
+
+def _first_recording(recordings: Iterable[Recording]) -> tuple[Iterator[Recording], list[Recording]]:
+    """``(iterator over the rest, [first recording])``, the first checked before anything is created at the
+    destination; InputError when ``recordings`` is not an iterable of recordings or is empty."""
     if isinstance(recordings, (Recording, str, bytes, Mapping)):
         raise InputError("recordings must be an iterable of Recording objects (a list or a generator), got "
                          f"{type(recordings).__name__}")
@@ -268,101 +284,52 @@ def write_store(
     first = next(it, _END)
     if first is _END:
         raise InputError("write_store needs at least one Recording (an empty store is never written)")
-    _check_recording(first, set(), {})  # before anything is created at url
-    pending = [first]
-    del first
-
-    seen: set[str] = set()
-    kinds: dict[str, str] = {}
-    digests: list[str] = []
-    events: dict[str, list[dict[str, Any]]] = {}
-    report: dict[str, Any] = {"dataset": dataset, "gap_factor": gap_factor, "recordings": {}}
-    rec_rows: list[dict[str, Any]] = []
-    stream_rows: list[dict[str, Any]] = []
-    gap_rows: list[dict[str, Any]] = []
-    with StoreWriter(url, dataset=dataset, source_fingerprint=source_fingerprint or "", options=dict(options or {}),
-                     overwrite=overwrite, protect=list(pending[0].videos.values()), **storage_options) as writer:
-        while True:
-            rec = pending.pop() if pending else next(it, _END)
-            if rec is _END:
-                break
-            _check_recording(rec, seen, kinds)
-            writer.protect(list(rec.videos.values()))  # a video inside url: overwrite would delete it
-            checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
-            rec_events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
-            # identity before the probe: the pts index then describes this very file (MediaError names the file)
-            idents = {name: media_identity(normalize_url(path)) for name, path in rec.videos.items()}
-            videos = {name: probe_video(normalize_url(path)) for name, path in rec.videos.items()}
-            digests.append(_recording_digest(rec, checked))
-            rep: dict[str, Any] = {}
-            spans: list[tuple[int, int]] = []
-            for name, ts in rec.timeseries.items():
-                t, x = checked.pop(name)
-                measured = NS / float(np.median(np.diff(t)))
-                rate = float(ts.rate_hz) if ts.rate_hz is not None else round(measured, 3)
-                rel = writer.write_timeseries(rec.id, name, t, x, list(ts.channels), list(ts.units), rate_hz=rate)
-                gaps = find_gaps(t, gap_factor)
-                stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "timeseries", "uri": rel,
-                                    "t_start_ns": int(t[0]), "t_end_ns": int(t[-1]), "n_samples": int(t.size),
-                                    "rate_hz": rate, "channels": list(ts.channels), "units": list(ts.units)})
-                gap_rows.extend({"recording_id": rec.id, "stream": name, "t_start_ns": a, "t_end_ns": b}
-                                for a, b in gaps)
-                rep[name] = {"samples": int(t.size), "measured_rate_hz": round(measured, 3), "rate_hz": rate,
-                             "gaps": len(gaps), "gaps_sec": [[(a - t[0]) / NS, (b - a) / NS] for a, b in gaps]}
-                spans.append((int(t[0]), int(t[-1])))
-                del t, x
-            for name, path in rec.videos.items():
-                info = videos[name]
-                rel = writer.write_video_index(rec.id, name, info.pts_ns, info.keyframe)
-                stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "video",
-                                    "uri": normalize_url(path), "index_uri": rel, "t_start_ns": int(info.pts_ns[0]),
-                                    "t_end_ns": int(info.pts_ns[-1]), "n_samples": info.num_frames,
-                                    "rate_hz": info.fps, "width": info.width, "height": info.height,
-                                    "codec": info.codec, **idents[name].columns()})
-                rep[name] = {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
-                             "codec": info.codec, "first_pts_sec": info.pts_ns[0] / NS}
-                spans.append((int(info.pts_ns[0]), int(info.pts_ns[-1])))
-                del info
-            for name, rows in rec_events.items():
-                rep[name] = {"events": len(rows)}
-                events.setdefault(name, []).extend(rows)
-                if rows:
-                    stream_rows.append({"recording_id": rec.id, "stream": name, "kind": "events",
-                                        "uri": f"events/{name}.parquet",
-                                        "t_start_ns": min(r["t_start_ns"] for r in rows),
-                                        "t_end_ns": max(r["t_end_ns"] for r in rows), "n_samples": len(rows)})
-            start, end = min(a for a, _ in spans), max(b for _, b in spans)
-            duration = int(rec.duration_ns) if rec.duration_ns is not None else end - start
-            modalities = [*rec.timeseries, *rec.videos, *(n for n in rec.events if rep[n]["events"])]
-            rec_rows.append({"recording_id": rec.id, "dataset": dataset, "split": rec.split, "duration_ns": duration,
-                             "modalities": modalities,
-                             "meta_json": json.dumps(dict(rec.meta), sort_keys=True) if rec.meta is not None else None})
-            report["recordings"][rec.id] = rep
-            rec = ts = videos = rec_events = None  # let this recording go before the next one is read
-        writer.source_fingerprint = source_fingerprint or _fingerprint(digests)
-        writer.write_table("recordings", _table("recordings", rec_rows))
-        writer.write_table("streams", _table("streams", stream_rows))
-        writer.write_table("gaps", _table("gaps", gap_rows))
-        for name, rows in events.items():
-            if rows:
-                writer.write_events(name, _events_table(name, rows))
-        writer.write_json("reports/prepare.json", report)
-    return writer.url
+    _check_recording(first, set(), {})
+    return it, [first]
 
 
-def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
-    schema = table_schema(kind)
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+def _one_at_a_time(pending: list[Recording], rest: Iterator[Recording]) -> Iterator[Recording]:
+    """The recording in ``pending`` (popped: no reference is kept here), then those of ``rest``."""
+    while pending:
+        yield pending.pop()
+    yield from rest
 
 
-def _events_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
-    """The schema's columns first, then any extra keys the rows carry (missing extras → null)."""
-    base = table_schema("events").names
-    extra = sorted({k for r in rows for k in r} - set(base))
-    try:
-        return pa.Table.from_pylist([{k: r.get(k) for k in [*base, *extra]} for r in rows])
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"events {name!r}: the extra columns {extra} have mixed types ({e})") from None
+def _write_recording(writer: StoreWriter, rec: Recording, dataset: str,
+                     gap_factor: float) -> tuple[RecordingRows, str]:
+    """Write one checked recording's arrays; its rows and its source digest."""
+    checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
+    events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
+    # identity before the probe: the pts index then describes this very file (MediaError names the file)
+    idents = {name: media_identity(normalize_url(path)) for name, path in rec.videos.items()}
+    videos = {name: probe_video(normalize_url(path)) for name, path in rec.videos.items()}
+    digest = _recording_digest(rec, checked)
+    out = RecordingRows(rec.id)
+    spans: list[tuple[int, int]] = []
+    for name, ts in rec.timeseries.items():
+        t, x = checked.pop(name)
+        measured = NS / median_period_ns(t)
+        rate = float(ts.rate_hz) if ts.rate_hz is not None else round(measured, 3)
+        gaps = find_gaps(t, gap_factor)
+        out.write_timeseries(writer, name, t, x, list(ts.channels), list(ts.units), rate, gaps)
+        out.report[name] = {"samples": int(t.size), "measured_rate_hz": round(measured, 3), "rate_hz": rate,
+                            "gaps": len(gaps), "gaps_sec": gaps_relative_sec(gaps, t[0])}
+        spans.append((int(t[0]), int(t[-1])))
+        del t, x
+    for name, path in rec.videos.items():
+        info = videos.pop(name)
+        out.write_video(writer, name, normalize_url(path), info, identity=idents[name])
+        out.report[name] = video_report(info)
+        spans.append((int(info.pts_ns[0]), int(info.pts_ns[-1])))
+    for name, rows in events.items():
+        out.report[name] = {"events": len(rows)}
+        out.add_events(name, rows)
+    start, end = min(a for a, _ in spans), max(b for _, b in spans)
+    duration = int(rec.duration_ns) if rec.duration_ns is not None else end - start
+    modalities = [*rec.timeseries, *rec.videos, *(n for n in rec.events if out.report[n]["events"])]
+    out.set_recording(dataset, rec.split, duration, modalities,
+                      meta_json(dict(rec.meta)) if rec.meta is not None else None)
+    return out, digest
 
 
 __all__ = ["InputError", "Recording", "TimeSeriesInput", "find_gaps", "write_store"]

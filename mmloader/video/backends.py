@@ -12,9 +12,8 @@ import os
 import tempfile
 import threading
 import warnings
-from collections import OrderedDict
 from fractions import Fraction
-from typing import Protocol, Sequence
+from typing import Hashable, Protocol, Sequence
 
 import av
 import fsspec
@@ -22,6 +21,7 @@ import numpy as np
 
 from ..errors import MediaError
 from ..fsutil import get_fs, is_local
+from ..lru import LRU
 from .probe import MediaIdentity, open_remote, ticks_to_ns, verify_media
 
 Size = tuple[int, int]  # (height, width)
@@ -356,8 +356,13 @@ class ReaderPool:
         self.backend = backend
         self.capacity = capacity
         self._pid = os.getpid()
-        self._readers: OrderedDict[tuple[str, Size | None], VideoReader] = OrderedDict()
+        self._readers: LRU[VideoReader] = LRU(capacity, on_evict=self._evicted)
         self._stamps: dict[tuple[str, Size | None], tuple[str, tuple[int, int, int]] | None] = {}
+
+    def _evicted(self, key: Hashable, reader: VideoReader) -> None:
+        """The least recently used reader, pushed out past ``capacity``: forgotten and closed."""
+        self._stamps.pop(key, None)
+        reader.close()
 
     def _changed(self, key: tuple[str, Size | None]) -> bool:
         stamp = self._stamps.get(key)
@@ -373,29 +378,24 @@ class ReaderPool:
     def get(self, url: str, pts_ns: np.ndarray, keyframe: np.ndarray, size: Size | None = None, *,
             storage_options: dict | None = None, identity: MediaIdentity | None = None,
             recording_id: str | None = None, stream: str = "video") -> VideoReader:
+        """The open reader of ``url`` at ``size`` (most recently used now), opened when absent or changed."""
         if os.getpid() != self._pid:  # inherited through fork: never share decoders across processes
-            self._readers = OrderedDict()
+            self._readers = LRU(self.capacity, on_evict=self._evicted)
             self._stamps = {}
             self._pid = os.getpid()
         key = (url, size)
-        reader = self._readers.get(key)
-        if reader is not None and self._changed(key):
+        if key in self._readers and self._changed(key):
             self._readers.pop(key).close()
-            reader = None
-        if reader is None:
+
+        def load() -> VideoReader:
             self._stamps.pop(key, None)
             reader = open_reader(self.backend, url, pts_ns, keyframe, size, storage_options=storage_options,
                                  identity=identity, recording_id=recording_id, stream=stream)
-            self._readers[key] = reader
             if identity is not None:
                 self._stamps[key] = _local_stamp(url)
-            while len(self._readers) > self.capacity:
-                old_key, old = self._readers.popitem(last=False)
-                self._stamps.pop(old_key, None)
-                old.close()
-        else:
-            self._readers.move_to_end(key)
-        return reader
+            return reader
+
+        return self._readers.get(key, load)
 
     def __len__(self) -> int:
         return len(self._readers)

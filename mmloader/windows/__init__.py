@@ -6,11 +6,12 @@ the map-style torch dataset), ``resample`` (time series onto the window grid), `
 """
 
 from .index import build_index
+from .protocol import Windows
 from .spec import (MAX_FRAME_REFS, MAX_FRAME_SIDE, MAX_FRAMES_PER_WINDOW, MAX_IMU_HZ, MAX_SAMPLES_PER_WINDOW, MAX_SEC,
                    MAX_WINDOWS, NS, VIDEO_BACKENDS, Modalities, WindowSpec, check_split, frames_held, resolve_modalities)
 
 __all__ = ["MAX_FRAME_REFS", "MAX_FRAME_SIDE", "MAX_FRAMES_PER_WINDOW", "MAX_IMU_HZ", "MAX_SAMPLES_PER_WINDOW",
-           "MAX_SEC", "MAX_WINDOWS", "NS", "VIDEO_BACKENDS", "Modalities", "WindowSet", "WindowSpec", "build_index",
+           "MAX_SEC", "MAX_WINDOWS", "NS", "VIDEO_BACKENDS", "Modalities", "WindowSet", "WindowSpec", "Windows", "build_index",
            "check_split", "collate", "frames_held", "resolve_modalities"]
 
 

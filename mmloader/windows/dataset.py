@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,11 @@ from ..store import Store
 from ..video.probe import MediaIdentity, media_storage_options, media_url
 from ..video.backends import ReaderPool, reader_backend
 from .index import build_index
+from .protocol import canonical_spec, index_digest, position, sha256_json
 from .spec import NS, Modalities, WindowSpec, check_split, resolve_modalities
+
+if TYPE_CHECKING:
+    from ..cache import CachedWindows
 
 VIDEO_INDEX_CACHE = 32
 
@@ -66,16 +70,11 @@ class WindowSet:
         return self.index.num_rows
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"window {i} out of range ({n} windows)")
-        i = int(i) % n
-        if self._cache is not None:  # -- window cache hook (mmloader.cache): served from / filled into it
-            return self._cache.get(i)
+        i = position(i, len(self))
         c = self._columns
-        rid = c.recording_id[i]
-        t0, t1 = int(c.t0[i]), int(c.t1[i])
-        sample: dict[str, Any] = {"recording_id": rid, "t0": t0 / NS, "t1": t1 / NS, "index": i}
+        fields = self._index_fields(i)
+        rid, t0 = c.recording_id[i], int(c.t0[i])
+        sample: dict[str, Any] = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
         for m in self.modalities.timeseries:
             y, mask = self._read_timeseries(rid, m, t0)
             sample[m] = torch.from_numpy(np.ascontiguousarray(y.T))
@@ -84,21 +83,46 @@ class WindowSet:
             frames, t = self._read_video(rid, v, c.video_idx[v][i], t0)
             sample[v] = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
             sample[f"{v}_t"] = torch.from_numpy(t)
-        if self.modalities.text:
-            sample["text"] = c.text[i]
-        if c.label is not None:
-            sample["label"] = c.label[i]
+        sample.update(fields)  # text, label: after the tensors
         return sample
+
+    def index_fields(self, i: int) -> dict[str, Any]:
+        """Window ``i``'s non-tensor sample values, from the index alone: ``recording_id``, ``t0``, ``t1``
+        (float seconds on the recording clock), ``index`` (int), then ``text`` and ``label`` when samples carry them."""
+        return self._index_fields(position(i, len(self)))
+
+    def _index_fields(self, i: int) -> dict[str, Any]:
+        c = self._columns
+        fields: dict[str, Any] = {"recording_id": c.recording_id[i], "t0": int(c.t0[i]) / NS,
+                                  "t1": int(c.t1[i]) / NS, "index": i}
+        if self.modalities.text:
+            fields["text"] = c.text[i]
+        if c.label is not None:
+            fields["label"] = c.label[i]
+        return fields
+
+    def fingerprint_components(self) -> dict[str, Any]:
+        """What decides this set's samples, as JSON values (the window cache's key is built from them): the store
+        (URL, format version, ``source_fingerprint``, a hash of its whole manifest, so a store re-prepared with
+        other options is another store), the spec, the resolved video backend and a hash of the index."""
+        manifest = self.store.manifest
+        return {
+            "store_url": self.store.url,
+            "store_format_version": manifest.get("format_version"),
+            "store_source_fingerprint": manifest.get("source_fingerprint"),
+            "store_manifest_sha256": sha256_json(manifest),
+            "spec": canonical_spec(self.spec),
+            "video_backend": self.video_backend,
+            "index_sha256": index_digest(self.index),
+        }
 
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
 
-    # -- window cache (mmloader.cache) -----------------------------------------------------------
-    _cache: Any = None  # the WindowCache of a set returned by .cache(); None: read from the store
-
+    # -- window cache (mmloader.cache): a fluent front door -------------------------------------
     def cache(self, url: str = "auto", fill: str = "lazy", progress: bool = True, *, transforms: str | None = None,
-              shard_size: int | None = None, overwrite: bool = False, **storage_options: Any) -> "WindowSet":
+              shard_size: int | None = None, overwrite: bool = False, **storage_options: Any) -> "CachedWindows":
         """This set, read through a window cache at ``url`` (any fsspec URL; ``"auto"``:
         ``mmloader.paths.cache_dir()/windows/<fingerprint>``). See ``docs/cache.md``.
 
@@ -108,24 +132,14 @@ class WindowSet:
         a progress bar). ``transforms``: an identifier of anything beyond the spec that changes what the set
         yields, made part of the fingerprint. ``overwrite=True`` replaces another set's cache at ``url``
         (else ``CacheError``). Selecting (``split``, ``filter``...) on the result gives an uncached set: cache
-        the selection instead.
+        the selection instead. The result is a ``mmloader.cache.CachedWindows``.
         """
-        from ..cache import DEFAULT_SHARD_SIZE, WindowCache
+        from ..cache import cache_windows
 
-        if fill not in ("lazy", "eager"):
-            raise ValueError(f"fill must be 'lazy' or 'eager', got {fill!r}")
-        source = self._cache.source if self._cache is not None else self
-        cached = WindowSet(source._store, source.spec, source.index, source._report, source.reader_capacity)
-        cached._cache = WindowCache.open(source, url, transforms=transforms, overwrite=overwrite,
-                                         shard_size=shard_size or DEFAULT_SHARD_SIZE, **storage_options)
-        if fill == "eager":
-            cached._cache.fill(progress=progress)
-        return cached
+        return cache_windows(self, url, fill, progress, transforms=transforms, shard_size=shard_size,
+                             overwrite=overwrite, **storage_options)
 
-    @property
-    def window_cache(self) -> Any:
-        """The ``mmloader.cache.WindowCache`` this set reads through, or None."""
-        return self._cache
+    window_cache: Any = None  # a WindowSet reads no cache; a cached view's ``window_cache`` is its WindowCache
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +208,11 @@ class WindowSet:
         return dict(self._report)
 
     def _subset(self, mask: np.ndarray | pa.Array, why: str) -> "WindowSet":
-        index = self.index.filter(pa.array(mask))
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = mask.cast(pa.bool_())  # an empty index's comparison may come back null-typed
+        else:
+            mask = pa.array(np.asarray(mask, dtype=bool), type=pa.bool_())
+        index = self.index.filter(mask)
         report = dict(self._report)
         report["selected"] = report.get("selected", []) + [f"{why}: {index.num_rows} of {self.index.num_rows}"]
         return WindowSet(self._store, self.spec, index, report, self.reader_capacity)

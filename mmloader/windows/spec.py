@@ -16,10 +16,11 @@ anchor         candidates
 Candidates that fail a check are dropped and counted per reason (``WindowSet.report()``):
 ``missing_<modality>`` (the recording lacks it), ``recording_too_short``, ``<ts>_not_covered`` (the
 grid leaves the stream), ``<ts>_gap`` (more than ``max_masked_fraction`` of the window inside gaps),
-``video_not_covered`` (a target time has no frame within the tolerance), ``video_too_few_frames`` (the
-recording's video holds fewer frames per window than requested; see ``frames_held``), ``no_text`` (tile mode
-with ``text`` requested and no narration in the window), ``no_label`` (``label_stream`` given and no
-labelled segment overlaps the window).
+``video_too_few_frames`` (the recording's video holds fewer frames per window than requested; see
+``frames_held``), ``video_not_covered`` (a target time has no frame within the tolerance), ``no_text`` (tile
+mode with ``text`` requested and no narration in the window), ``no_label`` (``label_stream`` given and no
+labelled segment overlaps the window). Each reason is one rule in ``mmloader.windows.index``, applied in this
+order (time series and video streams in the order requested); a window counts under the first rule it fails.
 """
 
 from __future__ import annotations

@@ -32,36 +32,35 @@ dropped or absent, the measured rates, frames, rotation and speech counts.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ...errors import SourceFormatError, StoreFormatError
 from ...fsutil import is_local, join, normalize_url
-from ...video.probe import media_identity, probe_video, ticks_to_ns
-from ...store.schema import table_schema
 from ...store.writer import StoreWriter, check_recording_id
+from ...video.probe import media_identity, probe_video, ticks_to_ns
+from .. import imu as _imu
+from ..base import Prepare, check_errors, count_totals, source_digest
+from ..imu import CHANNELS, NS, UNITS, find_gaps, gaps_relative_sec, median_period_ns, sort_dedupe
+from ..rows import RecordingRows, event_row, meta_json
 
 RECIPE_VERSION = 1
-CHANNELS = ["accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z"]
-UNITS = ["m/s^2"] * 3 + ["rad/s"] * 3
 IMU_LABELS = {"imu_right": "imu-right", "imu_left": "imu-left"}  # stream name → VRS label
 RGB_LABEL = "camera-rgb"
 SPEECH_COLUMNS = ("startTime_ns", "endTime_ns", "written", "confidence")
 SENTENCE_END = re.compile(r"[.?!…]['\")\]]*$")
-NS = 1_000_000_000
 
 
 # -- projectaria-tools, imported lazily ---------------------------------------------------------------
@@ -184,14 +183,8 @@ class AriaLayout:
 
 
 # -- IMU -----------------------------------------------------------------------------------------------
-@dataclass
-class ImuSeries:
+class ImuSeries(_imu.ImuSeries):
     """One IMU on DEVICE_TIME: ``t_ns (N,) int64`` strictly increasing, ``data (N, 6) float32`` (CHANNELS)."""
-
-    t_ns: np.ndarray
-    data: np.ndarray
-    gaps: list[tuple[int, int]]
-    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rate_hz(self) -> float:
@@ -243,15 +236,9 @@ def read_imu(provider: Any, label: str, *, rectify: bool = False, gap_factor: fl
     finite = np.isfinite(x).all(axis=1) & (t > 0)
     dropped["non_finite"] = int((ok & ~finite).sum())
     keep = ok & finite
-    t, x = t[keep], x[keep]
-    fixed = {"reordered": int((np.diff(t) < 0).sum()) if t.size > 1 else 0}
-    order = np.argsort(t, kind="stable")
-    t, x = t[order], x[order]
-    dup = np.zeros(t.size, dtype=bool)
-    if t.size > 1:
-        dup[1:] = t[1:] == t[:-1]
-    fixed["duplicate_timestamp"] = int(dup.sum())
-    t, x = t[~dup], x[~dup]
+    rows = sort_dedupe(t[keep], x[keep])
+    t, (x,) = rows.t_ns, rows.columns
+    fixed = {"reordered": rows.reordered, "duplicate_timestamp": rows.duplicates}
     if rectify and t.size:
         calib = provider.get_device_calibration()
         imu_calib = calib.get_imu_calib(label) if calib is not None else None
@@ -264,15 +251,13 @@ def read_imu(provider: Any, label: str, *, rectify: bool = False, gap_factor: fl
                               "fixed": fixed, "rectified": bool(rectify), "clock": "DEVICE_TIME"}
     gaps: list[tuple[int, int]] = []
     if t.size >= 2:
-        d = np.diff(t)
-        period = float(np.median(d))
+        period = median_period_ns(t)
         measured = NS / period
         report.update({"t_start_ns": int(t[0]), "t_end_ns": int(t[-1]), "measured_rate_hz": round(measured, 3),
                        "nominal_rate_hz": round(measured, 1), "median_period_ns": period,
-                       "max_period_ns": int(d.max())})
-        big = np.flatnonzero(d > gap_factor * period)
-        gaps = [(int(t[i]), int(t[i + 1])) for i in big]
-        report["gaps_sec"] = [[(a - t[0]) / NS, (b - a) / NS] for a, b in gaps]
+                       "max_period_ns": int(np.diff(t).max())})
+        gaps = find_gaps(t, gap_factor, period)
+        report["gaps_sec"] = gaps_relative_sec(gaps, t[0])
     return ImuSeries(t_ns=t, data=x.astype(np.float32), gaps=gaps, report=report)
 
 
@@ -318,6 +303,67 @@ def rotate_yuv420p(frame: Any, k: int) -> Any:
     return av.VideoFrame.from_ndarray(packed, format="yuv420p")
 
 
+class _RgbEncoder:
+    """Writes RGB frames into an H.264 mp4 at a local path: each frame rotated by ``k`` quarter turns, resized
+    to ``size=(H, W)`` (after rotation; None keeps the native size), with pts in ticks of ``tb``. The file is
+    opened at the first frame, whose size decides the output's."""
+
+    def __init__(self, path: str, tb: Fraction, fps: float, gop: int, k: int, size: tuple[int, int] | None,
+                 crf: int, preset: str):
+        self.path, self.tb, self.fps, self.gop, self.k, self.size = path, tb, fps, gop, k, size
+        self.crf, self.preset = crf, preset
+        self.native: tuple[int, int] | None = None
+        self.out_hw: tuple[int, int] | None = None
+        self.container: Any = None
+        self.stream: Any = None
+
+    def _open(self, arr: np.ndarray) -> None:
+        import av
+
+        self.native = (int(arr.shape[0]), int(arr.shape[1]))
+        rot_hw = self.native if self.k % 2 == 0 else (self.native[1], self.native[0])
+        self.out_hw = (int(self.size[0]), int(self.size[1])) if self.size is not None else rot_hw
+        self.container = av.open(self.path, mode="w", format="mp4",
+                                 options={"movie_timescale": str(self.tb.denominator)})
+        stream = self.container.add_stream("libx264", rate=max(1, int(round(self.fps))))
+        stream.height, stream.width = self.out_hw
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = self.tb
+        stream.codec_context.time_base = self.tb
+        stream.options = {"crf": str(self.crf), "preset": self.preset, "g": str(self.gop),
+                          "keyint_min": str(self.gop), "sc_threshold": "0", "bf": "0"}
+        self.stream = stream
+
+    def write(self, arr: np.ndarray, tick: int) -> None:
+        """Encode one ``(H, W, 3)`` uint8 RGB frame at pts ``tick``."""
+        import av
+
+        if self.stream is None:
+            self._open(arr)
+        assert self.out_hw is not None
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        pre_hw = self.out_hw if self.k % 2 == 0 else (self.out_hw[1], self.out_hw[0])  # size before the rotation
+        if self.k or (frame.height, frame.width) != pre_hw:
+            # resize and convert to the encoder's yuv420p in one swscale pass, then rotate the planes:
+            # ~2x cheaper than rotating and resizing RGB (measured, docs/aria.md)
+            frame = frame.reformat(width=pre_hw[1], height=pre_hw[0], format="yuv420p", interpolation="AREA")
+            if self.k:
+                frame = rotate_yuv420p(frame, self.k)
+        frame.pts = tick
+        frame.time_base = self.tb
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def flush(self) -> None:
+        if self.stream is not None and self.container is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+
+
 def transcode_rgb(
     provider: Any,
     label: str,
@@ -339,8 +385,6 @@ def transcode_rgb(
     ``gop_sec`` seconds (at most 1 s), no B-frames. Frames whose capture time does not increase are dropped
     (counted). Returns the report, or None when the file has no such label.
     """
-    import av
-
     sid = provider.get_stream_id_from_label(label)
     if sid is None:
         return None
@@ -359,10 +403,7 @@ def transcode_rgb(
     t0 = time.perf_counter()
     capture: list[int] = []
     dropped = {"non_increasing_time": 0, "empty_image": 0}
-    native: tuple[int, int] | None = None
-    out_hw: tuple[int, int] | None = None
-    container = None
-    stream = None
+    encoder = _RgbEncoder(out_path, tb, fps, gop, k, size, crf, preset)
     try:
         for i in tqdm(range(n), desc=desc or f"transcode {label}", unit="frame", disable=not progress, leave=False):
             image, record = provider.get_image_data_by_index(sid, i)
@@ -375,40 +416,13 @@ def transcode_rgb(
             if arr is None or arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
                 dropped["empty_image"] += 1
                 continue
-            if stream is None:
-                native = (int(arr.shape[0]), int(arr.shape[1]))
-                rot_hw = native if k % 2 == 0 else (native[1], native[0])
-                out_hw = (int(size[0]), int(size[1])) if size is not None else rot_hw
-                container = av.open(out_path, mode="w", format="mp4",
-                                    options={"movie_timescale": str(tb.denominator)})
-                stream = container.add_stream("libx264", rate=max(1, int(round(fps))))
-                stream.height, stream.width = out_hw
-                stream.pix_fmt = "yuv420p"
-                stream.time_base = tb
-                stream.codec_context.time_base = tb
-                stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "keyint_min": str(gop),
-                                  "sc_threshold": "0", "bf": "0"}
-            assert out_hw is not None and container is not None
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-            pre_hw = out_hw if k % 2 == 0 else (out_hw[1], out_hw[0])  # size before the rotation
-            if k or (frame.height, frame.width) != pre_hw:
-                # resize and convert to the encoder's yuv420p in one swscale pass, then rotate the planes:
-                # ~2x cheaper than rotating and resizing RGB (measured, docs/aria.md)
-                frame = frame.reformat(width=pre_hw[1], height=pre_hw[0], format="yuv420p", interpolation="AREA")
-                if k:
-                    frame = rotate_yuv420p(frame, k)
-            frame.pts = tick
-            frame.time_base = tb
-            for packet in stream.encode(frame):
-                container.mux(packet)
+            encoder.write(arr, tick)
             capture.append(ts)
-        if stream is not None and container is not None:
-            for packet in stream.encode():
-                container.mux(packet)
+        encoder.flush()
     finally:
-        if container is not None:
-            container.close()
+        encoder.close()
     cap = np.asarray(capture, dtype=np.int64)
+    native, out_hw = encoder.native, encoder.out_hw
     rep: dict[str, Any] = {
         "label": label, "frames_in_file": n, "frames": int(cap.size), "dropped": dropped,
         "native_size": list(native) if native else None, "size": list(out_hw) if out_hw else None,
@@ -492,10 +506,9 @@ def speech_events(path: str, recording_id: str, *, min_confidence: float = 0.0,
     rows = []
     for i, s in enumerate(sentences):
         raw = " ".join(w.written for w in s)
-        rows.append({"recording_id": recording_id, "t_start_ns": s[0].t_start_ns,
-                     "t_end_ns": max(w.t_end_ns for w in s), "text": " ".join(raw.split()), "text_raw": raw,
-                     "kind": "narration", "source": "speech.csv", "uid": f"{recording_id}:speech:{i}",
-                     "confidence": float(np.mean([w.confidence for w in s])), "n_words": len(s)})
+        rows.append(event_row(recording_id, s[0].t_start_ns, max(w.t_end_ns for w in s), " ".join(raw.split()),
+                              text_raw=raw, kind="narration", source="speech.csv", uid=f"{recording_id}:speech:{i}",
+                              confidence=float(np.mean([w.confidence for w in s])), n_words=len(s)))
     report = {"file": path, "words": len(words), "dropped_low_confidence": len(words) - len(kept),
               "min_confidence": min_confidence, "sentence_pause_sec": pause_sec, "sentences": len(rows),
               "clock": "DEVICE_TIME"}
@@ -517,8 +530,7 @@ def _check_options(imu: str, rgb: bool | None, rgb_size: Any, rotate: int, gop_s
     _rotation_k(rotate)
     if not 0 < gop_sec <= 1.0:
         raise ValueError(f"gop_sec must be in (0, 1], got {gop_sec}")
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    check_errors(errors)
 
 
 class AriaAdapter:
@@ -527,13 +539,12 @@ class AriaAdapter:
     name = "aria"
 
     def fingerprint(self, root: str) -> str:
-        layout = AriaLayout(root)
-        h = hashlib.sha256(f"aria-recipe-{RECIPE_VERSION}".encode())
-        for rec in layout.recordings:
-            for p in rec.source_files():
-                st = os.stat(p)
-                h.update(f"{rec.recording_id}|{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:32]
+        def line(rid: str, path: str) -> str:
+            st = os.stat(path)
+            return f"{rid}|{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+        return source_digest(f"aria-recipe-{RECIPE_VERSION}", (
+            line(rec.recording_id, p) for rec in AriaLayout(root).recordings for p in rec.source_files()))
 
     def prepare(
         self,
@@ -581,180 +592,145 @@ class AriaAdapter:
                    "rgb_size": list(rgb_size) if rgb_size else None, "rotate": rotate, "crf": crf, "preset": preset,
                    "gop_sec": gop_sec, "min_confidence": min_confidence, "sentence_pause_sec": sentence_pause_sec,
                    "imu_gap_factor": imu_gap_factor}
-        report: dict[str, Any] = {"dataset": "aria", "source": layout.root, "clock": "DEVICE_TIME",
-                                  "options": options, "recordings": {}, "skipped": dict(layout.skipped),
-                                  "failed": {}}
-        recordings, streams, gaps, narrations = [], [], [], []
         t_start = time.perf_counter()
-        with StoreWriter(dst, dataset="aria", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite, protect=[root], **(storage_options or {})) as writer:
-            for files in tqdm(layout.recordings, desc="prepare aria", unit="recording", disable=not progress):
-                try:
-                    check_id(files)
-                    rec = self._recording(writer, files, progress=progress, **{k: v for k, v in options.items()
-                                                                                if k != "errors"})
-                except SourceFormatError as e:
-                    if errors == "raise":
-                        raise
-                    report["failed"][files.recording_id] = str(e)
-                    continue
-                recordings.append(rec["recording"])
-                streams.extend(rec["streams"])
-                gaps.extend(rec["gaps"])
-                narrations.extend(rec["narrations"])
-                report["recordings"][files.recording_id] = rec["report"]
-            if not recordings:
-                raise SourceFormatError(layout.root, "no recording could be prepared "
-                                        f"(failed: {report['failed']})", "at least one readable VRS recording")
-            writer.write_table("recordings", pa.Table.from_pylist(recordings))
-            writer.write_table("streams", _table("streams", streams))
-            writer.write_table("gaps", _table("gaps", gaps))
-            if narrations:
-                writer.write_events("narrations", pa.Table.from_pylist(narrations))
-            report["totals"] = _totals(report, time.perf_counter() - t_start)
-            writer.write_json("reports/prepare.json", report)
-        return writer.url
-
-    # -- one recording -------------------------------------------------------------------------------
-    def _recording(self, writer: StoreWriter, files: AriaRecordingFiles, *, progress: bool, imu: str,
-                   rectify: bool, rgb: bool | None, rgb_size: list[int] | None, rotate: int, crf: int,
-                   preset: str, gop_sec: float, min_confidence: float, sentence_pause_sec: float,
-                   imu_gap_factor: float) -> dict[str, Any]:
-        rid = files.recording_id
-        provider = open_vrs(files.vrs)
-        labels = stream_labels(provider)
-        rep: dict[str, Any] = {"vrs": files.vrs, "labels_found": labels, "absent": [], "warnings": []}
-        streams: list[dict[str, Any]] = []
-        gaps: list[dict[str, Any]] = []
-
-        required = {"right": ["imu-right"], "left": ["imu-left"], "both": ["imu-right", "imu-left"]}[imu]
-        if rgb is True:
-            required.append(RGB_LABEL)
-        missing = [lab for lab in required if lab not in labels]
-        if missing:
-            raise SourceFormatError(files.vrs, f"no stream labelled {missing} (labels found: {labels})",
-                                    f"the label(s) asked for by imu={imu!r}" + (", rgb=True" if rgb else ""))
-
-        imu_rows: dict[str, dict[str, Any]] = {}
-        for name, label in IMU_LABELS.items():
-            series = read_imu(provider, label, rectify=rectify, gap_factor=imu_gap_factor, where=files.vrs)
-            if series is None:
-                rep["absent"].append(label)
-                continue
-            rep[name] = series.report
-            if series.t_ns.size < 2:
-                rep["warnings"].append(f"{label}: {series.t_ns.size} valid samples: no {name} stream")
-                continue
-            rel = writer.write_timeseries(rid, name, series.t_ns, series.data, CHANNELS, UNITS, rate_hz=series.rate_hz)
-            row = {"recording_id": rid, "stream": name, "kind": "timeseries", "uri": rel,
-                   "t_start_ns": int(series.t_ns[0]), "t_end_ns": int(series.t_ns[-1]),
-                   "n_samples": int(series.t_ns.size), "rate_hz": series.rate_hz, "channels": CHANNELS, "units": UNITS}
-            imu_rows[name] = row
-            streams.append(row)
-            gaps.extend({"recording_id": rid, "stream": name, "t_start_ns": a, "t_end_ns": b} for a, b in series.gaps)
-        alias = "imu_left" if imu == "left" else "imu_right"
-        if alias not in imu_rows:
-            raise SourceFormatError(files.vrs, f"'{IMU_LABELS[alias]}' has fewer than 2 valid samples",
-                                    f"an IMU stream for imu={imu!r}")
-        streams.append({**imu_rows[alias], "stream": "imu"})  # the same Zarr group under the name 'imu'
-        gaps.extend({**g, "stream": "imu"} for g in list(gaps) if g["stream"] == alias)
-        rep["imu"] = {"alias_of": alias, "label": IMU_LABELS[alias]}
-
-        if rgb is False:
-            rep["video"] = {"skipped": "rgb=False"}
-        elif RGB_LABEL not in labels:
-            rep["absent"].append(RGB_LABEL)
-        else:
-            streams.extend(self._video(writer, provider, rid, rep, progress=progress, rgb_size=rgb_size,
-                                       rotate=rotate, crf=crf, preset=preset, gop_sec=gop_sec))
-
-        narrations: list[dict[str, Any]] = []
-        if files.speech is None:
-            rep["speech"] = {"file": None, "note": "no speech.csv: recording without narrations"}
-        else:
-            narrations, rep["speech"] = speech_events(files.speech, rid, min_confidence=min_confidence,
-                                                      pause_sec=sentence_pause_sec)
-            if narrations:
-                streams.append({"recording_id": rid, "stream": "narrations", "kind": "events",
-                                "uri": "events/narrations.parquet", "t_start_ns": rep["speech"]["t_start_ns"],
-                                "t_end_ns": rep["speech"]["t_end_ns"], "n_samples": len(narrations)})
-                data_end = max((s["t_end_ns"] for s in streams if s["kind"] != "events"), default=None)
-                data_start = min((s["t_start_ns"] for s in streams if s["kind"] != "events"), default=None)
-                inside = sum(1 for r in narrations if data_start is not None
-                             and r["t_end_ns"] >= data_start and r["t_start_ns"] <= data_end)
-                rep["speech"]["sentences_inside_sensor_span"] = inside
-
-        meta: dict[str, Any] = {"vrs": files.vrs, "clock": "DEVICE_TIME", "labels": labels}
-        meta.update(_vrs_metadata(provider))
-        if files.metadata is not None:
-            try:
-                with open(files.metadata, encoding="utf-8") as f:
-                    meta["metadata_json"] = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SourceFormatError(files.metadata, f"invalid JSON ({e})", "a JSON object") from None
-        else:
-            rep["warnings"].append("no metadata.json")
-        if files.mps is not None:
-            rep["mps"] = {"folders": sorted(d for d in os.listdir(files.mps) if not d.startswith(".")),
-                          "note": "MPS outputs are not read by this recipe version"}
-        spans = [s for s in streams if s["kind"] != "events"]
-        start = min(s["t_start_ns"] for s in spans)
-        end = max(s["t_end_ns"] for s in spans)
-        rep["t_start_ns"], rep["t_end_ns"] = start, end
-        recording = {"recording_id": rid, "dataset": "aria", "split": None, "duration_ns": int(end - start),
-                     "modalities": sorted({s["stream"] for s in streams}),
-                     "meta_json": json.dumps(meta, sort_keys=True, default=str)}
-        return {"recording": recording, "streams": streams, "gaps": gaps, "narrations": narrations, "report": rep}
-
-    def _video(self, writer: StoreWriter, provider: Any, rid: str, rep: dict[str, Any], *, progress: bool,
-               rgb_size: list[int] | None, rotate: int, crf: int, preset: str, gop_sec: float) -> list[dict[str, Any]]:
-        """Transcode camera-rgb into the store's work folder; index its pts; the stream row points where the
-        file will be after the store is published."""
-        rel = f"media/{rid}/{RGB_LABEL}.mp4"
-        size = tuple(rgb_size) if rgb_size else None
-        work_file = join(writer.work_path, rel)
-        if is_local(writer.fs):
-            os.makedirs(os.path.dirname(work_file), exist_ok=True)
-            vrep = transcode_rgb(provider, RGB_LABEL, work_file, rotate=rotate, size=size, crf=crf, preset=preset,
-                                 gop_sec=gop_sec, progress=progress, desc=f"{rid} {RGB_LABEL}")
-        else:  # encode locally (the mp4 muxer seeks), then copy into the store
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "camera-rgb.mp4")
-                vrep = transcode_rgb(provider, RGB_LABEL, local, rotate=rotate, size=size, crf=crf, preset=preset,
-                                     gop_sec=gop_sec, progress=progress, desc=f"{rid} {RGB_LABEL}")
-                writer.fs.makedirs(os.path.dirname(work_file), exist_ok=True)
-                with open(local, "rb") as src, writer.fs.open(work_file, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-        assert vrep is not None
-        capture = vrep.pop("capture_ns")
-        rep["video"] = vrep
-        if capture.size == 0:
-            rep["warnings"].append(f"{RGB_LABEL}: no decodable frame: no video stream")
-            if writer.fs.exists(work_file):
-                writer.fs.rm(work_file)
-            return []
-        opts = dict(writer.storage_options or {})
-        ident = media_identity(join(writer.work_url, rel), opts)  # after the rename on publish: same size, mtime
-        info = probe_video(join(writer.work_url, rel), opts)  # work_path is fs-relative; probe by URL
-        if info.num_frames != capture.size:
-            raise SourceFormatError(work_file, f"transcoded file has {info.num_frames} frames, "
-                                    f"{capture.size} were written", "one mp4 frame per RGB frame")
-        err = np.abs(info.pts_ns - capture)
-        vrep["pts_rounding_max_ns"] = int(err.max())
-        vrep["bytes"] = int(writer.fs.size(work_file))
-        vrep["keyframes"] = int(info.keyframe.sum())
-        index_rel = writer.write_video_index(rid, "video", info.pts_ns, info.keyframe)
-        fps = vrep.get("measured_fps") or vrep.get("nominal_fps") or info.fps
-        return [{"recording_id": rid, "stream": "video", "kind": "video", "uri": rel,
-                 "index_uri": index_rel, "t_start_ns": int(info.pts_ns[0]), "t_end_ns": int(info.pts_ns[-1]),
-                 "n_samples": info.num_frames, "rate_hz": float(fps), "width": info.width, "height": info.height,
-                 "codec": info.codec, **ident.columns()}]
+        run = Prepare(dataset="aria", root=root, dst=dst, fingerprint=self.fingerprint(root), options=options,
+                      errors=errors, overwrite=overwrite, progress=progress, storage_options=storage_options,
+                      report={"dataset": "aria", "source": layout.root, "clock": "DEVICE_TIME", "options": options,
+                              "skipped": dict(layout.skipped)},
+                      event_names=("narrations",))
+        build = functools.partial(_recording, progress=progress, **{k: v for k, v in options.items() if k != "errors"})
+        return run.run([(files.recording_id, files) for files in layout.recordings], build,
+                       totals=lambda report: _totals(report, time.perf_counter() - t_start),
+                       nothing_prepared=lambda report: SourceFormatError(
+                           layout.root, f"no recording could be prepared (failed: {report['failed']})",
+                           "at least one readable VRS recording"))
 
 
-def _table(kind: str, rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as a table of the schema's columns (absent keys → null)."""
-    schema = table_schema(kind)
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+# -- one recording -----------------------------------------------------------------------------------
+def _recording(writer: StoreWriter, files: AriaRecordingFiles, *, progress: bool, imu: str, rectify: bool,
+               rgb: bool | None, rgb_size: list[int] | None, rotate: int, crf: int, preset: str, gop_sec: float,
+               min_confidence: float, sentence_pause_sec: float, imu_gap_factor: float) -> RecordingRows:
+    """The streams of one recording folder: its IMUs, its RGB video (transcoded) and its speech."""
+    rid = check_id(files)
+    provider = open_vrs(files.vrs)
+    labels = stream_labels(provider)
+    rec = RecordingRows(rid, report={"vrs": files.vrs, "labels_found": labels, "absent": [], "warnings": []})
+    required = {"right": ["imu-right"], "left": ["imu-left"], "both": ["imu-right", "imu-left"]}[imu]
+    if rgb is True:
+        required.append(RGB_LABEL)
+    missing = [lab for lab in required if lab not in labels]
+    if missing:
+        raise SourceFormatError(files.vrs, f"no stream labelled {missing} (labels found: {labels})",
+                                f"the label(s) asked for by imu={imu!r}" + (", rgb=True" if rgb else ""))
+    _imus(writer, rec, provider, files.vrs, imu=imu, rectify=rectify, gap_factor=imu_gap_factor)
+    if rgb is False:
+        rec.report["video"] = {"skipped": "rgb=False"}
+    elif RGB_LABEL not in labels:
+        rec.report["absent"].append(RGB_LABEL)
+    else:
+        _video(writer, provider, rec, progress=progress, rgb_size=rgb_size, rotate=rotate, crf=crf, preset=preset,
+               gop_sec=gop_sec)
+    _speech(rec, files, min_confidence=min_confidence, pause_sec=sentence_pause_sec)
+    meta = {"vrs": files.vrs, "clock": "DEVICE_TIME", "labels": labels, **_vrs_metadata(provider)}
+    if files.metadata is not None:
+        try:
+            with open(files.metadata, encoding="utf-8") as f:
+                meta["metadata_json"] = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SourceFormatError(files.metadata, f"invalid JSON ({e})", "a JSON object") from None
+    else:
+        rec.report["warnings"].append("no metadata.json")
+    if files.mps is not None:
+        rec.report["mps"] = {"folders": sorted(d for d in os.listdir(files.mps) if not d.startswith(".")),
+                             "note": "MPS outputs are not read by this recipe version"}
+    spans = [s for s in rec.streams if s["kind"] != "events"]
+    start, end = min(s["t_start_ns"] for s in spans), max(s["t_end_ns"] for s in spans)
+    rec.report["t_start_ns"], rec.report["t_end_ns"] = start, end
+    rec.set_recording("aria", None, int(end - start), sorted({s["stream"] for s in rec.streams}),
+                      meta_json(meta, default=str))
+    return rec
+
+
+def _imus(writer: StoreWriter, rec: RecordingRows, provider: Any, vrs: str, *, imu: str, rectify: bool,
+          gap_factor: float) -> None:
+    """``imu_right`` and ``imu_left`` where present, and the stream ``imu``: an alias row (same Zarr group,
+    same gaps) of the one ``imu`` names."""
+    written: dict[str, dict[str, Any]] = {}
+    for name, label in IMU_LABELS.items():
+        series = read_imu(provider, label, rectify=rectify, gap_factor=gap_factor, where=vrs)
+        if series is None:
+            rec.report["absent"].append(label)
+            continue
+        rec.report[name] = series.report
+        if series.t_ns.size < 2:
+            rec.report["warnings"].append(f"{label}: {series.t_ns.size} valid samples: no {name} stream")
+            continue
+        written[name] = rec.write_timeseries(writer, name, series.t_ns, series.data, CHANNELS, UNITS,
+                                             series.rate_hz, series.gaps)
+    alias = "imu_left" if imu == "left" else "imu_right"
+    if alias not in written:
+        raise SourceFormatError(vrs, f"'{IMU_LABELS[alias]}' has fewer than 2 valid samples",
+                                f"an IMU stream for imu={imu!r}")
+    rec.streams.append({**written[alias], "stream": "imu"})  # the same Zarr group under the name 'imu'
+    rec.add_gaps("imu", [(g["t_start_ns"], g["t_end_ns"]) for g in rec.gaps if g["stream"] == alias])
+    rec.report["imu"] = {"alias_of": alias, "label": IMU_LABELS[alias]}
+
+
+def _speech(rec: RecordingRows, files: AriaRecordingFiles, *, min_confidence: float, pause_sec: float) -> None:
+    """The ``narrations`` of speech.csv (none without the file), and how many fall inside the sensor span."""
+    if files.speech is None:
+        rec.report["speech"] = {"file": None, "note": "no speech.csv: recording without narrations"}
+        return
+    narrations, speech = speech_events(files.speech, rec.recording_id, min_confidence=min_confidence,
+                                       pause_sec=pause_sec)
+    rec.report["speech"] = speech
+    if rec.add_events("narrations", narrations) is not None:
+        sensors = [s for s in rec.streams if s["kind"] != "events"]
+        data_end = max((s["t_end_ns"] for s in sensors), default=None)
+        data_start = min((s["t_start_ns"] for s in sensors), default=None)
+        speech["sentences_inside_sensor_span"] = sum(1 for r in narrations if data_start is not None
+                                                     and r["t_end_ns"] >= data_start and r["t_start_ns"] <= data_end)
+
+
+def _video(writer: StoreWriter, provider: Any, rec: RecordingRows, *, progress: bool, rgb_size: list[int] | None,
+           rotate: int, crf: int, preset: str, gop_sec: float) -> None:
+    """Transcode camera-rgb into the store's work folder and index its pts; the stream row points where the
+    file will be after the store is published."""
+    rid, rep = rec.recording_id, rec.report
+    rel = f"media/{rid}/{RGB_LABEL}.mp4"
+    work_file = join(writer.work_path, rel)
+    encode = functools.partial(transcode_rgb, provider, RGB_LABEL, rotate=rotate,
+                               size=tuple(rgb_size) if rgb_size else None, crf=crf, preset=preset, gop_sec=gop_sec,
+                               progress=progress, desc=f"{rid} {RGB_LABEL}")
+    if is_local(writer.fs):
+        os.makedirs(os.path.dirname(work_file), exist_ok=True)
+        vrep = encode(work_file)
+    else:  # encode locally (the mp4 muxer seeks), then copy into the store
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "camera-rgb.mp4")
+            vrep = encode(local)
+            writer.fs.makedirs(os.path.dirname(work_file), exist_ok=True)
+            with open(local, "rb") as src, writer.fs.open(work_file, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    assert vrep is not None
+    capture = vrep.pop("capture_ns")
+    rep["video"] = vrep
+    if capture.size == 0:
+        rep["warnings"].append(f"{RGB_LABEL}: no decodable frame: no video stream")
+        if writer.fs.exists(work_file):
+            writer.fs.rm(work_file)
+        return
+    opts = dict(writer.storage_options or {})
+    ident = media_identity(join(writer.work_url, rel), opts)  # after the rename on publish: same size, mtime
+    info = probe_video(join(writer.work_url, rel), opts)  # work_path is fs-relative; probe by URL
+    if info.num_frames != capture.size:
+        raise SourceFormatError(work_file, f"transcoded file has {info.num_frames} frames, "
+                                f"{capture.size} were written", "one mp4 frame per RGB frame")
+    vrep["pts_rounding_max_ns"] = int(np.abs(info.pts_ns - capture).max())
+    vrep["bytes"] = int(writer.fs.size(work_file))
+    vrep["keyframes"] = int(info.keyframe.sum())
+    fps = vrep.get("measured_fps") or vrep.get("nominal_fps") or info.fps
+    rec.write_video(writer, "video", rel, info, rate_hz=float(fps), identity=ident)
 
 
 def _vrs_metadata(provider: Any) -> dict[str, Any]:
@@ -779,9 +755,10 @@ def _vrs_metadata(provider: Any) -> dict[str, Any]:
 
 
 def _totals(report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The report's totals: counts, IMU samples per stream, rows fixed/dropped, frames, sentences, time taken."""
     recs = report["recordings"].values()
     return {
-        "recordings": len(report["recordings"]), "skipped": len(report["skipped"]), "failed": len(report["failed"]),
+        **count_totals(report),
         "imu_samples": {n: sum(r.get(n, {}).get("samples", 0) for r in recs) for n in IMU_LABELS},
         "imu_rows_fixed": sum(sum(r.get(n, {}).get("fixed", {}).values()) for r in recs for n in IMU_LABELS),
         "imu_rows_dropped": sum(sum(r.get(n, {}).get("dropped", {}).values()) for r in recs for n in IMU_LABELS),

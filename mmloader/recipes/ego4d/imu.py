@@ -23,8 +23,6 @@ components with gaps       kept as they are; each gap (> ``gap_factor`` × media
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +30,7 @@ import pyarrow.csv as pacsv
 
 from ...errors import SourceFormatError
 from ...fsutil import read_arrow_buffer
+from ..imu import CHANNELS, NS, UNITS, ImuSeries, find_gaps, median_period_ns, sort_dedupe
 
 HEADER = [
     "component_idx",
@@ -44,25 +43,15 @@ HEADER = [
     "accl_y",
     "accl_z",
 ]
-CHANNELS = ["accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z"]
-UNITS = ["m/s^2"] * 3 + ["rad/s"] * 3
 NULL_VALUES = ["", "NULL", "null", "Null", "NaN", "nan", "None", "none"]
 MAX_ACCEL = 2000.0  # m/s^2 (~200 g): beyond it a reading is not physical
 MAX_GYRO = 200.0  # rad/s
 TIME_MARGIN_MS = 1000.0
 
-
-@dataclass
-class CleanIMU:
-    """A repaired IMU stream and the account of what was done to it."""
-
-    t_ns: np.ndarray  # (N,) int64, strictly increasing, canonical clock
-    data: np.ndarray  # (N, 6) float32, CHANNELS order
-    gaps: list[tuple[int, int]]  # (last sample before, first sample after), ns
-    report: dict[str, Any] = field(default_factory=dict)
+CleanIMU = ImuSeries  # a repaired IMU stream (canonical clock) and the account of what was done to it
 
 
-def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float = 5.0) -> CleanIMU:
+def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float = 5.0) -> ImuSeries:
     """Read, check and repair one Ego4D IMU CSV.
 
     ``duration_sec`` (from ego4d.json) bounds plausible timestamps. Raises SourceFormatError naming the
@@ -95,7 +84,7 @@ def read_imu_csv(path: str, duration_sec: float | None = None, gap_factor: float
 
 def clean_imu_columns(
     cols: dict[str, np.ndarray], duration_sec: float | None = None, gap_factor: float = 5.0
-) -> CleanIMU:
+) -> ImuSeries:
     """Repair parsed CSV columns (float64, NaN for nulls); see the module table for the rules."""
     n_read = len(cols["canonical_timestamp_ms"])
     dropped: dict[str, int] = {}
@@ -141,23 +130,17 @@ def clean_imu_columns(
     keep &= ~absurd
 
     t_ms, values, comp_kept = t_ms[keep], values[keep], comp[keep]
-    _count(fixed, "reordered", int((np.diff(t_ms) < 0).sum()) if t_ms.size > 1 else 0)
-    t_ns = np.round(t_ms * 1e6).astype(np.int64)
-    order = np.argsort(t_ns, kind="stable")
-    t_ns, values, comp_kept = t_ns[order], values[order], comp_kept[order]
-    first = np.ones(t_ns.shape[0], dtype=bool)
-    first[1:] = t_ns[1:] != t_ns[:-1]
-    _count(dropped, "duplicate_timestamp", int((~first).sum()))
-    t_ns, values, comp_kept = t_ns[first], values[first], comp_kept[first]
+    rows = sort_dedupe(np.round(t_ms * 1e6).astype(np.int64), values, comp_kept, t_read=t_ms)
+    _count(fixed, "reordered", rows.reordered)
+    _count(dropped, "duplicate_timestamp", rows.duplicates)
+    t_ns, (values, comp_kept) = rows.t_ns, rows.columns
 
     gaps: list[tuple[int, int]] = []
     rate_hz = 0.0
     if t_ns.size > 1:
-        dt = np.diff(t_ns)
-        period = float(np.median(dt))
-        rate_hz = 1e9 / period
-        for i in np.flatnonzero(dt > gap_factor * period):
-            gaps.append((int(t_ns[i]), int(t_ns[i + 1])))
+        period = median_period_ns(t_ns)
+        rate_hz = NS / period
+        gaps = find_gaps(t_ns, gap_factor, period)
     report = {
         "rows_read": n_read,
         "rows_kept": int(t_ns.size),
@@ -167,9 +150,12 @@ def clean_imu_columns(
         "gaps_sec": [[a / 1e9, b / 1e9] for a, b in gaps],
         "measured_rate_hz": round(rate_hz, 3),
     }
-    return CleanIMU(t_ns=t_ns, data=values.astype(np.float32), gaps=gaps, report=report)
+    return ImuSeries(t_ns=t_ns, data=values.astype(np.float32), gaps=gaps, report=report)
 
 
 def _count(d: dict[str, int], key: str, n: int) -> None:
     if n:
         d[key] = d.get(key, 0) + n
+
+
+__all__ = ["CHANNELS", "HEADER", "UNITS", "CleanIMU", "clean_imu_columns", "read_imu_csv"]

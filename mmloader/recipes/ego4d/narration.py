@@ -13,10 +13,10 @@ import math
 import re
 from typing import Any
 
-import pyarrow as pa
-
 from ...errors import SourceFormatError
 from ...fsutil import read_json
+from ..base import check_errors
+from ..rows import event_row
 
 PASSES = ("narration_pass_1", "narration_pass_2")
 
@@ -91,8 +91,7 @@ def parse_narrations(path: str, *, errors: str = "raise") -> tuple[dict[str, lis
     is dropped, and ``dropped[uid] = {"events": n, "problems": [...]}`` says which and why (the first
     ``MAX_PROBLEMS`` messages; all are counted). A top level that is not an object always raises.
     """
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    check_errors(errors)
     doc = read_json(path)
     if not isinstance(doc, dict):
         raise SourceFormatError(path, f"top level is a {type(doc).__name__}", "an object keyed by video_uid")
@@ -148,14 +147,6 @@ def _event_row(path: str, uid: str, pass_name: str, key: str, kind: str, i: int,
         raw = _text(item, "summary_text", where, path)
         if t1 < t0:
             raise SourceFormatError(path, f"{where}: end_sec {t1} < start_sec {t0}", "end >= start")
-    return {
-        "recording_id": uid,
-        "t_start_ns": round(t0 * 1e9),
-        "t_end_ns": round(t1 * 1e9),
-        "text": clean_narration(raw),
-        "text_raw": raw,
-        "kind": kind,
-        "source": pass_name,
-        "uid": str(item.get("annotation_uid") or f"{uid}:{pass_name}:{key}:{i}"),
-        "unsure": "#unsure" in raw.lower(),
-    }
+    return event_row(uid, round(t0 * 1e9), round(t1 * 1e9), clean_narration(raw), text_raw=raw, kind=kind,
+                     source=pass_name, uid=str(item.get("annotation_uid") or f"{uid}:{pass_name}:{key}:{i}"),
+                     unsure="#unsure" in raw.lower())

@@ -4,7 +4,7 @@ Reads (``ROOT`` may hold them directly or under ``v2/`` or ``v1/``)::
 
     ego4d.json                          videos[]: video_uid, duration_sec, has_imu, video_metadata, split_*
     full_scale/<video_uid>.mp4          canonical videos (probed with PyAV: fps, size, codec, pts index)
-    imu/<video_uid>.csv                 ~200 Hz IMU on the canonical clock (repaired: see ego4d_imu)
+    imu/<video_uid>.csv                 ~200 Hz IMU on the canonical clock (repaired: see .imu)
     annotations/narration.json          narrations and summaries (either pass may be missing)
     annotations/sample_activity_segments.json   optional, written by the sample generator only
 
@@ -14,28 +14,29 @@ becomes a recording; its ``modalities`` say which streams it has.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-from tqdm.auto import tqdm
-
 from ...errors import SourceFormatError, StoreFormatError
 from ...fsutil import get_fs, join, normalize_url, read_json
+from ...store.writer import StoreWriter, check_recording_id
 from ...video.probe import copy_media as _copy_media
 from ...video.probe import media_identity, probe_video
-from ...store.writer import StoreWriter, check_recording_id
-from .imu import CHANNELS, UNITS, read_imu_csv
+from ..base import (Prepare, SkipRecording, check_errors, count_totals, source_digest, sum_counts,
+                    summarize_failed)
+from ..imu import CHANNELS, UNITS
+from ..rows import RecordingRows, event_row, meta_json, video_report
+from .imu import read_imu_csv
 from .narration import MAX_SECONDS, check_seconds, parse_narrations
 
 RECIPE_VERSION = 1
 SPLIT_FIELDS = ("split_fho", "split_em", "split_av")
 MAX_FPS = 1000.0
 MAX_FRAMES = 10**9
+EVENTS = {"narrations": "narration", "summaries": "summary"}  # events table → kind of narration.json rows
 # video_metadata fields that are seconds → their lower bound (starts may be negative: mp4 edit lists)
 METADATA_SECONDS = {"video_start_sec": -MAX_SECONDS, "video_duration_sec": 0.0, "mp4_duration_sec": 0.0,
                     "audio_start_sec": -MAX_SECONDS, "audio_duration_sec": 0.0}
@@ -115,8 +116,7 @@ def check_metadata(path: str, *, split_fields: tuple[str, ...] = SPLIT_FIELDS, e
     than once is kept once if all its copies are identical (``duplicates``), else every copy is left out
     (which one is right cannot be known) and listed in both ``failed`` and ``duplicates``.
     """
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    check_errors(errors)
     doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("videos"), list):
         raise SourceFormatError(path, "no 'videos' list at the top level", "an object with a 'videos' array")
@@ -235,9 +235,8 @@ def read_activity_segments(path: str) -> dict[str, list[dict[str, Any]]]:
                 raise SourceFormatError(path, f"video {uid} segment {i}: {s!r}", "start_sec, end_sec, activity") from None
             check_seconds(t0, "start_sec", f"video {uid} segment {i}", path)
             check_seconds(t1, "end_sec", f"video {uid} segment {i}", path, lo=t0)
-            rows.append({"recording_id": uid, "t_start_ns": round(t0 * 1e9), "t_end_ns": round(t1 * 1e9),
-                         "text": label, "text_raw": label, "kind": "label", "source": "sample_activity_segments",
-                         "uid": f"{uid}:activity:{i}"})
+            rows.append(event_row(uid, round(t0 * 1e9), round(t1 * 1e9), label, kind="label",
+                                  source="sample_activity_segments", uid=f"{uid}:activity:{i}"))
         out[uid] = rows
     return out
 
@@ -267,11 +266,9 @@ class Ego4DAdapter:
     name = "ego4d"
 
     def fingerprint(self, root: str) -> str:
-        layout = Ego4DLayout(root)
-        h = hashlib.sha256(f"ego4d-recipe-{RECIPE_VERSION}".encode())
-        for info in sorted(layout.source_files(), key=lambda i: i["name"]):
-            h.update(f"{info['name']}|{info.get('size')}|{info.get('mtime', info.get('LastModified', ''))}\n".encode())
-        return h.hexdigest()[:32]
+        files = sorted(Ego4DLayout(root).source_files(), key=lambda i: i["name"])
+        return source_digest(f"ego4d-recipe-{RECIPE_VERSION}", (
+            f"{i['name']}|{i.get('size')}|{i.get('mtime', i.get('LastModified', ''))}" for i in files))
 
     def prepare(
         self,
@@ -295,122 +292,102 @@ class Ego4DAdapter:
         referenced relative to the store root): the store is self-contained and can be moved, copied or
         uploaded; by default the store references the source mp4s by absolute path/URL. Either way each mp4's
         size, mtime and fast hash are recorded and checked when a reader opens it."""
-        if errors not in ("raise", "skip"):
-            raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+        check_errors(errors)
         layout = Ego4DLayout(root)
         meta = check_metadata(layout.metadata, split_fields=split_fields, errors=errors)
-        videos = meta.videos
-        mp4s = layout.listing(layout.video_dir, ".mp4")
-        csvs = layout.listing(layout.imu_dir, ".csv")
-        narrations, narr_dropped = (parse_narrations(layout.narration, errors=errors)
-                                    if layout.fs.exists(layout.narration) else ({}, {}))
-        activities = read_activity_segments(layout.activities) if layout.fs.exists(layout.activities) else {}
-        options = {"errors": errors, "split_fields": list(split_fields), "imu_gap_factor": imu_gap_factor,
-                   "copy_media": bool(copy_media)}
+        videos = _Videos(layout, split_fields, imu_gap_factor, bool(copy_media), meta.duplicates)
+        if layout.fs.exists(layout.narration):
+            videos.narrations, videos.narrations_dropped = parse_narrations(layout.narration, errors=errors)
+        if layout.fs.exists(layout.activities):
+            videos.activities = read_activity_segments(layout.activities)
+        run = Prepare(
+            dataset="ego4d", root=root, dst=dst, fingerprint=self.fingerprint(root), errors=errors,
+            options={"errors": errors, "split_fields": list(split_fields), "imu_gap_factor": imu_gap_factor,
+                     "copy_media": bool(copy_media)},
+            overwrite=overwrite, progress=progress, storage_options=storage_options, unit="video",
+            report={"dataset": "ego4d", "source": layout.root, "metadata": layout.metadata, "failed": meta.failed,
+                    "duplicates": dict(meta.duplicates)},
+            event_names=(*EVENTS, "activities"))
+        return run.run([(v["video_uid"], v) for v in meta.videos], videos.recording, totals=_totals,
+                       nothing_prepared=videos.nothing_prepared)
 
-        recordings, streams, gaps = [], [], []
-        events: dict[str, list[dict[str, Any]]] = {"narrations": [], "summaries": [], "activities": []}
-        report: dict[str, Any] = {"dataset": "ego4d", "source": layout.root, "metadata": layout.metadata,
-                                  "recordings": {}, "skipped": {}, "failed": dict(meta.failed),
-                                  "duplicates": dict(meta.duplicates)}
-        with StoreWriter(dst, dataset="ego4d", source_fingerprint=self.fingerprint(root), options=options,
-                         overwrite=overwrite, protect=[root], **(storage_options or {})) as writer:
-            for video in tqdm(videos, desc="prepare ego4d", unit="video", disable=not progress):
-                uid = video["video_uid"]
-                if uid not in mp4s and uid not in csvs:
-                    report["skipped"][uid] = "not downloaded (no mp4, no IMU CSV)"
-                    continue
-                try:
-                    rec = self._recording(writer, layout, video, mp4s, csvs, narrations, activities,
-                                          split_fields, imu_gap_factor, copy_media)
-                except SourceFormatError as e:
-                    if errors == "raise":
-                        raise
-                    report["failed"][uid] = str(e)
-                    continue
-                recordings.append(rec["recording"])
-                streams.extend(rec["streams"])
-                gaps.extend(rec["gaps"])
-                for name, rows in rec["events"].items():
-                    events[name].extend(rows)
-                if uid in narr_dropped:
-                    d = narr_dropped[uid]
-                    rec["report"]["events_dropped"] = d
-                    rec["report"]["warnings"].append(f"narration.json: {d['events']} bad event(s) dropped")
-                if uid in meta.duplicates:
-                    rec["report"]["warnings"].append(meta.duplicates[uid])
-                report["recordings"][uid] = rec["report"]
-            if not recordings:
-                if report["failed"]:
-                    raise SourceFormatError(layout.root, f"no recording could be prepared: {len(report['failed'])} "
-                                            f"failed ({_first(report['failed'])})", "at least one good video")
-                raise SourceFormatError(layout.root, "no video of ego4d.json has a downloaded mp4 or IMU CSV",
-                                        f"files under {layout.video_dir} or {layout.imu_dir}")
-            writer.write_table("recordings", pa.Table.from_pylist(recordings))
-            writer.write_table("streams", _streams_table(streams))
-            writer.write_table("gaps", pa.Table.from_pylist(gaps, schema=_gap_schema()))
-            for name, rows in events.items():
-                if rows:
-                    writer.write_events(name, pa.Table.from_pylist(rows))
-            report["totals"] = _totals(report)
-            writer.write_json("reports/prepare.json", report)
-        return writer.url
 
-    def _recording(self, writer, layout, video, mp4s, csvs, narrations, activities, split_fields, gap_factor,
-                   copy_media=False):
+class _Videos:
+    """The parsed sources of one prepare, and how one ``videos[]`` entry becomes a recording."""
+
+    def __init__(self, layout: Ego4DLayout, split_fields: tuple[str, ...], gap_factor: float, copy_media: bool,
+                 duplicates: dict[str, str]):
+        self.layout, self.split_fields, self.gap_factor = layout, split_fields, gap_factor
+        self.copy_media, self.duplicates = copy_media, duplicates
+        self.mp4s = layout.listing(layout.video_dir, ".mp4")
+        self.csvs = layout.listing(layout.imu_dir, ".csv")
+        self.narrations: dict[str, list[dict[str, Any]]] = {}
+        self.narrations_dropped: dict[str, dict[str, Any]] = {}
+        self.activities: dict[str, list[dict[str, Any]]] = {}
+
+    def recording(self, writer: StoreWriter, video: dict[str, Any]) -> RecordingRows:
+        """The streams of one video: its mp4 (pts index), its IMU CSV (repaired) and its events."""
         uid = video["video_uid"]
-        duration = float(video["duration_sec"])
-        rep: dict[str, Any] = {"warnings": []}
-        streams, gaps, evs = [], [], {}
-        if uid in mp4s:
-            url, uri, opts = _media_file(writer, join(layout.video_dir, f"{uid}.mp4"), uid, copy_media)
-            ident = media_identity(url, opts)  # before probing: the index describes this very file
-            info = probe_video(url, opts)
-            rel = writer.write_video_index(uid, "video", info.pts_ns, info.keyframe)
-            streams.append({"recording_id": uid, "stream": "video", "kind": "video", "uri": uri, "index_uri": rel,
-                            "t_start_ns": int(info.pts_ns[0]), "t_end_ns": int(info.pts_ns[-1]),
-                            "n_samples": info.num_frames, "rate_hz": info.fps, "width": info.width,
-                            "height": info.height, "codec": info.codec, **ident.columns()})
-            rep["video"] = {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
-                            "codec": info.codec, "first_pts_sec": info.pts_ns[0] / 1e9}
-            declared = (video.get("video_metadata") or {}).get("num_frames")
-            if isinstance(declared, int) and abs(declared - info.num_frames) > 1:
-                rep["warnings"].append(f"ego4d.json declares {declared} frames, the mp4 has {info.num_frames}")
+        if uid not in self.mp4s and uid not in self.csvs:
+            raise SkipRecording("not downloaded (no mp4, no IMU CSV)")
+        rec = RecordingRows(uid, report={"warnings": []})
+        if uid in self.mp4s:
+            self._video(writer, rec, video)
         else:
-            rep["warnings"].append("no mp4 (full_scale) downloaded")
-        if uid in csvs:
-            imu = read_imu_csv(join(layout.imu_dir, f"{uid}.csv"), duration_sec=duration, gap_factor=gap_factor)
-            rep["imu"] = imu.report
-            if imu.t_ns.size >= 2:
-                rate = float(round(imu.report["measured_rate_hz"]))
-                rel = writer.write_timeseries(uid, "imu", imu.t_ns, imu.data, CHANNELS, UNITS, rate_hz=rate)
-                streams.append({"recording_id": uid, "stream": "imu", "kind": "timeseries", "uri": rel,
-                                "t_start_ns": int(imu.t_ns[0]), "t_end_ns": int(imu.t_ns[-1]),
-                                "n_samples": int(imu.t_ns.size), "rate_hz": rate, "channels": CHANNELS,
-                                "units": UNITS})
-                gaps.extend({"recording_id": uid, "stream": "imu", "t_start_ns": a, "t_end_ns": b} for a, b in imu.gaps)
-            else:
-                rep["warnings"].append(f"IMU CSV has {imu.t_ns.size} valid rows: no imu stream")
-            if video.get("has_imu") is False:
-                rep["warnings"].append("ego4d.json says has_imu false, but an IMU CSV exists; it was used")
-        elif video.get("has_imu"):
-            rep["warnings"].append("ego4d.json says has_imu true, but no IMU CSV was downloaded")
-        rows = narrations.get(uid, [])
-        for name, kind in (("narrations", "narration"), ("summaries", "summary")):
+            rec.report["warnings"].append("no mp4 (full_scale) downloaded")
+        self._imu(writer, rec, video)
+        rows = self.narrations.get(uid, [])
+        for name, kind in EVENTS.items():
             sel = [r for r in rows if r["kind"] == kind]
             if sel:
-                evs[name] = sel
-        if activities.get(uid):
-            evs["activities"] = activities[uid]
-        for name, sel in evs.items():
-            streams.append({"recording_id": uid, "stream": name, "kind": "events", "uri": f"events/{name}.parquet",
-                            "t_start_ns": min(r["t_start_ns"] for r in sel), "t_end_ns": max(r["t_end_ns"] for r in sel),
-                            "n_samples": len(sel)})
-        rep["events"] = {name: len(sel) for name, sel in evs.items()}
-        recording = {"recording_id": uid, "dataset": "ego4d", "split": _split(video, split_fields),
-                     "duration_ns": round(duration * 1e9), "modalities": [s["stream"] for s in streams],
-                     "meta_json": json.dumps(video, sort_keys=True)}
-        return {"recording": recording, "streams": streams, "gaps": gaps, "events": evs, "report": rep}
+                rec.add_events(name, sel)
+        if self.activities.get(uid):
+            rec.add_events("activities", self.activities[uid])
+        rec.report["events"] = {name: len(sel) for name, sel in rec.events.items()}
+        if uid in self.narrations_dropped:
+            d = self.narrations_dropped[uid]
+            rec.report["events_dropped"] = d
+            rec.report["warnings"].append(f"narration.json: {d['events']} bad event(s) dropped")
+        if uid in self.duplicates:
+            rec.report["warnings"].append(self.duplicates[uid])
+        rec.set_recording("ego4d", _split(video, self.split_fields), round(float(video["duration_sec"]) * 1e9),
+                          [s["stream"] for s in rec.streams], meta_json(video))
+        return rec
+
+    def _video(self, writer: StoreWriter, rec: RecordingRows, video: dict[str, Any]) -> None:
+        uid = rec.recording_id
+        url, uri, opts = _media_file(writer, join(self.layout.video_dir, f"{uid}.mp4"), uid, self.copy_media)
+        ident = media_identity(url, opts)  # before probing: the index describes this very file
+        info = probe_video(url, opts)
+        rec.write_video(writer, "video", uri, info, identity=ident)
+        rec.report["video"] = video_report(info)
+        declared = (video.get("video_metadata") or {}).get("num_frames")
+        if isinstance(declared, int) and abs(declared - info.num_frames) > 1:
+            rec.report["warnings"].append(f"ego4d.json declares {declared} frames, the mp4 has {info.num_frames}")
+
+    def _imu(self, writer: StoreWriter, rec: RecordingRows, video: dict[str, Any]) -> None:
+        uid, warnings = rec.recording_id, rec.report["warnings"]
+        if uid not in self.csvs:
+            if video.get("has_imu"):
+                warnings.append("ego4d.json says has_imu true, but no IMU CSV was downloaded")
+            return
+        imu = read_imu_csv(join(self.layout.imu_dir, f"{uid}.csv"), duration_sec=float(video["duration_sec"]),
+                           gap_factor=self.gap_factor)
+        rec.report["imu"] = imu.report
+        if imu.t_ns.size >= 2:
+            rate = float(round(imu.report["measured_rate_hz"]))
+            rec.write_timeseries(writer, "imu", imu.t_ns, imu.data, CHANNELS, UNITS, rate, imu.gaps)
+        else:
+            warnings.append(f"IMU CSV has {imu.t_ns.size} valid rows: no imu stream")
+        if video.get("has_imu") is False:
+            warnings.append("ego4d.json says has_imu false, but an IMU CSV exists; it was used")
+
+    def nothing_prepared(self, report: dict[str, Any]) -> SourceFormatError:
+        if report["failed"]:
+            return SourceFormatError(self.layout.root, f"no recording could be prepared: {len(report['failed'])} "
+                                     f"failed ({summarize_failed(report['failed'])})", "at least one good video")
+        return SourceFormatError(self.layout.root, "no video of ego4d.json has a downloaded mp4 or IMU CSV",
+                                 f"files under {self.layout.video_dir} or {self.layout.imu_dir}")
 
 
 def _media_file(writer: StoreWriter, src: str, uid: str, copy: bool) -> tuple[str, str, dict[str, Any]]:
@@ -426,37 +403,12 @@ def _media_file(writer: StoreWriter, src: str, uid: str, copy: bool) -> tuple[st
     return dst, rel, opts
 
 
-def _streams_table(rows: list[dict[str, Any]]) -> pa.Table:
-    from ...store.schema import table_schema
-
-    schema = table_schema("streams")
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
-
-
-def _gap_schema() -> pa.Schema:
-    from ...store.schema import table_schema
-
-    return table_schema("gaps")
-
-
 def _totals(report: dict[str, Any]) -> dict[str, Any]:
-    dropped: dict[str, int] = {}
-    fixed: dict[str, int] = {}
-    n_gaps = 0
-    for rec in report["recordings"].values():
-        imu = rec.get("imu") or {}
-        for k, v in imu.get("dropped", {}).items():
-            dropped[k] = dropped.get(k, 0) + v
-        for k, v in imu.get("fixed", {}).items():
-            fixed[k] = fixed.get(k, 0) + v
-        n_gaps += len(imu.get("gaps_sec", []))
-    events_dropped = sum((rec.get("events_dropped") or {}).get("events", 0) for rec in report["recordings"].values())
-    return {"recordings": len(report["recordings"]), "skipped": len(report["skipped"]),
-            "failed": len(report["failed"]), "duplicates": len(report.get("duplicates", {})),
-            "events_dropped": events_dropped, "imu_rows_dropped": dropped, "imu_rows_fixed": fixed,
-            "imu_gaps": n_gaps}
-
-
-def _first(failed: dict[str, str]) -> str:
-    uid, why = next(iter(failed.items()))
-    return f"{uid}: {why}" + (f"; and {len(failed) - 1} more" if len(failed) > 1 else "")
+    """The report's totals: counts, and IMU rows dropped/fixed (by reason) and gaps over all recordings."""
+    recs = report["recordings"].values()
+    imus = [rec.get("imu") or {} for rec in recs]
+    return {**count_totals(report), "duplicates": len(report.get("duplicates", {})),
+            "events_dropped": sum((rec.get("events_dropped") or {}).get("events", 0) for rec in recs),
+            "imu_rows_dropped": sum_counts(imu.get("dropped", {}) for imu in imus),
+            "imu_rows_fixed": sum_counts(imu.get("fixed", {}) for imu in imus),
+            "imu_gaps": sum(len(imu.get("gaps_sec", [])) for imu in imus)}

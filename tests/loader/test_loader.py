@@ -11,16 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.errors import MediaError
-from mmloader.samples import generate_ego4d_sample
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("l") / "ego4d", videos=3, seconds=16, seed=2,
-                                 defect_fraction=0.0, progress=False)
-    ds = mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+def windows(sample_store):
+    ds = mmloader.open(sample_store(videos=3, seconds=16, seed=2, defect_fraction=0.0))
     return ds.windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 40))
 
 

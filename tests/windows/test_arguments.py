@@ -17,19 +17,15 @@ import numpy as np
 import pytest
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 from mmloader.cli import main
-from mmloader.samples import generate_ego4d_sample
 from mmloader.windows import MAX_FRAMES_PER_WINDOW, MAX_SAMPLES_PER_WINDOW, WindowSpec, frames_held
 
 ALLOWED_PEAK = 20 * 2**20  # bytes traced while a bad call is refused
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("args") / "ego4d", videos=3, seconds=12, seed=5,
-                                 defect_fraction=0.5, progress=False)
-    ds = mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+def ds(sample_store):
+    ds = mmloader.open(sample_store(videos=3, seconds=12, seed=5, defect_fraction=0.5))
     ds.windows(sec=2, modalities=["imu", "video"])  # imports (torch...) and table reads happen before timing
     return ds
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample
 
 pytest.importorskip("open_clip")
 
+from imu2clip_plugin import checkpoint as checkpoint_mod  # noqa: E402
 from imu2clip_plugin import train as train_mod  # noqa: E402
 from imu2clip_plugin.cli import main  # noqa: E402
 from imu2clip_plugin.train import (  # noqa: E402
@@ -42,10 +41,8 @@ class _OpensAFile:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("ck") / "ego4d", videos=4, seconds=16, seed=2,
-                                 defect_fraction=0.0, progress=False)
-    return Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+def store(sample_store):
+    return sample_store(videos=4, seconds=16, seed=2, defect_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -284,21 +281,21 @@ def test_a_save_interrupted_at_any_point_never_serves_a_mismatched_pair(tmp_path
     def die(*a, **k):
         raise _Killed
 
-    monkeypatch.setattr(train_mod, "_atomic_write", die)
+    monkeypatch.setattr(checkpoint_mod, "atomic_write", die)
     with pytest.raises(_Killed):
         save_checkpoint({"format_version": 2, "step": 2, "w": torch.ones(64)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
 
     # killed after the record, before the data's rename: the next load completes the save
-    real_replace = train_mod.os.replace
+    real_replace = checkpoint_mod.os.replace
 
     def replace_but_not_the_checkpoint(src, dst):
         if str(dst) == str(path):
             raise _Killed
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_mod.os, "replace", replace_but_not_the_checkpoint)
+    monkeypatch.setattr(checkpoint_mod.os, "replace", replace_but_not_the_checkpoint)
     with pytest.raises(_Killed):
         save_checkpoint({"format_version": 2, "step": 3, "w": torch.full((64,), 3.0)}, path)
     monkeypatch.undo()

@@ -8,18 +8,14 @@ import pytest
 
 import mmloader
 from mmloader import StoreWriter
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample
 from mmloader.store.schema import table_schema
 
 NS = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
-def sample_ds(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("w") / "ego4d", videos=3, seconds=16, seed=5,
-                                 defect_fraction=0.5, progress=False)
-    return mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+def sample_ds(sample_store):
+    return mmloader.open(sample_store(videos=3, seconds=16, seed=5, defect_fraction=0.5))
 
 
 def test_imu_video_windows_on_the_sample(sample_ds):
@@ -88,6 +84,13 @@ def test_split_filter_and_unknown_modality(sample_ds):
         sample_ds.windows(sec=5, modalities=["gaze"])
     with pytest.raises(ValueError, match="sec must be > 0"):
         sample_ds.windows(sec=0)
+
+
+def test_selections_of_an_empty_set_are_empty(sample_ds):
+    empty = sample_ds.windows(sec=5, modalities=["imu"]).filter(lambda row: False)
+    assert len(empty) == 0
+    assert len(empty.split("train")) == 0
+    assert len(empty.filter([])) == 0
 
 
 # -- exact alignment on analytic signals ------------------------------------------------------------

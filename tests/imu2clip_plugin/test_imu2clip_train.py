@@ -8,13 +8,11 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample
 
 pytest.importorskip("open_clip")
 
 from imu2clip_plugin.cli import apply_overrides, load_config, main  # noqa: E402
-from imu2clip_plugin.embed import EmbeddedWindows  # noqa: E402
+from mmloader.windows.dataset import WindowSet  # noqa: E402
 from imu2clip_plugin.encoder import load_encoder  # noqa: E402
 from imu2clip_plugin.train import TrainConfig, lr_lambda, split_train_val, train  # noqa: E402
 
@@ -23,10 +21,8 @@ TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("t") / "ego4d", videos=4, seconds=16, seed=2,
-                                 defect_fraction=0.0, progress=False)
-    return Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+def store(sample_store):
+    return sample_store(videos=4, seconds=16, seed=2, defect_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +69,9 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(windows, tmp_path, use
         assert torch.equal(v, b[f"encoder.{k}"].cpu())
 
 
-def test_short_run_lowers_the_validation_loss_on_held_out_recordings(tmp_path_factory, tmp_path):
+def test_short_run_lowers_the_validation_loss_on_held_out_recordings(sample_store, tmp_path):
     """The must-show: validation on recordings never trained on (the sample's val split) falls clearly."""
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("held") / "ego4d", videos=10, seconds=30, seed=5,
-                                 defect_fraction=0.0, progress=False)
-    ds = mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+    ds = mmloader.open(sample_store(videos=10, seconds=30, seed=5, defect_fraction=0.0))
     wins = ds.windows(sec=2, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 32))
     tr, va = (set(wins.split(s).index["recording_id"].to_pylist()) for s in ("train", "val"))
     assert tr and va and not tr & va
@@ -101,13 +95,13 @@ def test_validation_falls_back_to_held_out_recordings(windows):
 
 def test_cached_training_decodes_no_video(windows, tmp_path, monkeypatch):
     calls = []
-    orig = EmbeddedWindows._read_video
+    orig = WindowSet._read_video
 
     def spy(self, *a, **k):
         calls.append(1)
         return orig(self, *a, **k)
 
-    monkeypatch.setattr(EmbeddedWindows, "_read_video", spy)
+    monkeypatch.setattr(WindowSet, "_read_video", spy)
     train(_cfg(tmp_path, "warm", max_steps=1), windows=windows)   # builds the cache (decodes once)
     assert calls
     calls.clear()
@@ -115,7 +109,7 @@ def test_cached_training_decodes_no_video(windows, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("video decoded during cached training")
 
-    monkeypatch.setattr(EmbeddedWindows, "_read_video", boom)
+    monkeypatch.setattr(WindowSet, "_read_video", boom)
     out = train(_cfg(tmp_path, "cached", max_steps=4), windows=windows)
     assert out["step"] == 4
 

@@ -13,7 +13,6 @@ import torch
 
 import mmloader
 from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample
 
 from moto import server as moto_server  # in the dev extra: moto[server], s3fs
 
@@ -41,9 +40,8 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sample_src(tmp_path_factory):
-    return generate_ego4d_sample(tmp_path_factory.mktemp("s3") / "ego4d", videos=3, seconds=12, seed=9,
-                                 defect_fraction=0.5, progress=False)
+def sample_src(sample_store):
+    return sample_store.source(videos=3, seconds=12, seed=9, defect_fraction=0.5)
 
 
 @pytest.mark.timeout(180)

@@ -16,11 +16,12 @@ import torch
 
 import mmloader
 from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.cache import PAUSE_ENV, CacheError, WindowCache, cache_root, list_caches
+from mmloader.cache import PAUSE_ENV, CachedWindows, CacheError, WindowCache, cache_root, cache_windows, list_caches
 from mmloader.cli import main
 from mmloader.windows.collate import collate
 from mmloader.samples import generate_ego4d_sample
 from mmloader.windows.dataset import WindowSet
+from mmloader.windows.protocol import Windows
 
 SPEC = dict(sec=1, stride=0.5, modalities=["imu", "video"], frames=2, size=(32, 40))
 CLI_SPEC = ["--sec", "1", "--stride", "0.5", "--modalities", "imu", "video", "--frames", "2", "--size", "32", "40"]
@@ -28,11 +29,9 @@ K = 8  # windows per shard in these tests
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
+def sample(sample_store):
     """A small store, its windows and every window read without a cache (the reference)."""
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("c") / "ego4d", videos=3, seconds=16, seed=2,
-                                 defect_fraction=0.0, progress=False)
-    store = Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
+    store = sample_store(videos=3, seconds=16, seed=2, defect_fraction=0.0)
     windows = mmloader.open(store).windows(**SPEC)
     assert len(windows) > 4 * K
     return store, windows, [windows[i] for i in range(len(windows))]
@@ -54,10 +53,36 @@ class NoSource:
     """Stands in for the store once a cache is complete: the index is there, any read from the store fails."""
 
     def __init__(self, windows: WindowSet):
-        self._columns = windows._columns
+        self.index_fields = windows.index_fields
 
     def __getitem__(self, i):
         raise AssertionError(f"window {i} was read from the store, not the cache")
+
+
+class TinyWindows:
+    """A window set held in memory that is not a WindowSet: the Windows protocol and nothing else."""
+
+    def __init__(self, n: int = 11):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def index_fields(self, i):
+        i = range(self.n)[i]
+        return {"recording_id": f"rec{i % 3}", "t0": i * 0.5, "t1": i * 0.5 + 1.0, "index": i,
+                "text": [f"narration {i}"] * (i % 2)}
+
+    def __getitem__(self, i):
+        fields = self.index_fields(i)
+        i = fields["index"]
+        g = torch.Generator().manual_seed(i)
+        return {"recording_id": fields["recording_id"], "t0": fields["t0"], "t1": fields["t1"], "index": i,
+                "x": torch.randn(3, 4 + i % 2, generator=g), "x_mask": torch.arange(5) < i % 5,
+                "emb": torch.randn(6, generator=g).to(torch.bfloat16), "text": fields["text"]}
+
+    def fingerprint_components(self):
+        return {"kind": "tiny", "n": self.n}
 
 
 def cli_build(url, *extra: str) -> list[str]:
@@ -106,6 +131,60 @@ def test_cache_is_generic_over_tensor_keys(sample, tmp_path):
     cached.window_cache.source = NoSource(windows)
     for i in range(len(windows)):
         assert_same(cached[i], source[i])
+
+
+def test_the_cache_wraps_any_windows(tmp_path):
+    """Not only WindowSets: a plain object with the Windows protocol is cached and served bit-identically."""
+    tiny = TinyWindows()
+    assert isinstance(tiny, Windows) and not isinstance(tiny, WindowSet)
+    ref = [tiny[i] for i in range(len(tiny))]
+    cached = cache_windows(tiny, str(tmp_path / "c"), shard_size=4)
+    assert isinstance(cached, CachedWindows) and isinstance(cached, Windows) and len(cached) == len(tiny)
+    for i in range(len(tiny)):  # lazy: the first read of a shard fills it
+        assert_same(cached[i], ref[i])
+    assert cached.window_cache.status()["complete"] == [0, 1, 2]
+    assert_same(cached[-1], ref[-1])
+    with pytest.raises(IndexError):
+        cached[len(tiny)]
+
+    class Gone(TinyWindows):
+        def __getitem__(self, i):
+            raise AssertionError(f"window {i} was read from the source, not the cache")
+
+    cached.window_cache.source = Gone()
+    for i in range(len(tiny)):
+        assert_same(cached[i], ref[i])
+    seen = []
+    unstacked = lambda samples: {"index": [s["index"] for s in samples], "samples": samples}  # noqa: E731
+    for batch in cached.loader(batch_size=4, shuffle=True, seed=1, collate_fn=unstacked):  # shapes vary
+        for s in batch["samples"]:
+            assert_same(s, ref[s["index"]])
+            seen.append(s["index"])
+    assert sorted(seen) == list(range(len(tiny)))
+    again = WindowCache.open(TinyWindows(), str(tmp_path / "c"), shard_size=4)  # the same fingerprint
+    assert again.fingerprint == cached.window_cache.fingerprint and again.validate() == []
+    with pytest.raises(CacheError, match="another window set"):
+        cache_windows(TinyWindows(12), str(tmp_path / "c"), shard_size=4)
+    with pytest.raises(TypeError, match="Windows"):
+        cache_windows([{"x": torch.zeros(1)}], str(tmp_path / "d"))
+
+
+def test_a_cached_set_behaves_like_its_source(sample, tmp_path):
+    """len, report, index, spec, iteration as the source; selections are uncached; cache() again re-caches the source."""
+    store, windows, ref = sample
+    cached = windows.cache(str(tmp_path / "c"), shard_size=K)
+    assert len(cached) == len(windows) and cached.report() == windows.report()
+    assert cached.index is windows.index and cached.spec == windows.spec and cached.source is windows
+    assert cached.fingerprint_components() == windows.fingerprint_components()
+    assert cached.index_fields(3) == windows.index_fields(3)
+    assert windows.window_cache is None and cached.window_cache.url == str(tmp_path / "c")
+    first = next(iter(cached))
+    assert_same(first, ref[0])
+    sel = cached.filter(lambda r: r["t0_ns"] % 2 == 0)
+    assert type(sel) is WindowSet and sel.window_cache is None
+    other = cached.cache(str(tmp_path / "d"), shard_size=K)
+    assert other.source is windows and other.window_cache.fingerprint == cached.window_cache.fingerprint
+    assert_same(other[len(windows) - 1], ref[-1])
 
 
 def test_a_key_the_index_cannot_rebuild_is_refused(sample, tmp_path):
@@ -164,7 +243,7 @@ def test_torn_shard_on_an_object_store_is_a_miss(sample, monkeypatch):
         if k == 1:
             raise RuntimeError("writer died")
 
-    monkeypatch.setattr("mmloader.cache.window_cache._pause_hook", crash)
+    monkeypatch.setattr("mmloader.cache.testhooks.pause_before_commit", crash)
     with pytest.raises(RuntimeError, match="writer died"):
         windows.cache(url, fill="eager", progress=False, shard_size=K)
     monkeypatch.undo()

@@ -7,20 +7,18 @@ import pytest
 import torch
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample
 
 pytest.importorskip("open_clip")
 
 from imu2clip_plugin.embed import EmbeddedWindows, text_of, build_embedding_cache, towers_fingerprint  # noqa: E402
+from mmloader.windows.dataset import WindowSet  # noqa: E402
+from mmloader.windows.protocol import Windows  # noqa: E402
 from imu2clip_plugin.towers import ClipTowers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("e") / "ego4d", videos=3, seconds=16, seed=2,
-                                 defect_fraction=0.0, progress=False)
-    ds = mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+def windows(sample_store):
+    ds = mmloader.open(sample_store(videos=3, seconds=16, seed=2, defect_fraction=0.0))
     return ds.windows(sec=1, stride=0.5, modalities=["imu", "video", "text"], frames=2, size=(32, 40))
 
 
@@ -63,12 +61,23 @@ def test_cached_set_reads_no_video(windows, towers, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("video decoded")
 
-    monkeypatch.setattr(EmbeddedWindows, "_read_video", boom)
+    monkeypatch.setattr(WindowSet, "_read_video", boom)
     batches = list(cached.loader(batch_size=5, shuffle=True, seed=0))
     assert sum(len(b["index"]) for b in batches) == len(windows)
     for b in batches:
         assert "video" not in b and "video_t" not in b
         assert b["video_emb"].shape[1:] == (towers.embed_dim,) and b["text_emb"].shape[1:] == (towers.embed_dim,)
+
+
+def test_embedded_windows_wrap_a_window_set(windows, towers):
+    """EmbeddedWindows is a Windows by composition (not a WindowSet), with the wrapped set's index fields."""
+    emb = EmbeddedWindows(windows, towers, block_size=4)
+    assert isinstance(emb, Windows) and not isinstance(emb, WindowSet) and emb.windows is windows
+    assert len(emb) == len(windows) and emb.index_fields(5) == windows.index_fields(5)
+    assert emb.fingerprint_components() == windows.fingerprint_components()
+    s, raw = emb[5], windows[5]
+    assert "video" not in s and s["video_emb"].shape == (towers.embed_dim,)
+    assert torch.equal(s["imu"], raw["imu"]) and {k: s[k] for k in emb.index_fields(5)} == emb.index_fields(5)
 
 
 def test_fingerprint_follows_towers_and_reduce(towers):

@@ -30,7 +30,7 @@ from mmloader.video.probe import (
 
 from conftest import make_ego4d_tree, write_mp4
 
-ARIA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "aria"
+ARIA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "aria"
 ADT = ARIA / "adt_test"  # the smallest genuine recording: 3 RGB frames
 
 

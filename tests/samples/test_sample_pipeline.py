@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 
 import mmloader
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import generate_ego4d_sample, load_sample_manifest
+from mmloader.samples import load_sample_manifest
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("s") / "ego4d", videos=4, seconds=12, seed=3,
-                                 defect_fraction=0.5, progress=False)
-    store = Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False)
-    return root, mmloader.open(store)
+def sample(sample_store):
+    params = dict(videos=4, seconds=12, seed=3, defect_fraction=0.5)
+    return sample_store.source(**params), mmloader.open(sample_store(**params))
 
 
 def test_sample_prepares_with_every_video(sample):

@@ -335,7 +335,7 @@ def test_write_store_refuses_a_non_iterable(tmp_path):
 
 
 # -- Aria: folder names are ids; speech.csv numbers ------------------------------------------------------------
-AEA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "aria", "aea_test_recording")
+AEA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "aria", "aea_test_recording")
 
 
 def test_speech_csv_absurd_numbers(tmp_path):

@@ -12,8 +12,7 @@ import mmloader
 from imu2clip_plugin import ClipTowers, IMUEncoder, IMUEncoderConfig
 from imu2clip_plugin.evaluate import (AR_METHODS, WindowEmbeddings, activity_recognition, embed_windows, evaluate_encoder,
                                       fine_tune, linear_probe, retrieval, write_report)
-from mmloader.recipes.ego4d.recipe import Ego4DAdapter
-from mmloader.samples import ACTIVITIES, generate_ego4d_sample
+from mmloader.samples import ACTIVITIES
 
 
 def test_linear_probe_separates_separable_features():
@@ -26,10 +25,8 @@ def test_linear_probe_separates_separable_features():
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    root = generate_ego4d_sample(tmp_path_factory.mktemp("ev") / "ego4d", videos=4, seconds=20, seed=4,
-                                 defect_fraction=0.0, progress=False)
-    return mmloader.open(Ego4DAdapter().prepare(str(root), str(root.parent / "store"), progress=False))
+def ds(sample_store):
+    return mmloader.open(sample_store(videos=4, seconds=20, seed=4, defect_fraction=0.0))
 
 
 def test_evaluation_report_on_the_sample(ds, tmp_path):

@@ -30,7 +30,7 @@ from mmloader.errors import SourceFormatError
 from mmloader.video.probe import media_url, probe_video
 
 # the shared data sits beside the repository (here and in CI); MMLOADER_SHARED overrides
-DATA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "aria"
+DATA = Path(os.environ.get("MMLOADER_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "aria"
 assert DATA.is_dir(), f"{DATA}: the genuine Aria test recordings are missing (expected ../shared/data/aria)"
 AEA = DATA / "aea_test_recording"
 ADT = DATA / "adt_test"

@@ -1,0 +1,249 @@
+"""One shard: samples → (commit record, stacked arrays) → a small Zarr group, and back, checked by CRC-32.
+
+A shard holds windows ``[start, stop)``: one Zarr array per tensor key (windows stacked, zero-padded where shapes
+vary, one raw chunk per window) and ``COMMIT.json``: the sample's keys in order (``tensor`` or ``index``, the latter
+rebuilt from ``Windows.index_fields``), and per tensor key its array, dtype, per-window shapes and CRC-32s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import zarr
+
+from .._version import __version__
+from ..fsutil import join
+from .layout import CACHE_FORMAT, CACHE_VERSION, COMMIT, CacheError, Place, shard_rel
+
+if TYPE_CHECKING:
+    import torch
+
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class OpenShard:
+    """An opened, committed shard: its commit record, its Zarr arrays (one per tensor key) and, per key whose
+    chunks are stored raw (the ``bytes`` codec alone, as this module writes them), ``(path of the array, dtype,
+    row shape)`` for reading a window's chunk file directly."""
+
+    commit: dict[str, Any]
+    arrays: dict[str, Any]
+    raw: dict[str, tuple[str, np.dtype, tuple[int, ...]]]
+
+
+class InvalidShard(Exception):
+    """A shard that must not be served; ``state`` is ``torn`` or ``corrupt``."""
+
+    def __init__(self, state: str, why: str):
+        super().__init__(why)
+        self.state = state
+
+
+# -- tensors <-> numpy ---------------------------------------------------------------------------------
+def to_numpy(t: "torch.Tensor") -> np.ndarray:
+    """A CPU tensor's data as a C-contiguous numpy array (dtypes numpy lacks, e.g. bfloat16, as same-size ints)."""
+    import torch
+
+    t = t.detach().cpu()
+    try:
+        return np.ascontiguousarray(t.numpy())
+    except TypeError:
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return np.ascontiguousarray(t.contiguous().view(ints[t.element_size()]).numpy())
+
+
+def to_torch(a: np.ndarray, dtype: str) -> "torch.Tensor":
+    """``a`` as a tensor of ``dtype`` (``"torch.float32"``...), reinterpreting the bytes where numpy lacked it."""
+    import torch
+
+    t = torch.from_numpy(a)
+    want = getattr(torch, dtype.removeprefix("torch."))
+    return t if t.dtype == want else t.view(want)
+
+
+def clone(sample: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``sample`` whose tensors the caller may modify."""
+    import torch
+
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+def _keys_of(sample: dict[str, Any]) -> list[list[str]]:
+    import torch
+
+    return [[name, "tensor" if isinstance(v, torch.Tensor) else "index"] for name, v in sample.items()]
+
+
+def _check_keys(samples: list[dict[str, Any]], start: int,
+                index_fields: Callable[[int], dict[str, Any]]) -> list[list[str]]:
+    """The shard's ``[key, kind]`` list; CacheError if windows differ in keys or a non-tensor value is not the
+    one ``index_fields`` rebuilds."""
+    first = samples[0]
+    keys = _keys_of(first)
+    for x, s in enumerate(samples, start):
+        if _keys_of(s) != keys:
+            raise CacheError(f"window {x} has keys {list(s)}, window {start} has {list(first)}: cannot cache")
+        fields = index_fields(x)
+        for name, kind in keys:
+            if kind == "index" and (name not in fields or fields[name] != s[name]):
+                raise CacheError(f"sample key {name!r} is neither a tensor nor rebuilt from the index; "
+                                 "the window cache cannot hold it")
+    return keys
+
+
+def _stack(name: str, tensors: list["torch.Tensor"], start: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """One key's windows stacked into one array (zero-padded if shapes vary), and its commit entry."""
+    values = [to_numpy(t) for t in tensors]
+    dtypes = {str(t.dtype) for t in tensors}
+    if len(dtypes) > 1 or len({v.ndim for v in values}) > 1:
+        raise CacheError(f"{name!r}: dtype or number of dimensions varies between windows "
+                         f"{start}..{start + len(values) - 1}")
+    shapes = [list(v.shape) for v in values]
+    full = tuple(max(s[d] for s in shapes) for d in range(values[0].ndim))
+    if all(tuple(s) == full for s in shapes):
+        stacked = np.stack(values)
+    else:
+        stacked = np.zeros((len(values), *full), dtype=values[0].dtype)
+        for row, v in enumerate(values):
+            stacked[(row, *(slice(0, s) for s in v.shape))] = v
+    return stacked, {"dtype": dtypes.pop(), "shapes": shapes, "crc32": [zlib.crc32(v) for v in values]}
+
+
+def encode_shard(samples: list[dict[str, Any]], k: int, start: int, fingerprint: str,
+                 index_fields: Callable[[int], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Shard ``k`` (windows ``start, start+1...``): its commit record and its arrays (one per tensor key)."""
+    keys = _check_keys(samples, start, index_fields)
+    tensors: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for n, (name, kind) in enumerate(keys):
+        if kind != "tensor":
+            continue
+        array = name if _ARRAY_NAME.fullmatch(name) else f"key{n}"
+        arrays[array], entry = _stack(name, [s[name] for s in samples], start)
+        tensors[name] = {"array": array, **entry}
+    commit = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint,
+        "shard": k, "start": start, "stop": start + len(samples), "keys": keys, "tensors": tensors,
+        "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                       "mmloader": __version__},
+    }
+    return commit, arrays
+
+
+def write_group(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any] | None) -> None:
+    """A Zarr group at ``url`` with one uncompressed array per entry, one chunk per window (row)."""
+    group = zarr.open_group(url, mode="w", storage_options=storage_options)
+    for name, a in arrays.items():
+        arr = group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), dtype=a.dtype, compressors=None,
+                                 fill_value=np.zeros((), a.dtype).item(), config={"write_empty_chunks": True})
+        arr[...] = a
+
+
+# -- opening and reading -------------------------------------------------------------------------------
+def read_commit(place: Place, k: int, expected: dict[str, Any]) -> dict[str, Any]:
+    """Shard ``k``'s commit record, checked against ``expected`` (format, version, fingerprint, shard, start,
+    stop). Raises FileNotFoundError (absent), ``InvalidShard("torn")`` (data without a commit) or
+    ``InvalidShard("corrupt")``."""
+    rel = shard_rel(k)
+    try:
+        with place.fs.open(place.at(rel, COMMIT), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        if place.fs.exists(place.at(rel)):
+            raise InvalidShard("torn", f"{place.where(rel)}: data without {COMMIT}") from None
+        raise
+    try:
+        commit = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidShard("corrupt", f"{place.where(rel, COMMIT)}: not valid JSON") from None
+    for key, want in expected.items():
+        if commit.get(key) != want:
+            raise InvalidShard("corrupt", f"{place.where(rel, COMMIT)}: {key} is {commit.get(key)!r}, expected {want!r}")
+    return commit
+
+
+def open_shard(place: Place, k: int, expected: dict[str, Any]) -> OpenShard:
+    """Shard ``k``, committed and opened (see ``read_commit`` for what it raises); chunks are not checked."""
+    commit = read_commit(place, k, expected)
+    rel = shard_rel(k)
+    group = zarr.open_group(place.zarr_url(rel), mode="r", storage_options=place.zarr_options())
+    arrays = {name: group[t["array"]] for name, t in commit["tensors"].items()}
+    raw = {}
+    for name, arr in arrays.items():
+        endian = getattr(arr.serializer, "endian", "missing")
+        endian = endian.value if hasattr(endian, "value") else endian
+        if (arr.filters == () and arr.compressors == () and type(arr.serializer).__name__ == "BytesCodec"
+                and endian in (None, "little") and arr.chunks == (1, *arr.shape[1:]) and 0 not in arr.shape):
+            dtype = np.dtype(arr.dtype)
+            raw[name] = (place.at(rel, commit["tensors"][name]["array"]),
+                         dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, tuple(arr.shape[1:]))
+    return OpenShard(commit, arrays, raw)
+
+
+def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
+    """Row ``j`` of a tensor key: its chunk file read straight into memory when stored raw (one small read, no
+    event loop: a Zarr v3 chunk with only the ``bytes`` codec is the row's little-endian C-order bytes), else
+    through Zarr. A chunk of the wrong length raises."""
+    raw = shard.raw.get(name)
+    if raw is None:
+        return np.asarray(shard.arrays[name][j])
+    base, dtype, shape = raw
+    arr = shard.arrays[name]
+    path = join(base, arr.metadata.encode_chunk_key((j,) + (0,) * len(shape)))
+    out = np.empty(shape, dtype=dtype)
+    if place.local:
+        with open(path, "rb", buffering=0) as f:
+            n = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+            if n != out.nbytes or f.read(1):
+                raise ValueError(f"{path}: {n}+ bytes, expected {out.nbytes}")
+    else:
+        data = place.fs.cat_file(path)
+        if len(data) != out.nbytes:
+            raise ValueError(f"{path}: {len(data)} bytes, expected {out.nbytes}")
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
+
+
+def decode_window(place: Place, shard: OpenShard, j: int,
+                  index_fields: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Row ``j`` of an opened shard as a sample (non-tensor keys from ``index_fields()``, called at most once);
+    raises ``InvalidShard("corrupt")`` on a checksum mismatch."""
+    out: dict[str, Any] = {}
+    fields = None
+    for name, kind in shard.commit["keys"]:
+        if kind == "tensor":
+            t = shard.commit["tensors"][name]
+            a = read_row(place, shard, name, j)
+            shape = tuple(t["shapes"][j])
+            if a.shape != shape:
+                a = np.ascontiguousarray(a[tuple(slice(0, s) for s in shape)])
+            if zlib.crc32(a) != t["crc32"][j]:
+                raise InvalidShard("corrupt", f"{place.where(shard_rel(shard.commit['shard']))}: "
+                                              f"checksum mismatch in {name!r}, row {j}")
+            out[name] = to_torch(a, t["dtype"])
+        else:
+            fields = fields if fields is not None else index_fields()
+            out[name] = fields[name]
+    return out
+
+
+def check_all_rows(shard: OpenShard) -> None:
+    """Deep check: every window's every tensor against its CRC-32; raises ValueError on the first mismatch."""
+    for name, t in shard.commit["tensors"].items():
+        whole = np.asarray(shard.arrays[name][...])
+        if len(whole) != len(t["shapes"]):
+            raise ValueError(f"{name!r} has {len(whole)} rows, the commit {len(t['shapes'])}")
+        for j, shape in enumerate(t["shapes"]):
+            a = np.ascontiguousarray(whole[(j, *(slice(0, s) for s in shape))])
+            if zlib.crc32(a) != t["crc32"][j]:
+                raise ValueError(f"checksum mismatch in {name!r}, row {j}")
