@@ -10,6 +10,12 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
   pipeline at that offset: sample-exact, with any ``num_workers``, and nothing is replayed.
 - Workers (processes, started through a ``forkserver`` by default) each read whole batches; results come back
   in order (tensors through shared memory), so the sequence of batches does not depend on ``num_workers``.
+  Shuffled, a batch goes to the least busy worker; in index order (``shuffle=False``) each worker takes
+  contiguous runs of ``run_batches`` batches (at least ``RUN_WINDOWS`` windows; fewer when the pass has fewer
+  than ``num_workers`` such runs, so every worker gets one), runs dealt to the workers in turn, and is told its run (``windows.will_read``), so its decode plan reads each recording forward. Without
+  workers the whole pass is announced the same way.
+- Decoder threads: each worker decodes with ``cpus // num_workers`` threads (at least 1; cpus from the
+  process's affinity mask), so workers × threads fits the machine; without workers, all of them.
   Video readers open inside the workers, in a bounded LRU. Workers persist across epochs
   (``persistent_workers=True``) and stop when a pass is abandoned (``break``) or fails, on ``close()``, and when
   the loader is garbage-collected.
@@ -47,6 +53,7 @@ import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
 from .dist import rank_world
+from .video.backends import cpus_available, set_decoder_threads
 from .windows.collate import collate
 
 STATE_VERSION = 1
@@ -54,6 +61,8 @@ MAX_WORKERS = 256  # each worker holds 3 file descriptors in the main process an
 MAX_SEED = 2**63  # seeds are non-negative and fit an int64 (states are saved as plain ints)
 _PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
 _WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
+RUN_WINDOWS = 128  # shuffle=False with workers: a worker's contiguous run holds at least this many windows
+_NO_RUN = object()
 
 
 class WorkerError(RuntimeError):
@@ -67,8 +76,20 @@ class _FetchBatch:
     def __init__(self, windows, collate_fn: Callable):
         self.windows = windows
         self.collate_fn = collate_fn
+        self._run: Any = _NO_RUN
 
-    def __call__(self, indices: list[int]) -> dict[str, Any]:
+    def announce(self, run: Sequence[int] | None) -> None:
+        """Tell the windows (when they listen: ``will_read``) the run of windows this process reads next."""
+        if run is self._run or (run is not None and self._run is not _NO_RUN and run == self._run):
+            return
+        self._run = run
+        hint = getattr(self.windows, "will_read", None)
+        if hint is not None:
+            hint(run)
+
+    def __call__(self, indices: list[int], run: Sequence[int] | None | object = _NO_RUN) -> dict[str, Any]:
+        if run is not _NO_RUN:
+            self.announce(run)  # type: ignore[arg-type]
         return self.collate_fn([self.windows[int(i)] for i in indices])
 
 
@@ -130,12 +151,15 @@ def _pack_error(e: BaseException) -> dict[str, Any]:
     return info
 
 
-def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Callable, tasks, results) -> None:
-    """Read ``(batch number, indices)`` from ``tasks`` until ``None`` or EOF; send back ``("ok", k, batch)`` or
-    ``("err", k, packed exception)``."""
+def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Callable, tasks, results,
+                 threads: int = 1) -> None:
+    """Read ``(batch number, indices, run)`` from ``tasks`` until ``None`` or EOF; send back ``("ok", k, batch)``
+    or ``("err", k, packed exception)``. ``run``: the windows this worker reads next in this order, or None.
+    ``threads``: decoder threads of this worker's video readers."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
+    set_decoder_threads(threads)
     fetch = _FetchBatch(windows, collate_fn)
     while True:
         try:
@@ -144,9 +168,9 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
             return
         if msg is None:
             return
-        k, indices = msg
+        k, indices, run = msg
         try:
-            out = ("ok", k, fetch(indices))
+            out = ("ok", k, fetch(indices, run))
         except Exception as e:
             out = ("err", k, _pack_error(e))
         try:
@@ -247,12 +271,13 @@ class _WorkerPool:
         self.inflight: list[deque] = []
         self.broken = False
         main_pid = os.getpid()
+        threads = max(1, cpus_available() // max(1, num_workers))
         try:
             for i in range(num_workers):
                 task_r, task_w = ctx.Pipe(duplex=False)
                 res_r, res_w = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker_loop, args=(i, main_pid, context, windows, collate_fn, task_r, res_w),
-                                name=f"mmloader-worker-{i}", daemon=True)
+                p = ctx.Process(target=_worker_loop, name=f"mmloader-worker-{i}", daemon=True,
+                                args=(i, main_pid, context, windows, collate_fn, task_r, res_w, threads))
                 p.start()
                 task_r.close()
                 res_w.close()
@@ -380,37 +405,59 @@ class _WorkerPool:
             raise self._death(i, detail)
         return got
 
-    def _dispatch(self, todo: deque) -> None:
+    def _send(self, i: int, task: tuple) -> None:
+        """Hand ``task`` = (batch number, indices, run) to worker ``i``."""
+        self.inflight[i].append(task[:2])
+        try:
+            self._guarded(i, "taking its next task", self.tasks[i].send, task)
+        except (OSError, EOFError):
+            if i in self.late:
+                raise self._late_in_io(i) from None
+            raise self._death(i) from None
+
+    def _dispatch(self, todo: deque | list[deque], k: int, block: int) -> None:
+        """Hand out tasks. ``block == 0``: ``todo`` is one queue, each task to the least busy worker. Else ``todo``
+        holds one queue per worker (batch j belongs to worker ``(j // block) % workers``); a worker takes its own
+        tasks, none beyond the workers' next round of blocks after the one batch ``k`` (awaited) is in."""
+        if block:
+            limit = (k // block + len(self.procs)) * block
+            for i, queue in enumerate(todo):
+                while queue and queue[0][0] < limit and len(self.inflight[i]) < self.per_worker:
+                    self._send(i, queue.popleft())
+            return
         while todo:
             i = min(range(len(self.procs)), key=lambda j: len(self.inflight[j]))
             if len(self.inflight[i]) >= self.per_worker:
                 return
-            k, idx = todo[0]
-            self.inflight[i].append((k, idx))
-            try:
-                self._guarded(i, "taking its next task", self.tasks[i].send, (k, idx))
-            except (OSError, EOFError):
-                if i in self.late:
-                    raise self._late_in_io(i) from None
-                raise self._death(i) from None
+            self._send(i, todo[0])
             todo.popleft()
 
-    def run(self, batches: Sequence[list[int]]) -> Iterator[dict[str, Any]]:
-        """The batches' results, in order."""
-        todo = deque(enumerate(batches))
+    def _tasks(self, batches: Sequence[list[int]], block: int) -> deque | list[deque]:
+        if not block:
+            return deque((k, b, None) for k, b in enumerate(batches))
+        queues: list[deque] = [deque() for _ in self.procs]
+        for start in range(0, len(batches), block):
+            run = [i for b in batches[start: start + block] for i in b]
+            for k in range(start, min(start + block, len(batches))):
+                queues[(start // block) % len(self.procs)].append((k, batches[k], run))
+        return queues
+
+    def run(self, batches: Sequence[list[int]], block: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches' results, in order. ``block > 0``: contiguous runs of ``block`` batches, dealt to the
+        workers in turn, each worker told its run (for index-order reading); 0: the least busy worker, no run."""
+        todo = self._tasks(batches, block)
         buffer: dict[int, Any] = {}
         for k in range(len(batches)):
-            self._dispatch(todo)
+            self._dispatch(todo, k, block)
             since = time.monotonic()  # the last time a batch came back (or the wait began)
             while k not in buffer:
-                if self.timeout is None:
-                    self._receive(buffer, _WAIT_S)
-                    continue
-                left = since + self.timeout - time.monotonic()
-                if left <= 0:
+                left = None if self.timeout is None else since + self.timeout - time.monotonic()
+                if left is not None and left <= 0:
                     raise self._late(k)
-                if self._receive(buffer, min(_WAIT_S, left)):
+                if self._receive(buffer, _WAIT_S if left is None else min(_WAIT_S, left)):
                     since = time.monotonic()
+                if block:
+                    self._dispatch(todo, k, block)  # keep the other workers busy on their runs
             self._receive(buffer, 0)  # a worker that died meanwhile is an error now, not at the end
             out = buffer.pop(k)
             if isinstance(out, _Failure):
@@ -569,6 +616,8 @@ class WindowLoader:
         self.multiprocessing_context = multiprocessing_context
         self.persistent_workers = persistent_workers
         self.timeout = timeout
+        # shuffle=False with workers: batches per contiguous run of one worker (an attribute, may be changed)
+        self.run_batches = max(1, -(-RUN_WINDOWS // batch_size))
         self._pool: _WorkerPool | None = None
         self._finalizer: weakref.finalize | None = None
         self.epoch = 0
@@ -650,9 +699,12 @@ class WindowLoader:
             indices = self.order(self.epoch)
         batches = [indices[i : i + self.batch_size].tolist() for i in range(0, len(indices), self.batch_size)]
         if self.num_workers > 0:
-            source = self._get_pool().run(batches)
+            # index order: runs of run_batches, shorter when the pass is short, so that every worker gets one
+            block = 0 if self.shuffle else max(1, min(self.run_batches, -(-len(batches) // self.num_workers)))
+            source = self._get_pool().run(batches, block)
         else:  # everything in the calling thread: no decoder is ever shared with a background thread
             fetch = _FetchBatch(self.windows, self.collate_fn)
+            fetch.announce(None if self.shuffle else indices.tolist())
             source = (fetch(b) for b in batches)
         pin = self.pin_memory and torch.cuda.is_available()
         finished = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "train_step": (("open_clip",), {"machine", "model", "device", "torch_threads", "frame_size", "frames", "reduce",
                                     "video_size", "batch_size", "steps", "train_windows", "cache_build_s", "online",
                                     "cached", "speedup"}),
+    "video": ((), {"machine", "video", "setup", "windows", "bound", "loader", "cache_first_epoch", "cache_build",
+                   "ratios"}),
 }
 
 
@@ -109,6 +112,17 @@ def test_remote_requests_smoke(smoke_runs):
 def test_train_step_smoke(smoke_runs):
     out = run_smoke(smoke_runs, "train_step")
     assert out["device"] == "cpu" and out["online"]["windows"] > 0 and out["cached"]["windows"] > 0
+
+
+def test_video_smoke(smoke_runs):
+    out = run_smoke(smoke_runs, "video")
+    assert {"backend", "codec", "gop", "resolution", "fps", "seconds_per_video", "preset"} <= out["video"].keys()
+    assert out["video"]["codec"] == "h264" and out["video"]["measured_keyframe_interval"] == out["video"]["gop"]
+    assert out["windows"] > 0 and out["bound"]["frames"] > 0 and out["bound"]["windows_per_s"] > 0
+    assert [(r["shuffle"], r["workers"]) for r in out["loader"]] == [(False, 0), (True, 0)]
+    assert len(out["cache_first_epoch"]) == 1 and out["cache_build"]["windows"] == out["cache_windows"] > 0
+    assert set(out["ratios"]) == {"loader_ordered_w0", "loader_shuffled_w0", "cache_first_epoch_w0", "cache_build"}
+    assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in out["ratios"].values()), out["ratios"]
 
 
 # -- gpu_checks.sh: exercised with stand-ins for nvidia-smi, python and torchrun on PATH -----------------------------

@@ -3,7 +3,15 @@
 store's sorted pts index — so every backend returns the same frame for the same timestamp.
 
 Readers are opened lazily, in the process that uses them (never before a fork), and kept in a bounded
-LRU (``ReaderPool``) so worker memory stays flat.
+LRU (``ReaderPool``) so worker memory stays flat. Each reader counts what it did (``frames_decoded``, ``seeks``,
+``backward_seeks``) so a caller can check how much decoding a read pattern costs.
+
+Decoder threads: every reader opened in a process uses ``decoder_threads()`` threads (``set_decoder_threads``; by
+default the CPUs this process may run on). The loader sets it in each worker to CPUs // workers, so that workers ×
+threads fits the machine.
+
+``FrameStore``: decoded (already resized) frames kept between reads, bounded in bytes — what a decode plan
+(``mmloader.windows.dataset``) serves overlapping windows from.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import os
 import tempfile
 import threading
 import warnings
+from collections import OrderedDict
 from fractions import Fraction
 from typing import Hashable, Protocol, Sequence
 
@@ -41,6 +50,32 @@ class VideoReader(Protocol):
 _MODULES = {"pyav": "av", "decord": "decord", "torchcodec": "torchcodec.decoders"}
 _PROBE_LOCK = threading.Lock()
 _PROBED: dict[str, str | None] = {}  # backend -> None (decodes here) or why it cannot; once per process
+
+
+_THREADS: int | None = None  # decoder threads per reader in this process; None: every CPU it may use
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_decoder_threads(n: int | None) -> None:
+    """Decoder threads of every reader opened from now on in this process (PyAV ``thread_count``, decord
+    ``num_threads``, torchcodec ``num_ffmpeg_threads``); ``None``: ``cpus_available()``. Readers already open
+    keep theirs. Threads never change the pixels, only the speed."""
+    global _THREADS
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"decoder threads must be an integer >= 1 or None, got {n!r}")
+    _THREADS = n
+
+
+def decoder_threads() -> int:
+    """The decoder threads a reader opened now in this process uses (see ``set_decoder_threads``)."""
+    return _THREADS if _THREADS is not None else cpus_available()
 
 
 def _have(module: str) -> bool:
@@ -147,7 +182,11 @@ def _check_indices(url: str, backend: str, idx: np.ndarray, n: int) -> None:
 
 
 class PyAVReader:
-    """Sparse seeking PyAV decoder: seeks only when the next wanted frame is past a keyframe not yet reached."""
+    """Sparse seeking PyAV decoder: seeks only when the next wanted frame is past a keyframe not yet reached
+    (a forward seek, skipping GOPs no wanted frame needs) or behind the last decoded frame (a backward seek).
+
+    Counters: ``frames_decoded`` (every frame out of the decoder, kept or not), ``seeks`` and ``backward_seeks``
+    (seeks to a keyframe at or before the last decoded frame)."""
 
     backend = "pyav"
 
@@ -170,14 +209,21 @@ class PyAVReader:
             raise MediaError(url, f"cannot open with pyav ({e})") from None
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
+        self._stream.thread_count = decoder_threads()
         tb = self._stream.time_base
         self._tb = Fraction(tb.numerator, tb.denominator)
         self._decoder = None
         self._pos = -1  # index of the last decoded frame, -1 when no decoder is live
+        self.frames_decoded = self.seeks = self.backward_seeks = 0
 
     def _seek(self, index: int) -> None:
+        self.seeks += 1
+        if self._decoder is not None and self._kf_of[index] <= self._pos:
+            self.backward_seeks += 1
         target = self.pts_ns[self._kf_of[index]]
-        ticks = int(Fraction(int(target), 1_000_000_000) / self._tb)
+        # the store's pts are ticks rounded to the nearest ns: round back (truncating can land one tick before
+        # the keyframe, and a backward seek from there goes to the keyframe before it)
+        ticks = round(Fraction(int(target), 1_000_000_000) / self._tb)
         self._container.seek(ticks, stream=self._stream, backward=True, any_frame=False)
         self._decoder = self._container.decode(self._stream)
         self._pos = -1
@@ -209,6 +255,7 @@ class PyAVReader:
                     self._decoder = None
                     raise MediaError(self.url, f"pyav could not decode frame {target} (pts {self.pts_ns[target]} ns): "
                                      f"{'end of stream' if isinstance(e, StopIteration) else e}") from None
+                self.frames_decoded += 1
                 self._pos = self._frame_index(frame)
                 if self._pos >= target:
                     out[int(target)] = self._to_array(frame)
@@ -222,7 +269,9 @@ class PyAVReader:
 
 
 class DecordReader:
-    """decord's VideoReader; frame indices are decord's presentation-order indices."""
+    """decord's VideoReader; frame indices are decord's presentation-order indices. ``frames_decoded`` counts
+    the distinct frames asked for (decord does not say how many it decoded to reach them); ``seeks`` and
+    ``backward_seeks`` stay 0 (unknown)."""
 
     backend = "decord"
 
@@ -236,15 +285,17 @@ class DecordReader:
             raise MediaError(url, "decord reads local files only; use backend='pyav' for remote media")
         kw = {} if size is None else {"height": size[0], "width": size[1]}
         try:
-            self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **kw)
+            self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=decoder_threads(), **kw)
         except Exception as e:  # decord raises its own DECORDError
             raise MediaError(url, f"cannot open with decord ({e})") from None
         if len(self._vr) != len(pts_ns):
             raise MediaError(url, f"decord sees {len(self._vr)} frames, the store's index has {len(pts_ns)}")
+        self.frames_decoded = self.seeks = self.backward_seeks = 0
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         idx = [int(i) for i in indices]
         _check_indices(self.url, self.backend, np.asarray(idx), len(self._vr))
+        self.frames_decoded += len(set(idx))
         try:
             return self._vr.get_batch(idx).asnumpy()
         except Exception as e:  # DECORDError and friends
@@ -255,7 +306,8 @@ class DecordReader:
 
 
 class TorchCodecReader:
-    """torchcodec's VideoDecoder (exact seek mode); resized after decoding when ``size`` is set."""
+    """torchcodec's VideoDecoder (exact seek mode); resized after decoding when ``size`` is set.
+    ``frames_decoded`` counts the distinct frames asked for; ``seeks`` and ``backward_seeks`` stay 0 (unknown)."""
 
     backend = "torchcodec"
 
@@ -268,17 +320,20 @@ class TorchCodecReader:
         fs, path = get_fs(url, **(storage_options or {}))
         self._file = None if is_local(fs) else open_remote(fs, path)  # torchcodec reads file-like objects
         try:
-            self._dec = VideoDecoder(path if self._file is None else self._file, seek_mode="exact")
+            self._dec = VideoDecoder(path if self._file is None else self._file, seek_mode="exact",
+                                     num_ffmpeg_threads=decoder_threads())
         except Exception as e:  # torchcodec raises RuntimeError / ValueError of its own
             if self._file is not None:
                 self._file.close()
             raise MediaError(url, f"cannot open with torchcodec ({e})") from None
+        self.frames_decoded = self.seeks = self.backward_seeks = 0
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         import torch
 
         idx = [int(i) for i in indices]
         _check_indices(self.url, self.backend, np.asarray(idx), self._dec.metadata.num_frames)
+        self.frames_decoded += len(set(idx))
         data = self._dec.get_frames_at(indices=idx).data  # (F, 3, H, W) uint8
         if self.size is not None:
             data = torch.nn.functional.interpolate(data.float(), size=self.size, mode="bilinear", antialias=True)
@@ -405,3 +460,43 @@ class ReaderPool:
             r.close()
         self._readers.clear()
         self._stamps.clear()
+
+
+class FrameStore:
+    """Decoded frames kept between reads, keyed by ``(media, frame index)`` (``media``: ``(url, size)``), at
+    most ``max_bytes`` of frame data in all: inserting past the bound drops the oldest frames first (a frame
+    larger than the bound is not kept). Private to the process that uses it; ``peak_bytes`` is the most it held."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._frames: OrderedDict[tuple[Hashable, int], np.ndarray] = OrderedDict()
+        self.nbytes = 0
+        self.peak_bytes = 0
+
+    def get(self, media: Hashable, index: int) -> np.ndarray | None:
+        return self._frames.get((media, int(index)))
+
+    def put(self, media: Hashable, index: int, frame: np.ndarray) -> None:
+        key = (media, int(index))
+        old = self._frames.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._frames[key] = frame
+        self.nbytes += frame.nbytes
+        while self.nbytes > self.max_bytes and self._frames:
+            self.nbytes -= self._frames.popitem(last=False)[1].nbytes
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def drop(self, media: Hashable, below: int | None = None) -> None:
+        """Forget ``media``'s frames (those with an index below ``below`` only, when given)."""
+        for key in [k for k in self._frames if k[0] == media and (below is None or k[1] < below)]:
+            self.nbytes -= self._frames.pop(key).nbytes
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)

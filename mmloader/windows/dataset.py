@@ -15,6 +15,16 @@ key                 type                        meaning
 ``t0``, ``t1``      float                       window bounds, seconds on the recording clock
 ``index``           int                         position in this WindowSet
 ==================  ==========================  ==============================================================
+
+Decode plans: when windows are read in index order — the previous read in this process was window ``i - 1``,
+or ``will_read(indices)`` announced an ascending run that contains ``i`` — the video of window ``i`` is decoded
+together with every frame that later windows of the run in the same recording need up to window ``i``'s last
+frame, in one forward call to the reader; those frames wait in a bounded per-process ``FrameStore`` (keyed by
+media URL, size and frame index; ``frame_store_mb``, default 128 MiB per process) until their window is read, and
+frames below the next window's first frame are dropped. The reader thus moves forward through a recording (it
+seeks forward only past GOPs no window needs) and decodes each needed frame once. Any other access reads each
+window alone, as before, and empties the store. Plans change how frames are decoded, never which frames or their
+pixels (``decode_plans = False`` turns them off).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from ..lru import LRU
 from .resample import filter_support_ns, resample
 from ..store import Store
 from ..video.probe import MediaIdentity, media_storage_options, media_url
-from ..video.backends import ReaderPool, reader_backend
+from ..video.backends import FrameStore, ReaderPool, VideoReader, reader_backend
 from .index import build_index
 from .protocol import canonical_spec, index_digest, position, sha256_json
 from .spec import NS, Modalities, WindowSpec, check_split, resolve_modalities
@@ -41,6 +51,47 @@ if TYPE_CHECKING:
     from ..cache import CachedWindows
 
 VIDEO_INDEX_CACHE = 32
+PLAN_SCAN = 512  # the most later windows a decode plan looks at
+
+
+class _Plan:
+    """One process's decode-plan state for one WindowSet: the last window read, the announced run (ascending
+    window indices, or None) and where reading is in it, and the frame store."""
+
+    def __init__(self, max_bytes: int):
+        self.pid = os.getpid()
+        self.last: int | None = None
+        self.run: np.ndarray | None = None
+        self.ptr = 0
+        self.store = FrameStore(max_bytes)
+        self.frame_bytes: dict[tuple, int] = {}  # media -> bytes of one decoded frame
+
+    def announce(self, indices: Sequence[int] | np.ndarray | None) -> None:
+        run = None if indices is None else np.asarray(indices, dtype=np.int64).ravel()
+        if run is not None and (run.size == 0 or np.any(np.diff(run) <= 0)):
+            run = None  # only ascending runs can be decoded forward
+        self.run, self.ptr = run, 0
+        if run is None:
+            self.store.clear()
+
+    def ahead(self, i: int, n: int) -> np.ndarray | None:
+        """The windows to be read after ``i`` (up to ``PLAN_SCAN``), or None when reads are not sequential."""
+        out = None
+        if self.run is not None:
+            run, p = self.run, self.ptr
+            if not (p < len(run) and run[p] == i):
+                p = int(np.searchsorted(run, i))
+            if p < len(run) and run[p] == i:
+                self.ptr = p + 1
+                out = run[p + 1: p + 1 + PLAN_SCAN]
+            else:
+                self.run = None
+        if out is None and self.last is not None and i == self.last + 1:
+            out = np.arange(i + 1, min(n, i + 1 + PLAN_SCAN))
+        self.last = i
+        if out is None:
+            self.store.clear()
+        return out
 
 
 class WindowSet:
@@ -64,6 +115,10 @@ class WindowSet:
         self._readers: ReaderPool | None = None
         self._video_index: LRU = LRU(VIDEO_INDEX_CACHE)
         self._lock = threading.Lock()
+        self._plan: _Plan | None = None
+
+    decode_plans: bool = True  # serve index-order reads from one forward pass per recording (module docstring)
+    frame_store_mb: float = 128  # the bound on frames kept for later windows, per process and window set
 
     # -- map-style -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -79,8 +134,9 @@ class WindowSet:
             y, mask = self._read_timeseries(rid, m, t0)
             sample[m] = torch.from_numpy(np.ascontiguousarray(y.T))
             sample[f"{m}_mask"] = torch.from_numpy(mask)
+        ahead = self._ahead(i) if self.modalities.video else None
         for v in self.modalities.video:
-            frames, t = self._read_video(rid, v, c.video_idx[v][i], t0)
+            frames, t = self._read_video(rid, v, c.video_idx[v][i], t0, ahead)
             sample[v] = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
             sample[f"{v}_t"] = torch.from_numpy(t)
         sample.update(fields)  # text, label: after the tensors
@@ -117,6 +173,8 @@ class WindowSet:
         }
 
     def __iter__(self):
+        """Every window in index order (announced as one run: decode plans from the first window on)."""
+        self.will_read(range(len(self)))
         for i in range(len(self)):
             yield self[i]
 
@@ -163,14 +221,88 @@ class WindowSet:
         url = media_url(self.store.url, row["uri"])
         return url, media_storage_options(self.store.url, url, self.store.storage_options), MediaIdentity.from_row(row)
 
-    def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_video(self, rid: str, v: str, idx: np.ndarray, t0: int,
+                    ahead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         pts, key = self._pts(rid, v)
         url, options, identity = self._media(rid, v)
         with self._lock:  # decoders are not thread-safe: one thread at a time per process
             reader = self.readers.get(url, pts, key, self.spec.size, storage_options=options, identity=identity,
                                       recording_id=rid, stream=v)
-            frames = reader.get_frames(idx)
+            if ahead is None:
+                frames = reader.get_frames(idx)
+            else:
+                frames = self._planned_frames(reader, (url, self.spec.size), rid, v, idx, ahead)
         return frames, ((pts[idx] - t0) / NS).astype(np.float32)
+
+    # -- decode plans (module docstring) ---------------------------------------------------------
+    def will_read(self, indices: Sequence[int] | np.ndarray | None) -> None:
+        """Tell this set that this process will read ``indices`` next, in that order (the loader does). An
+        ascending run is decoded forward through a decode plan from its first window on; anything else (or
+        None) announces no run, and only reads of window ``i`` right after window ``i - 1`` use plans."""
+        with self._lock:
+            self._plan_state().announce(indices)
+
+    def _plan_state(self) -> _Plan:
+        bound = int(self.frame_store_mb * 2**20)
+        if self._plan is None or self._plan.pid != os.getpid() or self._plan.store.max_bytes != bound:
+            self._plan = _Plan(bound)  # new in this process, or frame_store_mb was changed
+        return self._plan
+
+    def _ahead(self, i: int) -> np.ndarray | None:
+        """The windows that follow ``i`` in this process's index-order reading, or None (no plan for ``i``)."""
+        if not self.decode_plans:
+            return None
+        with self._lock:
+            return self._plan_state().ahead(i, len(self))
+
+    def _planned_frames(self, reader: VideoReader, media: tuple, rid: str, v: str, idx: np.ndarray,
+                        ahead: np.ndarray) -> np.ndarray:
+        """Window frames ``idx`` from the store; those missing are decoded in one sorted batch together with
+        the frames up to the window's last that later windows of ``rid`` need (kept in the store for them)."""
+        if not len(idx):
+            return reader.get_frames(idx)
+        plan = self._plan_state()
+        store = plan.store
+        want = np.unique(idx)
+        got = {int(f): store.get(media, f) for f in want}
+        later, nxt = self._later_frames(rid, v, ahead, int(want[-1]), plan.frame_bytes.get(media), store)
+        batch = sorted({f for f, a in got.items() if a is None} | {f for f in later if store.get(media, f) is None})
+        if batch:
+            for f, frame in zip(batch, reader.get_frames(batch)):
+                plan.frame_bytes[media] = frame.nbytes
+                if f in got:
+                    got[f] = frame
+                if f in later:
+                    store.put(media, f, frame)
+        store.drop(media, below=nxt)
+        return np.stack([got[int(f)] for f in idx])
+
+    def _later_frames(self, rid: str, v: str, ahead: np.ndarray, cutoff: int, frame_bytes: int | None,
+                      store: FrameStore) -> tuple[set[int], int | None]:
+        """(frames up to ``cutoff`` that the windows ``ahead`` of recording ``rid`` need, as many as the store
+        can hold; the first frame of the next window of ``rid``, None when there is none). ``frame_bytes``: the
+        size of one decoded frame when known (else from the spec's size, or 1080p)."""
+        c = self._columns
+        size = self.spec.size
+        frame_bytes = frame_bytes or (size[0] * size[1] * 3 if size else 1920 * 1080 * 3)
+        room = max(0, store.max_bytes // frame_bytes - len(store))
+        later: set[int] = set()
+        nxt = None
+        for j in ahead:
+            if c.recording_id[j] != rid:
+                break
+            fj = c.video_idx[v][j]
+            if not len(fj):
+                continue
+            if nxt is None:
+                nxt = int(fj.min())
+            if fj.min() > cutoff:
+                break
+            new = {int(f) for f in fj if f <= cutoff}
+            if len(later | new) > room:
+                break
+            later |= new
+        return later, nxt
 
     # -- lazily opened, per process --------------------------------------------------------------
     @property
@@ -195,6 +327,7 @@ class WindowSet:
         state = self.__dict__.copy()
         state["_readers"] = None
         state["_video_index"] = LRU(VIDEO_INDEX_CACHE)
+        state["_plan"] = None
         del state["_lock"]
         return state
 
@@ -215,7 +348,9 @@ class WindowSet:
         index = self.index.filter(mask)
         report = dict(self._report)
         report["selected"] = report.get("selected", []) + [f"{why}: {index.num_rows} of {self.index.num_rows}"]
-        return WindowSet(self._store, self.spec, index, report, self.reader_capacity)
+        out = WindowSet(self._store, self.spec, index, report, self.reader_capacity)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("decode_plans", "frame_store_mb")})
+        return out
 
     def split(self, name: str) -> "WindowSet":
         """Windows of the recordings in split ``name`` (splits are per recording, never per window). A split the

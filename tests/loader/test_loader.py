@@ -258,3 +258,71 @@ def test_a_timeout_does_not_disturb_a_healthy_pass(windows):
     loader = windows.loader(batch_size=3, shuffle=True, seed=4, num_workers=2, timeout=60)
     assert _indices(loader) == expected
     loader.close()
+
+
+# -- index order with workers: contiguous runs per worker -----------------------------------------------
+
+def _collate_with_pid(samples):
+    from mmloader.windows.collate import collate
+
+    return {**collate(samples), "pid": os.getpid()}
+
+
+def test_runs_are_dealt_to_the_workers_in_turn():
+    from mmloader.loader import _WorkerPool
+
+    pool = object.__new__(_WorkerPool)
+    pool.procs = [None, None]
+    batches = [[3 * k, 3 * k + 1, 3 * k + 2] for k in range(7)]
+    queues = pool._tasks(batches, 2)
+    assert [[k for k, _, _ in q] for q in queues] == [[0, 1, 4, 5], [2, 3, 6]]
+    assert all(run == sum(batches[k // 2 * 2: k // 2 * 2 + 2], []) for q in queues for k, _, run in q)
+    assert [t[2] for t in pool._tasks(batches, 0)] == [None] * 7  # shuffled: any worker, no run
+
+
+def test_index_order_with_workers_reads_runs_and_resumes_exactly(windows):
+    reference = list(windows.loader(batch_size=3))  # 0 workers: the whole pass is one announced run
+    loader = windows.loader(batch_size=3, num_workers=2, collate_fn=_collate_with_pid)
+    loader.run_batches = 2
+    got = list(loader)
+    assert _indices(got) == _indices(reference)
+    for a, b in zip(got, reference):
+        assert all(torch.equal(a[k], b[k]) for k in ("imu", "imu_mask", "video", "video_t"))
+    pids = [b["pid"] for b in got]
+    assert all(pids[k] == pids[k // 2 * 2] for k in range(len(pids)))  # a run is read by one worker
+    assert all(pids[k] != pids[k - 2] for k in range(2, len(pids), 2))  # runs alternate between the workers
+    loader.close()
+    # resume mid-run: sample-exact, and the rest of the pass is the same
+    first = windows.loader(batch_size=3, num_workers=2)
+    first.run_batches = 2
+    head = []
+    for k, batch in enumerate(first):
+        head.append(batch["index"].tolist())
+        if k == 2:
+            break
+    state = first.state_dict()
+    assert state["offset"] == 9
+    resumed = windows.loader(batch_size=3, num_workers=2)
+    resumed.run_batches = 2
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert head + _indices(rest) == _indices(reference)
+    for a, b in zip(rest, reference[3:]):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["imu"], b["imu"])
+    resumed.close()
+
+
+def _threads_in_worker(samples):
+    from mmloader.video.backends import decoder_threads
+
+    return {"index": torch.tensor([s["index"] for s in samples]), "threads": decoder_threads()}
+
+
+def test_workers_times_decoder_threads_fit_the_machine(windows):
+    from mmloader.video.backends import cpus_available
+
+    for workers in (1, 2):
+        loader = windows.loader(batch_size=8, num_workers=workers, collate_fn=_threads_in_worker)
+        threads = {b["threads"] for b in loader}
+        assert threads == {max(1, cpus_available() // workers)}
+        loader.close()
