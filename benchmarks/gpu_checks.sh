@@ -66,9 +66,9 @@ if [[ $DRY_RUN == 0 ]]; then
   mkdir -p "$LOG_DIR"
 fi
 
-check plugin_tests "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/imu2clip_plugin/test_imu2clip_train.py \
-  tests/imu2clip_plugin/test_imu2clip_loss.py tests/imu2clip_plugin/test_imu2clip_encoder.py tests/imu2clip_plugin/test_imu2clip_towers.py \
-  tests/imu2clip_plugin/test_imu2clip_evaluate.py
+check plugin_tests "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/plugin/test_imu2clip_train.py \
+  tests/plugin/test_imu2clip_loss.py tests/plugin/test_imu2clip_encoder.py tests/plugin/test_imu2clip_towers.py \
+  tests/plugin/test_imu2clip_evaluate.py
 check torchrun_train torchrun_check
 check train_step_vit "$PYTHON" benchmarks/train_step.py --model ViT-B-32 --frames 4 --reduce mean --steps 8
 

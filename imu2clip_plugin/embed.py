@@ -108,6 +108,39 @@ class EmbeddedWindows:
         return self.windows.report()
 
     @property
+    def store(self) -> Any:
+        return self.windows.store
+
+    @property
+    def video_backend(self) -> Any:
+        return getattr(self.windows, "video_backend", None)
+
+    # -- selections give the wrapped set's selection (raw windows, with video), as before ------------
+    def split(self, name: str) -> Any:
+        """The wrapped set's ``split(name)`` (raw windows: embed them again, or cache the selection)."""
+        return self.windows.split(name)
+
+    def recordings(self, ids: Any) -> Any:
+        """The wrapped set's ``recordings(ids)`` (raw windows)."""
+        return self.windows.recordings(ids)
+
+    def filter(self, predicate: Any) -> Any:
+        """The wrapped set's ``filter(predicate)`` (raw windows)."""
+        return self.windows.filter(predicate)
+
+    def will_read(self, indices: Any) -> None:
+        """Forwarded to the wrapped set (decode plans for index-order reads), when it has the hook."""
+        announce = getattr(self.windows, "will_read", None)
+        if announce is not None:
+            announce(indices)
+
+    def loader(self, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kw: Any):
+        """A ``mmloader.loader.WindowLoader`` over the embedded windows (the arguments of ``WindowSet.loader``)."""
+        from mmloader.loader import WindowLoader
+
+        return WindowLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, **kw)
+
+    @property
     def video_key(self) -> str | None:
         return self.modalities.video[0] if self.modalities.video else None
 

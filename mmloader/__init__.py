@@ -41,4 +41,11 @@ def __getattr__(name: str):
         from .windows.spec import WindowSpec
 
         return WindowSpec
+    if name in _DEPRECATED_MODULES:  # ``import mmloader; mmloader.byo.write_store`` kept working for one release
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mmloader' has no attribute {name!r}")
+
+
+_DEPRECATED_MODULES = ("adapters", "byo", "collate", "dataset", "media", "resample", "schema", "windowset")

@@ -35,8 +35,8 @@ DEPRECATED_ALIASES = {"mmloader.adapters", "mmloader.byo", "mmloader.media", "mm
                       "mmloader.resample", "mmloader.collate", "mmloader.dataset", "mmloader.schema"}
 # (module, function) -> the higher-layer modules it may import lazily
 FRONT_DOORS = {
-    ("mmloader.windows.dataset", "cache"): {"mmloader.cache"},
-    ("mmloader.windows.dataset", "loader"): {"mmloader.loader"},
+    ("mmloader.windows.dataset", "WindowSet.cache"): {"mmloader.cache"},
+    ("mmloader.windows.dataset", "WindowSet.loader"): {"mmloader.loader"},
 }
 # argparse set-up is exempt from the length rule (the issue says so)
 LONG_FUNCTION_EXEMPT = {("mmloader.cli", "build_parser"), ("imu2clip_plugin.cli", "build_parser")}
@@ -82,45 +82,80 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom, known: dict[st
     return [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:`` exactly (not ``if not TYPE_CHECKING``)."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+class _ImportFinder(ast.NodeVisitor):
+    """Every import of a module, with the qualified name of the function it sits in (None at module level):
+    ``import``, ``from ... import``, and ``importlib.import_module("...")`` / ``__import__("...")`` with a
+    constant name. The body of ``if TYPE_CHECKING:`` is skipped (annotations only)."""
+
+    def __init__(self, module: str, is_package: bool, known: dict[str, Path]):
+        self.module, self.is_package, self.known = module, is_package, known
+        self.scope: list[str] = []
+        self.found: list[tuple[str, str | None, int]] = []
+
+    def _scoped(self, node: ast.AST, name: str) -> None:
+        self.scope.append(name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._scoped(node, node.name)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._scoped(node, node.name)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node: ast.If) -> None:
+        if _is_type_checking(node.test):
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
+
+    def _owner(self) -> str | None:
+        return ".".join(self.scope) if self.scope else None
+
+    def _add(self, names: list[str], line: int) -> None:
+        for name in names:
+            parts = name.split(".")  # the longest prefix that is a project module
+            while parts and ".".join(parts) not in self.known:
+                parts.pop()
+            entry = (".".join(parts), self._owner(), line)
+            if parts and entry[0] != self.module and entry not in self.found:
+                self.found.append(entry)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        self._add([a.name for a in node.names], node.lineno)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        self._add(_resolve(self.module, self.is_package, node, self.known), node.lineno)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        f = node.func
+        called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if called in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            name = node.args[0].value
+            if name.startswith("."):  # relative to this module's package
+                level = len(name) - len(name.lstrip("."))
+                parts = self.module.split(".")
+                keep = len(parts) - level + (1 if self.is_package else 0)
+                name = ".".join(parts[:keep] + ([name.lstrip(".")] if name.lstrip(".") else []))
+            self._add([name], node.lineno)
+        self.generic_visit(node)
 
 
 def imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[str, str | None, int]]:
-    """(imported project module, enclosing function or None for module level, line) for each import."""
-    tree = ast.parse(path.read_text(), str(path))
-    skip = _type_checking_lines(tree)
-    is_package = path.name == "__init__.py"
-    owner: dict[int, str] = {}
-    for fn in ast.walk(tree):
-        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for line in range(fn.lineno, (fn.end_lineno or fn.lineno) + 1):
-                owner[line] = fn.name  # breadth-first walk: an inner function overwrites its outer one
-    out = []
-    for node in ast.walk(tree):
-        if getattr(node, "lineno", None) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = _resolve(module, is_package, node, known)
-        else:
-            continue
-        for name in names:
-            # the longest prefix that is a project module
-            parts = name.split(".")
-            while parts and ".".join(parts) not in known:
-                parts.pop()
-            if parts:
-                target = ".".join(parts)
-                if target != module and (target, owner.get(node.lineno), node.lineno) not in out:
-                    out.append((target, owner.get(node.lineno), node.lineno))
-    return out
+    """(imported project module, qualified name of the enclosing function or None at module level, line)."""
+    finder = _ImportFinder(module, path.name == "__init__.py", known)
+    finder.visit(ast.parse(path.read_text(), str(path)))
+    return finder.found
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +238,20 @@ def test_the_layer_rule_catches_an_upward_import(tmp_path):
     found = imports("mmloader.store.bad", fake, known)
     assert found == [("mmloader.cache", None, 1)]
     assert RANK[layer_of("mmloader.cache")] > RANK[layer_of("mmloader.store.bad")]
+
+
+def test_the_layer_rule_sees_through_the_usual_disguises(tmp_path):
+    fake = tmp_path / "mmloader" / "store" / "sly.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import importlib\n"
+                    "from typing import TYPE_CHECKING\n"
+                    "if TYPE_CHECKING:\n    from ..cache import WindowCache\n"
+                    "if not TYPE_CHECKING:\n    from ..loader import WindowLoader\n"
+                    "class Other:\n    def cache(self):\n        return importlib.import_module('mmloader.cache')\n"
+                    "def f():\n    return __import__('mmloader.windows')\n")
+    known = {"mmloader.store.sly": fake, "mmloader.cache": fake, "mmloader.loader": fake, "mmloader.windows": fake}
+    found = imports("mmloader.store.sly", fake, known)
+    assert ("mmloader.cache", None, 4) not in found  # annotations only
+    assert ("mmloader.loader", None, 6) in found
+    assert ("mmloader.cache", "Other.cache", 9) in found  # not the WindowSet.cache front door
+    assert ("mmloader.windows", "f", 11) in found

@@ -48,3 +48,14 @@ def test_old_names_still_resolve():
 
     assert {"ego4d", "aria"} <= set(available())
     assert isinstance(get_adapter("ego4d"), Ego4DAdapter)
+
+
+def test_old_modules_are_attributes_of_the_package_after_a_bare_import():
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import mmloader\n"
+            "assert mmloader.byo.write_store is mmloader.write_store\n"
+            "assert 'ego4d' in mmloader.adapters.available()\n"
+            "assert mmloader.media.probe_video is mmloader.video.probe.probe_video\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

@@ -78,6 +78,11 @@ class CachedWindows:
     def store(self) -> Any:
         return self.source.store
 
+    @property
+    def video_backend(self) -> Any:
+        """The source's video backend (None for a source without one)."""
+        return getattr(self.source, "video_backend", None)
+
     def report(self) -> dict[str, Any]:
         """The source set's report (candidates, kept and dropped windows)."""
         return self.source.report()

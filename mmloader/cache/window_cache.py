@@ -231,6 +231,9 @@ class WindowCache:
         """
         source = self._source()
         start, stop = self.shard_range(k)
+        announce = getattr(source, "will_read", None)
+        if announce is not None:  # shards fill in index order: one run, decoded forward across shard boundaries
+            announce(range(start, len(source)))
         samples = [source[x] for x in range(start, stop)]
         commit, arrays = encode_shard(samples, k, start, self.fingerprint, source.index_fields)
         with self._mutex:

@@ -224,3 +224,14 @@ def test_decoder_threads(store_url, windows):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="decoder threads"):
             set_decoder_threads(bad)
+
+
+def test_a_cache_fill_decodes_forward_across_its_shards(windows, tmp_path):
+    ws = fresh(windows)
+    cached = ws.cache(str(tmp_path / "cache"), fill="eager", shard_size=4, progress=False)
+    assert len(cached) == len(ws) and cached.window_cache.n_shards > 2
+    for rid, reader in readers_by_recording(ws).items():
+        assert reader.backward_seeks == 0
+        assert reader.frames_decoded == forward_cost(ws, rid)
+    for i in (0, len(ws) - 1):
+        assert_same_samples(cached[i], windows[i])

@@ -86,3 +86,19 @@ def test_fingerprint_follows_towers_and_reduce(towers):
     assert towers_fingerprint(towers, "center") == towers_fingerprint(towers, "center")
     assert towers_fingerprint(towers, "center") != towers_fingerprint(towers, "mean")
     assert towers_fingerprint(towers, "center") != towers_fingerprint(other, "center")
+
+
+def test_embedded_and_embedding_cache_keep_selections_and_the_loader(windows, towers, tmp_path):
+    emb = EmbeddedWindows(windows, towers)
+    cached = build_embedding_cache(windows, towers, url=str(tmp_path / "emb"), progress=False)
+    for s in (emb, cached):
+        split = windows.index["split"][0].as_py()
+        assert len(s.split(split)) == len(windows.split(split))  # raw windows of that split, as before
+        assert len(s.filter([True] * len(windows))) == len(windows)
+        rid = windows.index["recording_id"][0].as_py()
+        assert len(s.recordings(rid)) == len(windows.recordings(rid))
+        assert s.video_backend == windows.video_backend
+    batch = next(iter(emb.loader(batch_size=2)))
+    assert "video_emb" in batch and "video" not in batch
+    batch = next(iter(cached.loader(batch_size=2)))
+    assert "video_emb" in batch and "video" not in batch
