@@ -305,8 +305,21 @@ class DecordReader:
         del self._vr
 
 
+def _torchcodec_resize(size: Size | None) -> list | None:
+    """``[torchcodec.transforms.Resize(size)]`` when ``size`` is set and this torchcodec has decoder transforms."""
+    if size is None:
+        return None
+    try:
+        from torchcodec.transforms import Resize
+    except ImportError:
+        return None
+    return [Resize(size=(int(size[0]), int(size[1])))]
+
+
 class TorchCodecReader:
-    """torchcodec's VideoDecoder (exact seek mode); resized after decoding when ``size`` is set.
+    """torchcodec's VideoDecoder (exact seek mode). With ``size``, frames are resized inside the decoder (torchcodec's
+    ``Resize`` decoder transform: bilinear with anti-aliasing, in FFmpeg, before the colour conversion of a full
+    frame); a torchcodec without decoder transforms resizes the decoded frames with torch instead.
     ``frames_decoded`` counts the distinct frames asked for; ``seeks`` and ``backward_seeks`` stay 0 (unknown)."""
 
     backend = "torchcodec"
@@ -319,9 +332,12 @@ class TorchCodecReader:
         self.size = size
         fs, path = get_fs(url, **(storage_options or {}))
         self._file = None if is_local(fs) else open_remote(fs, path)  # torchcodec reads file-like objects
+        transforms = _torchcodec_resize(size)
+        self._resize_after = size is not None and transforms is None
         try:
             self._dec = VideoDecoder(path if self._file is None else self._file, seek_mode="exact",
-                                     num_ffmpeg_threads=decoder_threads())
+                                     num_ffmpeg_threads=decoder_threads(),
+                                     **({} if transforms is None else {"transforms": transforms}))
         except Exception as e:  # torchcodec raises RuntimeError / ValueError of its own
             if self._file is not None:
                 self._file.close()
@@ -335,7 +351,7 @@ class TorchCodecReader:
         _check_indices(self.url, self.backend, np.asarray(idx), self._dec.metadata.num_frames)
         self.frames_decoded += len(set(idx))
         data = self._dec.get_frames_at(indices=idx).data  # (F, 3, H, W) uint8
-        if self.size is not None:
+        if self._resize_after:
             data = torch.nn.functional.interpolate(data.float(), size=self.size, mode="bilinear", antialias=True)
             data = data.round().clamp(0, 255).to(torch.uint8)
         return data.permute(0, 2, 3, 1).numpy()

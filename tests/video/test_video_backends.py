@@ -71,6 +71,20 @@ def test_same_frame_as_pyav(video, backend):
     got.close()
 
 
+@pytest.mark.parametrize("backend", [_backend_param("torchcodec")])
+def test_torchcodec_resizes_inside_the_decoder(video, backend):
+    """Only kept frames are converted, at the kept size: torchcodec's Resize decoder transform, not a torch resize of
+    full frames afterwards (where the installed torchcodec has decoder transforms)."""
+    pytest.importorskip("torchcodec.transforms")
+    url, info = video
+    reader = open_reader(backend, url, info.pts_ns, info.keyframe, size=(24, 32))
+    assert reader._resize_after is False
+    frames = reader.get_frames([0, 10, 20])
+    assert frames.shape == (3, 24, 32, 3)
+    assert np.all(np.abs(frames.mean(axis=(1, 2, 3)) - np.array([0, 50, 100])) < 2.5)
+    reader.close()
+
+
 def test_pyav_seeks_sparsely(video):
     """Reading a late frame after an early one must not decode everything in between twice."""
     url, info = video
