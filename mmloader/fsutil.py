@@ -93,6 +93,20 @@ def probe_exists(fs: fsspec.AbstractFileSystem, path: str, url: str, storage_opt
         raise
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host may still be running (the owner of a lock or a partial folder).
+    Unsure answers (pid <= 0, another user's process, any other OS error) are "alive": never break a live owner's work."""
+    if pid <= 0:
+        return True  # 0 and negative pids name process groups, not an owner
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError included: alive, another user's
+        return True
+    return True
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..fsutil import pid_alive
 from . import testhooks
 from .layout import COMMIT, LOCKS, META, SHARDS, TMP, Place, shard_rel
 from .shard import write_group
@@ -32,16 +33,6 @@ LEFTOVER_STALE_S = 3600.0  # a temporary shard of another host older than this i
 def host_tag() -> str:
     """8 hex digits naming this host in temporary shard names."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- publishing ----------------------------------------------------------------------------------------

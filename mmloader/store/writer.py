@@ -49,7 +49,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .._version import __version__
 from ..errors import StoreFormatError
-from ..fsutil import get_fs, is_local, join, normalize_url, probe_exists
+from ..fsutil import get_fs, is_local, join, normalize_url, pid_alive, probe_exists
 from .schema import FORMAT, FORMAT_VERSION, MANIFEST, conform, load_schema, table_file
 
 
@@ -81,20 +81,6 @@ def _host_tag() -> str:
 
 def _owner_tag() -> str:
     return f"{uuid.uuid4().hex[:8]}-{os.getpid()}@{_host_tag()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a pid this writer could have written: never treat as dead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    except OSError:
-        return True
-    return True
 
 
 def _same_or_inside(inner: str, outer: str) -> bool:
@@ -280,7 +266,7 @@ class StoreWriter:
             return
         for entry in entries:
             m = pattern.match(entry)
-            if m is None or m.group(3) != host or _pid_alive(int(m.group(2))):
+            if m is None or m.group(3) != host or pid_alive(int(m.group(2))):
                 continue
             if m.group(1) == "old" and not os.path.isdir(os.path.join(parent, name)):
                 continue  # a killed overwrite between its two renames: this is the only copy of the store

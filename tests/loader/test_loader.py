@@ -45,16 +45,20 @@ def test_order_is_a_function_of_seed_and_epoch(windows):
     assert e0 != e1 and a.epoch == 2
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_is_sample_exact(windows, workers):
-    full = _indices(windows.loader(batch_size=3, shuffle=True, seed=11, num_workers=workers))
-    first = windows.loader(batch_size=3, shuffle=True, seed=11, num_workers=workers)
+def _three_batches_then_state(loader):
+    """The indices of the first 3 batches of ``loader`` (then stopped) and its state_dict at that point."""
     head = []
-    for k, batch in enumerate(first):
+    for k, batch in enumerate(loader):
         head.append(batch["index"].tolist())
         if k == 2:
             break
-    state = first.state_dict()
+    return head, loader.state_dict()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_is_sample_exact(windows, workers):
+    full = _indices(windows.loader(batch_size=3, shuffle=True, seed=11, num_workers=workers))
+    head, state = _three_batches_then_state(windows.loader(batch_size=3, shuffle=True, seed=11, num_workers=workers))
     assert state["epoch"] == 0 and state["offset"] == 9
     resumed = windows.loader(batch_size=3, shuffle=True, seed=11, num_workers=workers)
     resumed.load_state_dict(state)
@@ -295,12 +299,7 @@ def test_index_order_with_workers_reads_runs_and_resumes_exactly(windows):
     # resume mid-run: sample-exact, and the rest of the pass is the same
     first = windows.loader(batch_size=3, num_workers=2)
     first.run_batches = 2
-    head = []
-    for k, batch in enumerate(first):
-        head.append(batch["index"].tolist())
-        if k == 2:
-            break
-    state = first.state_dict()
+    head, state = _three_batches_then_state(first)
     assert state["offset"] == 9
     resumed = windows.loader(batch_size=3, num_workers=2)
     resumed.run_batches = 2

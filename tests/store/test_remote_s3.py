@@ -45,6 +45,18 @@ def sample_src(sample_store):
 
 
 @pytest.mark.timeout(180)
+def assert_same_windows(ds_l, ds_r):
+    """The local and the remote store give the same 4-s IMU + video windows; returns both window sets."""
+    wl = ds_l.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
+    wr = ds_r.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
+    assert wl.report() == wr.report() and len(wl) == len(wr) > 0
+    for i in range(len(wl)):
+        a, b = wl[i], wr[i]
+        for k in ("imu", "imu_mask", "video", "video_t"):
+            assert torch.equal(a[k], b[k]), k
+    return wl, wr
+
+
 def test_store_on_s3_yields_the_same_windows_as_local(s3, sample_src, tmp_path):
     local = Ego4DAdapter().prepare(str(sample_src), str(tmp_path / "store"), progress=False)
     remote = Ego4DAdapter().prepare(str(sample_src), "s3://mmtest/stores/ego4d", progress=False, storage_options=s3)
@@ -55,13 +67,7 @@ def test_store_on_s3_yields_the_same_windows_as_local(s3, sample_src, tmp_path):
     assert ds_r.validate() == []
     assert ds_l.recordings.equals(ds_r.recordings)
     assert ds_l.streams.drop(["uri", "index_uri"]).equals(ds_r.streams.drop(["uri", "index_uri"]))
-    wl = ds_l.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
-    wr = ds_r.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
-    assert wl.report() == wr.report() and len(wl) == len(wr) > 0
-    for i in range(len(wl)):
-        a, b = wl[i], wr[i]
-        for k in ("imu", "imu_mask", "video", "video_t"):
-            assert torch.equal(a[k], b[k]), k
+    wl, wr = assert_same_windows(ds_l, ds_r)
     # and through the loader with a worker process (the store reopens from its URL there)
     la = [b["imu"] for b in wl.loader(batch_size=4, num_workers=1)]
     lb = [b["imu"] for b in wr.loader(batch_size=4, num_workers=1)]
@@ -98,13 +104,7 @@ def test_store_and_its_mp4s_on_s3_yield_the_same_windows_as_local(s3, sample_src
     for r in videos:  # on S3, identical to the source file
         assert fs.size(f"mmtest/stores/ego4d-media/{r['uri']}") == r["media_size"]
         assert r["media_hash"] == ds_l.store.stream_row(r["recording_id"], "video")["media_hash"]
-    wl = ds_l.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
-    wr = ds_r.windows(sec=4, modalities=["imu", "video"], frames=2, size=(32, 40))
-    assert wl.report() == wr.report() and len(wl) == len(wr) > 0
-    for i in range(len(wl)):
-        a, b = wl[i], wr[i]
-        for k in ("imu", "imu_mask", "video", "video_t"):
-            assert torch.equal(a[k], b[k]), k
+    wl, wr = assert_same_windows(ds_l, ds_r)
     opened = [url for url, _ in wr.readers._readers]
     assert opened and all(u.startswith("s3://mmtest/stores/ego4d-media/media/") for u in opened)
     # through the loader with a worker process: the store (and its storage_options) reopen there
