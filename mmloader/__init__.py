@@ -11,12 +11,15 @@ from .api import Dataset, open  # noqa: E402,A004
 from .recipes.custom import InputError, Recording, TimeSeriesInput, write_store  # noqa: E402
 from .errors import MediaError, MMLoaderError, SourceFormatError, StoreFormatError  # noqa: E402
 from .store import Store, StoreWriter  # noqa: E402
+from .video.transcode import VIDEO_PROFILES, VideoProfile  # noqa: E402
 
 __all__ = [
     "Dataset",
     "InputError",
     "Recording",
     "TimeSeriesInput",
+    "VIDEO_PROFILES",
+    "VideoProfile",
     "write_store",
     "MMLoaderError",
     "MediaError",

@@ -133,7 +133,8 @@ class Dataset:
         return self.store.validate()
 
     def info(self) -> dict[str, Any]:
-        """A summary: dataset, URL, recordings, splits, per-modality counts and total hours."""
+        """A summary: dataset, URL, recordings, splits, per-modality counts, total hours and the video transcode
+        profile the store was prepared with (None: the source videos as they are)."""
         per_stream: dict[str, dict[str, Any]] = {}
         for row in self.store.streams.select(["stream", "kind", "n_samples", "t_start_ns", "t_end_ns", "rate_hz"]).to_pylist():
             s = per_stream.setdefault(row["stream"], {"kind": row["kind"], "recordings": 0, "samples": 0, "hours": 0.0})
@@ -154,6 +155,7 @@ class Dataset:
             "splits": {str(k): v for k, v in sorted(self.splits.items(), key=lambda kv: str(kv[0]))},
             "modalities": per_stream,
             "gaps": self.store.gaps.num_rows,
+            "video_profile": (self.store.manifest.get("options") or {}).get("video_profile"),
         }
 
     def __repr__(self) -> str:

@@ -15,6 +15,12 @@ from .recipes import available, get_adapter
 from .api import Dataset
 from .errors import MMLoaderError, StoreFormatError
 from .store import Store
+from .video.transcode import VIDEO_PROFILES, VideoProfile, resolve_profile
+
+
+def _profile_help(p: VideoProfile) -> str:
+    size = f"{p.size[0]}x{p.size[1]}" if p.size else f"short side {p.short_side}" if p.short_side else "native size"
+    return f"{size}, keyframe every {p.gop} frames" + (f", {p.fps:g} fps" if p.fps else "")
 
 
 def _format_info(info: dict) -> str:
@@ -25,8 +31,12 @@ def _format_info(info: dict) -> str:
         f"recordings   {info['recordings']}  ({info['hours']:.3f} h)",
         "splits       " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()),
         f"imu gaps     {info['gaps']}",
-        "modalities",
     ]
+    profile = info.get("video_profile")
+    if profile:
+        lines.append(f"video        transcoded with profile {profile['name']}: "
+                     f"{_profile_help(resolve_profile(profile))}")
+    lines.append("modalities")
     for name, s in info["modalities"].items():
         hours = f"{s['hours']:.3f} h" if s["kind"] != "events" else ""
         lines.append(f"  {name:<12} {s['kind']:<10} {s['recordings']:>5} recordings {s['samples']:>10} samples  {hours}")
@@ -50,16 +60,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def _prepare_extras(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe options asked for on the command line (``--copy-media``, ``--video-profile``), each checked
+    against what the dataset's recipe accepts (UsageError naming the option otherwise)."""
+    import inspect
+
+    extra: dict[str, Any] = {}
+    if getattr(args, "copy_media", False):
+        extra["copy_media"] = True
+    if getattr(args, "video_profile", None):
+        extra["video_profile"] = args.video_profile
+    params = inspect.signature(get_adapter(args.dataset).prepare).parameters
+    for key in extra:
+        if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise UsageError(f"dataset {args.dataset!r} has no --{key.replace('_', '-')} option")
+    return extra
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     adapter = get_adapter(args.dataset)
-    extra = {"copy_media": True} if getattr(args, "copy_media", False) else {}
-    if extra:
-        import inspect
-
-        params = inspect.signature(adapter.prepare).parameters
-        if "copy_media" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            print(f"mmloader prepare: dataset {args.dataset!r} has no --copy-media option", file=sys.stderr)
-            return 2
+    extra = _prepare_extras(args)
     url = adapter.prepare(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet, errors=args.errors,
                           **extra)
     ds = Dataset(Store(url))
@@ -381,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--copy-media", action="store_true",
                    help="copy the media files into DST/media/ (a self-contained store that can be moved or "
                         "uploaded); Ego4D otherwise references its source mp4s, Aria stores always hold theirs")
+    s.add_argument("--video-profile", metavar="NAME", choices=sorted(VIDEO_PROFILES),
+                   help="transcode each video once into DST/media/ for shuffled video training: "
+                        + "; ".join(f"{p.name}: {_profile_help(p)}" for p in VIDEO_PROFILES.values())
+                        + ". Frame capture times are kept; the profile is recorded in the store")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_prepare)
 

@@ -32,7 +32,9 @@ import numpy as np
 from ..errors import MMLoaderError, StoreFormatError
 from ..fsutil import normalize_url
 from ..store.writer import StoreWriter, check_recording_id
-from ..video.probe import media_identity, probe_video
+from ..video.probe import MediaIdentity, VideoInfo, media_identity, probe_video
+from ..video.transcode import VideoProfile, resolve_profile
+from .media import transcode_into_store
 from .base import REPORT
 from .imu import NS, find_gaps, gaps_relative_sec, median_period_ns
 from .rows import RecordingRows, StoreRows, meta_json, video_report
@@ -232,6 +234,7 @@ def write_store(
     gap_factor: float = 5.0,
     source_fingerprint: str | None = None,
     options: Mapping[str, Any] | None = None,
+    video_profile: str | VideoProfile | None = None,
     **storage_options: Any,
 ) -> str:
     """Write a store at ``url`` (path or fsspec URL) from ``recordings``; returns its URL.
@@ -244,7 +247,14 @@ def write_store(
     (they are refused, not sorted: the message names the recording, the stream and the first offending
     pair). The report (``reports/prepare.json``) lists, per recording, samples, measured rates, gaps, frames
     and events.
+
+    ``video_profile`` (a name of ``mmloader.VIDEO_PROFILES`` or a ``VideoProfile``) transcodes every video once
+    into the store (``media/<recording>/<stream>.<profile>.mp4``; frames keep their capture times) instead of
+    referencing the files; the profile is recorded in the manifest's options.
     """
+    profile = resolve_profile(video_profile)
+    if profile is not None:
+        options = {**dict(options or {}), "video_profile": profile.describe()}
     if isinstance(gap_factor, bool) or not isinstance(gap_factor, (int, float)) or not (
             np.isfinite(gap_factor) and gap_factor > 1):
         raise InputError(f"gap_factor must be a finite number > 1, got {gap_factor!r}")
@@ -259,7 +269,7 @@ def write_store(
         for rec in _one_at_a_time(pending, it):
             _check_recording(rec, seen, kinds)
             writer.protect(list(rec.videos.values()))  # a video inside url: overwrite would delete it
-            out, digest = _write_recording(writer, rec, dataset, gap_factor)
+            out, digest = _write_recording(writer, rec, dataset, gap_factor, profile)
             digests.append(digest)
             rows.add(out)
             report["recordings"][rec.id] = out.report
@@ -295,14 +305,29 @@ def _one_at_a_time(pending: list[Recording], rest: Iterator[Recording]) -> Itera
     yield from rest
 
 
-def _write_recording(writer: StoreWriter, rec: Recording, dataset: str,
-                     gap_factor: float) -> tuple[RecordingRows, str]:
+def _videos(writer: StoreWriter, rec: Recording,
+            profile: VideoProfile | None) -> dict[str, tuple[str, VideoInfo, MediaIdentity, dict[str, Any]]]:
+    """Per video stream: (uri, probed index, identity, report) of the file the store references: the recording's
+    own file, or its transcode with ``profile`` inside the store."""
+    out = {}
+    for name, path in rec.videos.items():
+        url = normalize_url(path)
+        if profile is not None:
+            t = transcode_into_store(writer, url, rec.id, name, profile)
+            out[name] = (t.uri, t.info, t.identity, {**video_report(t.info), "transcoded": t.report})
+            continue
+        ident = media_identity(url)  # identity before the probe: the index then describes this very file
+        info = probe_video(url)
+        out[name] = (url, info, ident, video_report(info))
+    return out
+
+
+def _write_recording(writer: StoreWriter, rec: Recording, dataset: str, gap_factor: float,
+                     profile: VideoProfile | None = None) -> tuple[RecordingRows, str]:
     """Write one checked recording's arrays; its rows and its source digest."""
     checked = {name: check_timeseries(rec.id, name, ts) for name, ts in rec.timeseries.items()}
     events = {name: _event_rows(rec.id, name, rows) for name, rows in rec.events.items()}
-    # identity before the probe: the pts index then describes this very file (MediaError names the file)
-    idents = {name: media_identity(normalize_url(path)) for name, path in rec.videos.items()}
-    videos = {name: probe_video(normalize_url(path)) for name, path in rec.videos.items()}
+    videos = _videos(writer, rec, profile)
     digest = _recording_digest(rec, checked)
     out = RecordingRows(rec.id)
     spans: list[tuple[int, int]] = []
@@ -316,10 +341,10 @@ def _write_recording(writer: StoreWriter, rec: Recording, dataset: str,
                             "gaps": len(gaps), "gaps_sec": gaps_relative_sec(gaps, t[0])}
         spans.append((int(t[0]), int(t[-1])))
         del t, x
-    for name, path in rec.videos.items():
-        info = videos.pop(name)
-        out.write_video(writer, name, normalize_url(path), info, identity=idents[name])
-        out.report[name] = video_report(info)
+    for name in rec.videos:
+        uri, info, ident, report = videos.pop(name)
+        out.write_video(writer, name, uri, info, identity=ident)
+        out.report[name] = report
         spans.append((int(info.pts_ns[0]), int(info.pts_ns[-1])))
     for name, rows in events.items():
         out.report[name] = {"events": len(rows)}

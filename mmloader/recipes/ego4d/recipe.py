@@ -25,9 +25,11 @@ from ...fsutil import get_fs, join, normalize_url, read_json
 from ...store.writer import StoreWriter, check_recording_id
 from ...video.probe import copy_media as _copy_media
 from ...video.probe import media_identity, probe_video
+from ...video.transcode import VideoProfile, resolve_profile
 from ..base import (Prepare, SkipRecording, check_errors, count_totals, source_digest, sum_counts,
                     summarize_failed)
 from ..imu import CHANNELS, UNITS
+from ..media import transcode_into_store
 from ..rows import RecordingRows, event_row, meta_json, video_report
 from .imu import read_imu_csv
 from .narration import MAX_SECONDS, check_seconds, parse_narrations
@@ -282,6 +284,7 @@ class Ego4DAdapter:
         imu_gap_factor: float = 5.0,
         storage_options: dict[str, Any] | None = None,
         copy_media: bool = False,
+        video_profile: str | VideoProfile | None = None,
     ) -> str:
         """Write the store. ``errors="raise"`` aborts on the first bad file or entry (nothing is left at
         ``dst``); ``errors="skip"`` leaves that recording out (a bad narration event: that event) and records
@@ -291,11 +294,19 @@ class Ego4DAdapter:
         ``copy_media=True`` (``prepare --copy-media``) copies every mp4 into the store (``media/<uid>.mp4``,
         referenced relative to the store root): the store is self-contained and can be moved, copied or
         uploaded; by default the store references the source mp4s by absolute path/URL. Either way each mp4's
-        size, mtime and fast hash are recorded and checked when a reader opens it."""
+        size, mtime and fast hash are recorded and checked when a reader opens it.
+        ``video_profile`` (``prepare --video-profile NAME``, a name of ``mmloader.video.VIDEO_PROFILES`` or a
+        ``VideoProfile``) instead transcodes each mp4 once into the store (short GOP, training size, optional
+        fps; every kept frame at its source capture time), for training that decodes video every epoch in a
+        shuffled order; the profile is recorded in the manifest's options and in the report."""
         check_errors(errors)
+        profile = resolve_profile(video_profile)
+        if profile is not None and copy_media:
+            raise ValueError("copy_media and video_profile exclude each other: a profile already writes the "
+                             "(transcoded) video into the store")
         layout = Ego4DLayout(root)
         meta = check_metadata(layout.metadata, split_fields=split_fields, errors=errors)
-        videos = _Videos(layout, split_fields, imu_gap_factor, bool(copy_media), meta.duplicates)
+        videos = _Videos(layout, split_fields, imu_gap_factor, bool(copy_media), meta.duplicates, profile)
         if layout.fs.exists(layout.narration):
             videos.narrations, videos.narrations_dropped = parse_narrations(layout.narration, errors=errors)
         if layout.fs.exists(layout.activities):
@@ -303,7 +314,8 @@ class Ego4DAdapter:
         run = Prepare(
             dataset="ego4d", root=root, dst=dst, fingerprint=self.fingerprint(root), errors=errors,
             options={"errors": errors, "split_fields": list(split_fields), "imu_gap_factor": imu_gap_factor,
-                     "copy_media": bool(copy_media)},
+                     "copy_media": bool(copy_media),
+                     "video_profile": profile.describe() if profile is not None else None},
             overwrite=overwrite, progress=progress, storage_options=storage_options, unit="video",
             report={"dataset": "ego4d", "source": layout.root, "metadata": layout.metadata, "failed": meta.failed,
                     "duplicates": dict(meta.duplicates)},
@@ -316,9 +328,9 @@ class _Videos:
     """The parsed sources of one prepare, and how one ``videos[]`` entry becomes a recording."""
 
     def __init__(self, layout: Ego4DLayout, split_fields: tuple[str, ...], gap_factor: float, copy_media: bool,
-                 duplicates: dict[str, str]):
+                 duplicates: dict[str, str], profile: VideoProfile | None = None):
         self.layout, self.split_fields, self.gap_factor = layout, split_fields, gap_factor
-        self.copy_media, self.duplicates = copy_media, duplicates
+        self.copy_media, self.duplicates, self.profile = copy_media, duplicates, profile
         self.mp4s = layout.listing(layout.video_dir, ".mp4")
         self.csvs = layout.listing(layout.imu_dir, ".csv")
         self.narrations: dict[str, list[dict[str, Any]]] = {}
@@ -356,11 +368,18 @@ class _Videos:
 
     def _video(self, writer: StoreWriter, rec: RecordingRows, video: dict[str, Any]) -> None:
         uid = rec.recording_id
-        url, uri, opts = _media_file(writer, join(self.layout.video_dir, f"{uid}.mp4"), uid, self.copy_media)
-        ident = media_identity(url, opts)  # before probing: the index describes this very file
-        info = probe_video(url, opts)
-        rec.write_video(writer, "video", uri, info, identity=ident)
-        rec.report["video"] = video_report(info)
+        src = join(self.layout.video_dir, f"{uid}.mp4")
+        if self.profile is not None:
+            out = transcode_into_store(writer, src, uid, "video", self.profile)
+            info = out.info
+            rec.write_video(writer, "video", out.uri, info, identity=out.identity)
+            rec.report["video"] = {**video_report(info), "transcoded": out.report}
+        else:
+            url, uri, opts = _media_file(writer, src, uid, self.copy_media)
+            ident = media_identity(url, opts)  # before probing: the index describes this very file
+            info = probe_video(url, opts)
+            rec.write_video(writer, "video", uri, info, identity=ident)
+            rec.report["video"] = video_report(info)
         declared = (video.get("video_metadata") or {}).get("num_frames")
         if isinstance(declared, int) and abs(declared - info.num_frames) > 1:
             rec.report["warnings"].append(f"ego4d.json declares {declared} frames, the mp4 has {info.num_frames}")
