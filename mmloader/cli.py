@@ -280,15 +280,18 @@ def _format_spec(spec: dict) -> str:
 def cmd_cache_build(args: argparse.Namespace) -> int:
     import time
 
+    from .loader import fill_cache
+
     ws = _windows_from_args(args)
     t = time.perf_counter()
     cached = ws.cache(args.url, fill="lazy", shard_size=args.shard_size, overwrite=args.overwrite)
-    counts = cached.window_cache.fill(progress=not args.quiet)
+    counts = fill_cache(cached, num_workers=args.workers, progress=not args.quiet)
     st = cached.window_cache.status(verify=False)
     print(f"cache        {cached.window_cache.url}")
     print(f"fingerprint  {cached.window_cache.fingerprint}")
     print(f"windows      {len(ws)} in {st['shards_total']} shards; filled {counts['filled']}, already complete "
-          f"{counts['already_complete']}, by other processes {counts['filled_by_others']} "
+          f"{counts['already_complete']}, by workers {counts['filled_by_workers']}, by other processes "
+          f"{counts['filled_by_others']} "
           f"({time.perf_counter() - t:.1f} s)")
     print(f"size         {_format_bytes(st['bytes'])}")
     return 0
@@ -361,6 +364,8 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
     s.add_argument("--shard-size", type=_count(1), default=DEFAULT_SHARD_SIZE, help="windows per shard")
     s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
+    s.add_argument("--workers", type=_count(0), default=0,
+                   help="worker processes, each filling contiguous runs of whole shards (0: this process)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_cache_build)
     s = csub.add_parser("info", help="one cache in detail, or every cache in the cache dir (exit 1: torn/corrupt)")

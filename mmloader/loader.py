@@ -720,3 +720,42 @@ class WindowLoader:
             source.close()
             if self.num_workers > 0 and (not finished or not self.persistent_workers):
                 self.close()  # an abandoned or failed pass stops its workers now
+
+
+# -- building a window cache with workers ----------------------------------------------------------------------------
+
+
+def _indices_only(samples: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """A collate function that sends back only the windows' indices (the cache keeps their data)."""
+    return {"index": [int(s["index"]) for s in samples]}
+
+
+def fill_cache(cached, num_workers: int = 0, progress: bool = True) -> dict[str, int]:
+    """Build every missing, torn or corrupt shard of ``cached`` (a ``CachedWindows``) now; returns the counts of
+    ``WindowCache.fill`` plus ``filled_by_workers`` (shards).
+
+    ``num_workers=0`` fills in this process (``WindowCache.fill``). With workers, loader workers read the set in
+    index order, each taking contiguous runs of whole shards (batches of ``shard_size`` windows, runs of at least
+    ``RUN_WINDOWS``), so each decodes its recordings forward and publishes the shards it reads; decoder threads are
+    shared out as for any loader. Then this process checks every shard and fills any left over (a worker's write
+    that failed). Other processes building the same cache at the same time are safe: shards are locked.
+    """
+    from tqdm.auto import tqdm
+
+    num_workers = _integer("num_workers", num_workers, 0, MAX_WORKERS)
+    cache = cached.window_cache
+    before = cache.status(verify=False)["shards_complete"]
+    if num_workers > 0:
+        loader = WindowLoader(cached, batch_size=cache.shard_size, shuffle=False, num_workers=num_workers,
+                              collate_fn=_indices_only, rank=0, world_size=1)
+        try:
+            with tqdm(total=len(cached), desc="cache", unit="window", disable=not progress) as bar:
+                for batch in loader:
+                    bar.update(len(batch["index"]))
+        finally:
+            loader.close()
+    by_workers = cache.status(verify=False)["shards_complete"] - before
+    counts = cache.fill(progress=progress and num_workers == 0)
+    counts["already_complete"] -= by_workers
+    counts["filled_by_workers"] = by_workers
+    return counts

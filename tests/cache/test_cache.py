@@ -453,3 +453,31 @@ def test_a_failed_write_warns_and_still_serves_exact_windows(sample, tmp_path, m
     for i in range(K):
         assert_same(cached[i], ref[i])
     assert cache.status()["missing"] == list(range(cache.n_shards))
+
+
+def test_fill_cache_with_workers_builds_whole_shards_in_the_workers(sample, tmp_path):
+    """``cache build --workers 2``: the workers fill every shard (contiguous runs), the windows are exact and the
+    main process has nothing left to fill."""
+    from mmloader.loader import fill_cache
+
+    store, windows, ref = sample
+    cached = windows.cache(str(tmp_path / "c"), fill="lazy", progress=False, shard_size=K)
+    counts = fill_cache(cached, num_workers=2, progress=False)
+    cache = cached.window_cache
+    assert counts["filled_by_workers"] == cache.n_shards and counts["filled"] == 0
+    assert counts["already_complete"] == 0
+    cache.source = NoSource(windows)
+    for i in range(len(windows)):
+        assert_same(cached[i], ref[i])
+    assert cache.validate() == []
+    again = fill_cache(cached, num_workers=2, progress=False)  # nothing left to do
+    assert again["filled_by_workers"] == 0 and again["already_complete"] == cache.n_shards
+
+
+def test_cli_cache_build_with_workers(sample, tmp_path, capsys):
+    store, windows, ref = sample
+    assert main(["cache", "build", store, *CLI_SPEC, "--url", str(tmp_path / "c"), "--shard-size", str(K),
+                 "--workers", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"windows\s+(\d+) in (\d+) shards; filled 0, already complete 0, by workers (\d+)", out)
+    assert m and m.group(2) == m.group(3), out
