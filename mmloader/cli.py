@@ -381,6 +381,18 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
 # -- end cache --------------------------------------------------------------------------------------
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``mmloader bench STORE|--synthetic``: the video benchmark (``mmloader.bench``); JSON on stdout, progress
+    and a table on stderr. A benchmark that cannot run as asked (no such store, no video stream) exits 2."""
+    from .bench import BenchError
+    from .bench.run import run_cli
+
+    try:
+        return run_cli(args)
+    except BenchError as e:
+        raise UsageError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmloader", description="Timestamp-aligned multimodal windows from egocentric recordings.")
     p.add_argument("--version", action="version", version=f"mmloader {__version__}")
@@ -432,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     _add_cache_parser(sub)  # mmloader cache build|info|clear
+
+    from .bench import add_arguments as add_bench_arguments
+
+    s = sub.add_parser("bench", help="the video benchmark: windows/s and ratio to the sequential decode bound, on a "
+                                     "store or on generated Ego4D-like data (--synthetic)")
+    add_bench_arguments(s)
+    s.set_defaults(func=cmd_bench)
     return p
 
 

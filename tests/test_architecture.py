@@ -53,7 +53,7 @@ def layer_of(module: str) -> str:
         return "core"
     if top in ("video", "store", "windows", "recipes", "cache", "loader"):
         return top
-    if top in ("api", "cli", "samples", "schemas"):
+    if top in ("api", "cli", "samples", "schemas", "bench"):
         return "front"
     raise AssertionError(f"{module}: not assigned to a layer; add it to tests/test_architecture.py and "
                          f"docs/architecture.md")
