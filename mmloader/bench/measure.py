@@ -169,15 +169,23 @@ def cache_first_epochs(sub: Any, args: argparse.Namespace, bound: float | None, 
     return runs
 
 
-def cache_build(sub: Any, args: argparse.Namespace, bound: float | None, tmp: Path, log: Log) -> dict[str, Any]:
-    """``mmloader cache build`` of ``sub`` (``fill="eager"``) on an empty cache under ``tmp``."""
-    log("cache build (fill='eager')")
-    with Timer() as t:
-        sub.cache(str(tmp / "eager"), fill="eager", progress=False, shard_size=args.shard_size)
-    r = rate(len(sub), t.seconds, rate_digits=3)
-    r["ratio"] = ratio(r["windows_per_s"], bound)
-    log(f"  {r['windows_per_s']} windows/s, ratio {r['ratio']}")
-    return r
+def cache_build(sub: Any, args: argparse.Namespace, bound: float | None, tmp: Path,
+                log: Log) -> list[dict[str, Any]]:
+    """``mmloader cache build --workers W`` (``mmloader.loader.fill_cache``) of ``sub`` on an empty cache under
+    ``tmp``, per worker count W in ``args.cache_workers``."""
+    from ..loader import fill_cache
+
+    runs = []
+    for w in args.cache_workers:
+        log(f"cache build, {w} workers")
+        with Timer() as t:
+            cached = sub.cache(str(tmp / f"build-w{w}"), fill="lazy", progress=False, shard_size=args.shard_size)
+            counts = fill_cache(cached, num_workers=w, progress=False)
+        r = {"workers": w, **rate(len(sub), t.seconds, rate_digits=3), "filled_by_workers": counts["filled_by_workers"]}
+        r["ratio"] = ratio(r["windows_per_s"], bound)
+        log(f"  {r['windows_per_s']} windows/s, ratio {r['ratio']}")
+        runs.append(r)
+    return runs
 
 
 def profile_case(ws_profile: Any, ws: Any, args: argparse.Namespace, bound: float | None,

@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser, store: bool = True, extra_cases: S
     w.add_argument("--workers", type=int, nargs="+", help=_d("workers", "loader worker counts"))
     w.add_argument("--orders", nargs="+", choices=sorted(ORDERS), help=_d("orders", "loader orders"))
     w.add_argument("--cache-workers", type=int, nargs="+",
-                   help=_d("cache_workers", "worker counts of the cache's first (filling) epoch"))
+                   help=_d("cache_workers", "worker counts of the cache's first (filling) epoch and of cache build"))
     w.add_argument("--shard-size", type=int, default=None, help="window cache shard size (default: the cache's)")
     w.add_argument("--max-windows", type=int, default=None,
                    help="time only the first ceil(K / batch size) loader batches; cache the first K windows")
@@ -199,7 +199,7 @@ def _run_on(ds: Any, args: argparse.Namespace, log: Callable[[str], None], work:
     media = measure.media_of(ds, args.stream, measure.referenced_recordings(ws))
     result: dict[str, Any] = {"machine": machine(), "video": _describe(ds, ws, args, media),
                               "setup": _setup(args, ds.url), "windows": len(ws), "bound": None, "loader": [],
-                              "cache_first_epoch": [], "cache_build": None, "notes": []}
+                              "cache_first_epoch": [], "cache_build": [], "notes": []}
     v = result["video"]
     log(f"{len(ws)} windows; {v['codec']} {v['resolution'][0]}x{v['resolution'][1]}, GOP {v['gop']}; "
         f"backend {ws.video_backend}")
@@ -259,8 +259,7 @@ def ratios(result: dict[str, Any], extra: Mapping[str, Any] = ()) -> dict[str, f
     """Case → its ratio to the bound."""
     out = {f"loader_{'shuffled' if r['shuffle'] else 'ordered'}_w{r['workers']}": r["ratio"] for r in result["loader"]}
     out.update({f"cache_first_epoch_w{r['workers']}": r["ratio"] for r in result["cache_first_epoch"]})
-    if result["cache_build"] is not None:
-        out["cache_build"] = result["cache_build"]["ratio"]
+    out.update({f"cache_build_w{r['workers']}": r["ratio"] for r in result["cache_build"]})
     if result.get("profile"):
         out["profile_ordered_w0"] = result["profile"]["ordered"]["ratio"]
         out["profile_shuffled_w0"] = result["profile"]["shuffled"]["ratio"]
@@ -277,8 +276,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, float, float | None]]:
                      r["windows_per_s"], r["ratio"]))
     for r in result["cache_first_epoch"]:
         rows.append((f"cache first epoch, {r['workers']} workers", r["windows_per_s"], r["ratio"]))
-    if result["cache_build"]:
-        rows.append(("cache build", result["cache_build"]["windows_per_s"], result["cache_build"]["ratio"]))
+    for r in result["cache_build"]:
+        rows.append((f"cache build, {r['workers']} workers", r["windows_per_s"], r["ratio"]))
     if result.get("profile"):
         p = result["profile"]
         for order in ("ordered", "shuffled"):

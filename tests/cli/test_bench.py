@@ -38,7 +38,7 @@ def test_synthetic_smoke(tmp_path):
     assert v["resolution"] == SMOKE["video_size"] and v["backend"] == "pyav"
     assert out["windows"] > 0 and out["bound"]["frames"] == SMOKE["seconds"] * SMOKE["fps"]
     check_ratios(out)
-    assert {"loader_ordered_w0", "loader_shuffled_w0", "cache_first_epoch_w0", "cache_build"} <= out["ratios"].keys()
+    assert {"loader_ordered_w0", "loader_shuffled_w0", "cache_first_epoch_w0", "cache_build_w0"} <= out["ratios"].keys()
     if "profile" in out:  # the Ego4D recipe has transcode profiles: the short-GOP store was read too
         assert out["profile"]["video"]["gop"] <= 10 and out["profile_shuffled_gain"] > 0
         assert {"profile_ordered_w0", "profile_shuffled_w0"} <= out["ratios"].keys()
@@ -59,7 +59,7 @@ def test_on_a_store(sample_store, tmp_path, capsys):
     v = out["video"]
     assert v["codec"] == "h264" and v["resolution"] == [160, 120] and v["gop"] >= 1 and v["videos"] >= 1
     assert out["bound"]["frames"] == v["frames"] > 0  # every frame of the videos the windows reference
-    assert out["setup"]["store"] == store and "gop" not in out["setup"] and out["cache_build"]["windows"] == 4
+    assert out["setup"]["store"] == store and "gop" not in out["setup"] and out["cache_build"][0]["windows"] == 4
     assert [(r["shuffle"], r["workers"], r["windows"]) for r in out["loader"]] == [(False, 0, 4), (True, 0, 4)]
     check_ratios(out)
     assert "h264 160x120" in captured.err and "cache build" in captured.err
