@@ -36,14 +36,44 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, read_arrow_buffer, probe_exists
 from ..lru import LRU
+from .chunks import ArrayLayout, ChunkDecodeError, decode_chunk
 from .schema import check_manifest, check_table, load_schema
 from .schema import MANIFEST
 from .writer import has_sha256, is_chunk_file
 
-HANDLE_CACHE = 64  # open time-series groups kept per process
-CHUNK_CACHE = 64  # decoded time-series chunks kept per process (4096 rows x C float32 each)
+HANDLE_CACHE = 4096  # open time-series groups kept per process (a few KB each when read directly)
+CHUNK_CACHE = 1 << 16  # decoded time-series chunks kept per process, at most ...
+CHUNK_CACHE_MB = 1024.0  # ... and at most this many MiB of them (env MMLOADER_CHUNK_CACHE_MB overrides)
+
+
+def chunk_cache_mb() -> float:
+    """The per-process budget (MiB) for decoded time-series chunks: ``MMLOADER_CHUNK_CACHE_MB`` or the default."""
+    raw = os.environ.get("MMLOADER_CHUNK_CACHE_MB")
+    if raw is None:
+        return CHUNK_CACHE_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"MMLOADER_CHUNK_CACHE_MB must be a number of MiB, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"MMLOADER_CHUNK_CACHE_MB must be > 0, got {raw!r}")
+    return value
+
+
+def _chunk_bytes(chunk: tuple[np.ndarray, np.ndarray]) -> int:
+    return int(chunk[0].nbytes + chunk[1].nbytes)
 TIMESERIES_ARRAYS = ("t_ns", "data", "t_coarse")
 VIDEO_INDEX_ARRAYS = ("pts_ns", "keyframe")
+
+
+class _Bytes:
+    """Bytes read directly, shaped like the Zarr buffer ``_verify_zarr_file`` checks."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def as_numpy_array(self) -> np.ndarray:
+        return np.frombuffer(self.raw, dtype=np.uint8)
 
 
 class ZarrFileError(StoreFormatError):
@@ -130,7 +160,7 @@ class Store:
         self.streams = self._read_table("streams")
         self.gaps = self._read_table("gaps")
         self._handles: LRU = LRU(HANDLE_CACHE)
-        self._chunks: LRU = LRU(CHUNK_CACHE)
+        self._chunks: LRU = LRU(CHUNK_CACHE, weigh=_chunk_bytes, max_weight=int(chunk_cache_mb() * (1 << 20)))
         self._stream_rows: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def __reduce__(self):
@@ -370,7 +400,9 @@ class Store:
     def _chunk_region(arr: zarr.Array, idx: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, arr.chunks, arr.shape))
 
-    def _read_chunk(self, rel: str, name: str, arr: zarr.Array, idx: tuple[int, ...]) -> np.ndarray:
+    def _read_chunk(self, rel: str, name: str, arr: zarr.Array | ArrayLayout, idx: tuple[int, ...]) -> np.ndarray:
+        if isinstance(arr, ArrayLayout):
+            return self._decode_chunk(rel, name, arr, idx)
         try:
             return arr[self._chunk_region(arr, idx)]
         except ZarrFileError as e:  # missing, or its sha256 differs (_VerifiedStore)
@@ -387,8 +419,90 @@ class Store:
         except Exception as e:  # codec errors (crc32c, zstd) come as ValueError / RuntimeError
             raise self._chunk_error(rel, name, arr, idx, e) from None
 
-    def _read_whole(self, rel: str, name: str, arr: zarr.Array) -> np.ndarray:
+    # -- direct chunk reads (mmloader.store.chunks): the store's own arrays without Zarr's event loop ---------
+    def _read_file(self, rel: str) -> bytes | None:
+        """The bytes of the store's file ``rel``, None when it does not exist."""
+        path = join(self.path, rel)
+        try:
+            if self._local:
+                with open(path, "rb") as f:
+                    return f.read()
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def _checked_file(self, rel: str) -> bytes | None:
+        """``_read_file`` checked against the manifest like every file Zarr reads (``_verify_zarr_file``)."""
+        raw = self._read_file(rel)
+        self._verify_zarr_file(rel, _Bytes(raw) if raw is not None else None, whole=True)
+        return raw
+
+    def _decode_chunk(self, rel: str, name: str, layout: ArrayLayout, idx: tuple[int, ...]) -> np.ndarray:
+        key = f"{rel}/{name}/{layout.key(idx)}"
+        url = join(self.url, key)
+        try:
+            raw = self._checked_file(key)
+        except ZarrFileError as e:
+            if e.kind == "missing":
+                raise StoreFormatError(
+                    f"{url}: missing chunk {idx} of array '{name}'; the store is damaged: run "
+                    f"`mmloader validate {self.url}` and prepare it again") from None
+            raise StoreFormatError(
+                f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run `mmloader validate {self.url}` "
+                "and prepare the store again") from None
+        assert raw is not None  # a listed chunk that is absent raised above
+        try:
+            return decode_chunk(raw, layout, idx)
+        except ChunkDecodeError as e:
+            self._check_not_replaced()
+            raise StoreFormatError(f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run "
+                                   f"`mmloader validate {self.url}` and prepare the store again") from None
+
+    def _decode_whole(self, rel: str, name: str, layout: ArrayLayout) -> np.ndarray:
+        out = np.empty(layout.shape, dtype=layout.dtype)
+        for idx in np.ndindex(*layout.grid_shape):
+            out[layout.region(idx)] = self._decode_chunk(rel, name, layout, idx)
+        return out
+
+    def _fast_group(self, rel: str, names: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, ArrayLayout]] | None:
+        """(group attributes, array layouts) of a group whose arrays ``chunks`` decodes, checked as ``_group``
+        checks (manifest, generation); None when Zarr must read it (another codec, or a file missing: Zarr's
+        path then raises the error that names it)."""
+        raw = self._checked_file(f"{rel}/zarr.json")
+        if raw is None:
+            return None
+        try:
+            attrs = json.loads(raw).get("attributes") or {}
+        except (ValueError, AttributeError):
+            return None
+        if attrs.get("generation") != self.generation:
+            raise self._replaced(f". {join(self.url, rel)} is of generation {attrs.get('generation')!r}, the "
+                                 f"manifest opened is of {self.generation!r}")
+        layouts = {}
+        for name in names:
+            meta = self._checked_file(f"{rel}/{name}/zarr.json")
+            layout = ArrayLayout.parse(meta) if meta is not None else None
+            if layout is None:
+                return None
+            layouts[name] = layout
+        return attrs, layouts
+
+    def _check_chunks_present(self, rel: str, layouts: dict[str, ArrayLayout]) -> None:
+        """Every chunk of ``layouts`` exists (one listing of the group; one stat per chunk locally)."""
+        present = None if self._local else self._list(rel)
+        for name, layout in layouts.items():
+            for idx in np.ndindex(*layout.grid_shape):
+                key = f"{rel}/{name}/{layout.key(idx)}"
+                if not (os.path.exists(join(self.path, key)) if present is None else key in present):
+                    self._check_not_replaced()
+                    raise StoreFormatError(
+                        f"{join(self.url, key)}: missing chunk {idx} of array '{name}'; the store is damaged: run "
+                        f"`mmloader validate {self.url}` and prepare it again")
+
+    def _read_whole(self, rel: str, name: str, arr: zarr.Array | ArrayLayout) -> np.ndarray:
         """A whole array; on a decode error, the chunk that fails is found and named."""
+        if isinstance(arr, ArrayLayout):
+            return self._decode_whole(rel, name, arr)
         try:
             out = arr[...]
         except Exception as e:
@@ -424,7 +538,8 @@ class Store:
         """The samples with ``t_from_ns <= t <= t_to_ns`` plus one on each side (for interpolation).
 
         Reads only the chunks that hold them, found through ``t_coarse``; decoded chunks are kept in a
-        small per-process LRU (``CHUNK_CACHE`` chunks), so neighbouring windows cost no further reads.
+        per-process LRU bounded in bytes (``chunk_cache_mb()``, 1 GiB by default), so neighbouring windows, and
+        shuffled epochs over data that fits, cost no further reads.
         """
         coarse, n_chunks = self._timeseries_handle(recording_id, stream)[1:3]
         c0 = max(int(np.searchsorted(coarse, t_from_ns, side="right")) - 1, 0)
@@ -448,13 +563,21 @@ class Store:
         return self._chunks.get((recording_id, stream, c), load)
 
     def _timeseries_handle(self, recording_id: str, stream: str):
-        """(group, t_coarse, number of chunks, t_ns array, data array, rows per chunk, group path), cached."""
+        """(group attributes, t_coarse, number of chunks, t_ns array, data array, rows per chunk, group path),
+        cached. The arrays are ``ArrayLayout``s (read directly, ``mmloader.store.chunks``) when the store's own
+        codec pipeline is found, else Zarr arrays."""
         def load():
             rel = self.stream_row(recording_id, stream)["uri"]
-            # local: t_ns / data chunks are checked as each is loaded (_chunk); elsewhere all, here, by one listing
-            g, arrays = self._open_group(rel, TIMESERIES_ARRAYS, ("t_coarse",) if self._local else None)
+            fast = self._fast_group(rel, TIMESERIES_ARRAYS)
+            if fast is not None:
+                attrs, arrays = fast
+                # local: t_ns / data chunks are checked as each is loaded (_chunk); elsewhere all, by one listing
+                self._check_chunks_present(rel, {"t_coarse": arrays["t_coarse"]} if self._local else arrays)
+            else:
+                g, arrays = self._open_group(rel, TIMESERIES_ARRAYS, ("t_coarse",) if self._local else None)
+                attrs = dict(g.attrs)
             coarse = self._read_whole(rel, "t_coarse", arrays["t_coarse"])
-            return (g, coarse, len(coarse), arrays["t_ns"], arrays["data"], int(g.attrs["chunk_rows"]), rel)
+            return (attrs, coarse, len(coarse), arrays["t_ns"], arrays["data"], int(attrs["chunk_rows"]), rel)
 
         return self._handles.get((recording_id, stream), load)
 

@@ -198,11 +198,14 @@ class WindowSet:
                              overwrite=overwrite, **storage_options)
 
     window_cache: Any = None  # a WindowSet reads no cache; a cached view's ``window_cache`` is its WindowCache
+    _grid_offsets: np.ndarray | None = None  # spec.grid_offsets_ns(), computed once
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec
-        grid = t0 + spec.grid_offsets_ns()
+        if self._grid_offsets is None:
+            self._grid_offsets = spec.grid_offsets_ns()
+        grid = t0 + self._grid_offsets
         src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
         # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
         margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
