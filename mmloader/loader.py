@@ -12,7 +12,8 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
   in order (tensors through shared memory), so the sequence of batches does not depend on ``num_workers``.
   Shuffled, a batch goes to the least busy worker; in index order (``shuffle=False``) each worker takes
   contiguous runs of ``run_batches`` batches (at least ``RUN_WINDOWS`` windows; fewer when the pass has fewer
-  than ``num_workers`` such runs, so every worker gets one), runs dealt to the workers in turn, and is told its run (``windows.will_read``), so its decode plan reads each recording forward. Without
+  than ``num_workers`` such runs, so every worker gets one; a set with a ``run_alignment`` — a window cache: its
+  shard size — gets runs of whole multiples of it), runs dealt to the workers in turn, and is told its run (``windows.will_read``), so its decode plan reads each recording forward. Without
   workers the whole pass is announced the same way.
 - Decoder threads: each worker decodes with ``cpus // num_workers`` threads (at least 1; cpus from the
   process's affinity mask), so workers × threads fits the machine; without workers, all of them.
@@ -499,6 +500,15 @@ class _WorkerPool:
         self.procs, self.tasks, self.results, self.inflight = [], [], [], []
 
 
+def _aligned(block: int, batch_size: int, alignment: int) -> int:
+    """``block`` batches rounded up so that a run holds a whole number of ``alignment`` windows (a window cache's
+    shards: then no shard is split between two workers, which would each decode it)."""
+    if alignment <= 1:
+        return block
+    unit = alignment // math.gcd(alignment, batch_size)  # batches per aligned run
+    return -(-block // unit) * unit
+
+
 def _pin(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.pin_memory()
@@ -701,6 +711,7 @@ class WindowLoader:
         if self.num_workers > 0:
             # index order: runs of run_batches, shorter when the pass is short, so that every worker gets one
             block = 0 if self.shuffle else max(1, min(self.run_batches, -(-len(batches) // self.num_workers)))
+            block = _aligned(block, self.batch_size, getattr(self.windows, "run_alignment", 1)) if block else 0
             source = self._get_pool().run(batches, block)
         else:  # everything in the calling thread: no decoder is ever shared with a background thread
             fetch = _FetchBatch(self.windows, self.collate_fn)

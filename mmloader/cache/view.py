@@ -61,6 +61,11 @@ class CachedWindows:
     def fingerprint_components(self) -> dict[str, Any]:
         return self.source.fingerprint_components()
 
+    @property
+    def run_alignment(self) -> int:
+        """Windows per shard: a loader reading in index order with workers gives each worker whole shards."""
+        return int(self.window_cache.shard_size)
+
     # -- the source's description and selections -------------------------------------------------
     @property
     def spec(self) -> Any:

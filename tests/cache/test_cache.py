@@ -481,3 +481,9 @@ def test_cli_cache_build_with_workers(sample, tmp_path, capsys):
     out = capsys.readouterr().out
     m = re.search(r"windows\s+(\d+) in (\d+) shards; filled 0, already complete 0, by workers (\d+)", out)
     assert m and m.group(2) == m.group(3), out
+
+
+def test_a_cached_set_asks_loaders_for_whole_shards(sample, tmp_path):
+    store, windows, ref = sample
+    cached = windows.cache(str(tmp_path / "c"), fill="lazy", progress=False, shard_size=K)
+    assert cached.run_alignment == K and not hasattr(windows, "run_alignment")

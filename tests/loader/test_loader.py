@@ -325,3 +325,16 @@ def test_workers_times_decoder_threads_fit_the_machine(windows):
         threads = {b["threads"] for b in loader}
         assert threads == {max(1, cpus_available() // workers)}
         loader.close()
+
+
+def test_runs_hold_whole_shards_of_a_window_cache():
+    """In index order with workers, a run is rounded up to whole ``run_alignment`` windows (a cache's shards), so no
+    shard is split between two workers that would each decode it."""
+    from mmloader.loader import _aligned
+
+    assert _aligned(3, 8, 1) == 3  # no alignment asked
+    assert _aligned(3, 8, 32) == 4 and _aligned(5, 8, 32) == 8  # 4 batches of 8 = one 32-window shard
+    assert _aligned(1, 5, 32) == 32  # 32 batches of 5 = 5 shards: the first whole number of both
+    assert _aligned(7, 16, 8) == 7  # batches of 16 always hold whole 8-window shards
+    for block, bs, al in [(1, 3, 10), (9, 7, 4), (2, 32, 32)]:
+        assert _aligned(block, bs, al) * bs % al == 0 and _aligned(block, bs, al) >= block
