@@ -60,8 +60,19 @@ def chunk_cache_mb() -> float:
     return value
 
 
-def _chunk_bytes(chunk: tuple[np.ndarray, np.ndarray]) -> int:
+def _chunk_bytes(chunk: tuple[np.ndarray, np.ndarray, int]) -> int:
     return int(chunk[0].nbytes + chunk[1].nbytes)
+
+
+def _period(t: np.ndarray) -> int:
+    """The exact sample period (ns) of a chunk's times when every interval is the same, -1 for a single sample,
+    0 when the intervals differ."""
+    if t.shape[0] < 2:
+        return -1
+    d = np.diff(t)
+    return int(d[0]) if (d == d[0]).all() else 0
+
+
 TIMESERIES_ARRAYS = ("t_ns", "data", "t_coarse")
 VIDEO_INDEX_ARRAYS = ("pts_ns", "keyframe")
 
@@ -551,14 +562,46 @@ class Store:
         b = min(int(np.searchsorted(t, t_to_ns, side="right")) + 1, t.shape[0])
         return t[a:b], x[a:b]
 
-    def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray]:
-        def load() -> tuple[np.ndarray, np.ndarray]:
+    def regular_run(self, recording_id: str, stream: str, t_start_ns: int, n: int, period_ns: int) -> np.ndarray | None:
+        """The ``n`` samples ``(n, C)`` at exactly ``t_start_ns + k * period_ns`` (k < n), when the stream has them
+        consecutively and the interval after the last one is also ``period_ns`` (or the stream ends there); None
+        otherwise. The rows are those ``timeseries_slice`` returns for these times: a window on a grid that is
+        the stream's own clock is a copy of its rows (``mmloader.windows.resample``'s exact case)."""
+        coarse, n_chunks = self._timeseries_handle(recording_id, stream)[1:3]
+        c = int(np.searchsorted(coarse, t_start_ns, side="right")) - 1
+        if c < 0 or n < 1 or period_ns <= 0:
+            return None
+        t, x, per = self._chunk(recording_id, stream, c)
+        off = t_start_ns - int(t[0])
+        if per not in (period_ns, -1) or off % period_ns or off // period_ns >= t.shape[0]:
+            return None
+        p, parts, got = off // period_ns, [], 0  # got: samples of the run (and the one after it) found so far
+        while True:
+            k = min(t.shape[0] - p, n + 1 - got)
+            parts.append(x[p:p + k])
+            got += k
+            expect = int(t[p + k - 1]) + period_ns
+            c += 1
+            if got > n or c >= n_chunks:  # the run and the sample after it, or the stream's end
+                break
+            t, x, per = self._chunk(recording_id, stream, c)
+            if per not in (period_ns, -1) or int(t[0]) != expect:
+                return None
+            p = 0
+        if got < n:
+            return None
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return rows[:n]
+
+    def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Chunk ``c`` of a time series: ``(t_ns, data, period)`` (``_period`` of its times), cached."""
+        def load() -> tuple[np.ndarray, np.ndarray, int]:
             t_arr, data_arr, rows, rel = self._timeseries_handle(recording_id, stream)[3:7]
             # a chunk deleted since the handle was opened raises (_VerifiedStore), never reads as fill values
             t = self._read_chunk(rel, "t_ns", t_arr, (c,))
             x = self._read_chunk(rel, "data", data_arr, (c, 0))
             self._check_not_replaced()  # local: the store was not replaced underneath (root renamed) meanwhile
-            return t, x
+            return t, x, _period(t)
 
         return self._chunks.get((recording_id, stream, c), load)
 

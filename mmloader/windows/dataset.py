@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import torch
 
 from ..lru import LRU
-from .resample import filter_support_ns, resample
+from .resample import DOWNSAMPLE_RATIO, filter_support_ns, resample
 from ..store import Store
 from ..video.probe import MediaIdentity, media_storage_options, media_url
 from ..video.backends import FrameStore, ReaderPool, VideoReader, reader_backend
@@ -52,6 +52,17 @@ if TYPE_CHECKING:
 
 VIDEO_INDEX_CACHE = 32
 PLAN_SCAN = 512  # the most later windows a decode plan looks at
+
+
+def grid_and_step(spec: WindowSpec) -> tuple[np.ndarray, int]:
+    """The IMU grid offsets of ``spec`` (ns from t0) and their step when every offset is exactly ``k * step``
+    (e.g. 200 Hz: 5 ms), else 0 (e.g. 30 Hz, whose offsets are rounded)."""
+    offsets = spec.grid_offsets_ns()
+    if len(offsets) < 2:
+        return offsets, 0
+    step = int(offsets[1] - offsets[0])
+    exact = step > 0 and np.array_equal(offsets, np.arange(len(offsets), dtype=np.int64) * step)
+    return offsets, step if exact else 0
 
 
 class _Plan:
@@ -199,14 +210,20 @@ class WindowSet:
 
     window_cache: Any = None  # a WindowSet reads no cache; a cached view's ``window_cache`` is its WindowCache
     _grid_offsets: np.ndarray | None = None  # spec.grid_offsets_ns(), computed once
+    _grid_step: int = 0  # its step (ns) when every offset is k * step exactly, else 0
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
         spec = self.spec
         if self._grid_offsets is None:
-            self._grid_offsets = spec.grid_offsets_ns()
+            self._grid_offsets, self._grid_step = grid_and_step(spec)
         grid = t0 + self._grid_offsets
         src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
+        if self._grid_step and src_hz and src_hz <= DOWNSAMPLE_RATIO * spec.imu_hz:
+            # the grid is the stream's own clock here: its rows, as resample's exact case would return them
+            run = self.store.regular_run(rid, m, t0, len(grid), self._grid_step)
+            if run is not None:
+                return np.array(run, dtype=np.float32), np.ones(len(grid), dtype=bool)
         # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
         margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
         t, x = self.store.timeseries_slice(rid, m, int(grid[0]) - margin, int(grid[-1]) + margin)

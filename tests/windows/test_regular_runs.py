@@ -1,0 +1,95 @@
+"""Windows on a grid that is the stream's own clock are copies of its rows (``Store.regular_run``): bit-identical to
+resampling, across chunk boundaries, next to gaps, at the stream's end; anything irregular takes the general path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mmloader
+
+P = 5_000_000  # 200 Hz
+
+
+def _recordings():
+    rng = np.random.default_rng(3)
+
+    def ts(t):
+        return mmloader.TimeSeriesInput(t, rng.standard_normal((t.size, 6)).astype(np.float32), list("abcdef"),
+                                        ["u"] * 6, rate_hz=200.0)
+
+    t = 2_000_000_000 + np.arange(9000, dtype=np.int64) * P  # 45 s: three 4096-row chunks
+    gap = np.concatenate([t[:3000], t[3000:] + 100 * P])  # a 0.5-s gap after sample 2999
+    jitter = t.copy()
+    jitter[5000:5300] += rng.integers(-P // 20, P // 20, 300)  # one irregular stretch inside chunk 1
+    slow = 2_000_000_000 + np.arange(4000, dtype=np.int64) * 2 * P  # 100 Hz: interpolated, never a run
+    offgrid = t + P // 3  # regular, but between the grid points of windows that start on whole strides
+    return [mmloader.Recording(id=rid, timeseries={"imu": ts(tt)})
+            for rid, tt in (("regular", t), ("gap", gap), ("jitter", jitter), ("slow", slow), ("offgrid", offgrid))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return mmloader.write_store(tmp_path_factory.mktemp("runs") / "s", _recordings())
+
+
+def _all(ws, fast: bool):
+    if not fast:
+        ws.store.regular_run = lambda *a, **k: None  # the general path (resample) only
+    return [ws[i] for i in range(len(ws))]
+
+
+@pytest.mark.parametrize("sec,stride", [(2.0, 0.5), (5.0, 1.25), (0.005, 0.005)])
+def test_runs_are_bit_identical_to_resampling(store, sec, stride):
+    ds = mmloader.open(store)
+    ws_fast = ds.windows(sec=sec, stride=stride, modalities=["imu"])
+    ws_slow = mmloader.open(store).windows(sec=sec, stride=stride, modalities=["imu"])
+    if sec == 0.005:  # a one-sample window: no step to check
+        assert ws_fast[0]["imu"].shape[1] == 1
+    calls = {"run": 0}
+    real = ws_fast.store.regular_run
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls["run"] += out is not None
+        return out
+
+    ws_fast.store.regular_run = counting
+    fast, slow = _all(ws_fast, True), _all(ws_slow, False)
+    assert len(fast) == len(slow) > 0
+    for a, b in zip(fast, slow):
+        assert a["recording_id"] == b["recording_id"] and a["t0"] == b["t0"]
+        for key in ("imu", "imu_mask"):
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+            assert a[key].numpy().tobytes() == b[key].numpy().tobytes(), (a["recording_id"], a["t0"], key)
+    if sec > 0.005:
+        by_rec = {}
+        for a in fast:
+            by_rec.setdefault(a["recording_id"], []).append(a)
+        assert calls["run"] > len(by_rec["regular"]) // 2  # the fast path really ran
+        assert any(not w["imu_mask"].all() for w in by_rec["gap"])  # windows over the gap are masked, as before
+
+
+def test_regular_run_rules(store):
+    s = mmloader.open(store).store
+    t0 = 2_000_000_000
+    run = s.regular_run("regular", "imu", t0 + 4000 * P, 400, P)  # across the chunk boundary at 4096
+    assert run is not None and run.shape == (400, 6)
+    full = s.read_timeseries("regular", "imu").data
+    assert np.array_equal(run, full[4000:4400])
+    assert s.regular_run("regular", "imu", t0 + 8800 * P, 200, P) is not None  # ends on the last sample
+    assert s.regular_run("regular", "imu", t0 + 8900 * P, 200, P) is None  # runs past the end
+    assert s.regular_run("regular", "imu", t0 + 10 * P + 1, 100, P) is None  # between samples
+    assert s.regular_run("gap", "imu", t0 + 2900 * P, 100, P) is None  # the interval after the last is the gap
+    assert s.regular_run("gap", "imu", t0 + 2900 * P, 99, P) is None  # chunk 0 holds the gap: not regular
+    assert s.regular_run("gap", "imu", t0 + 5100 * P, 99, P) is not None  # chunk 1 is (sample 5000, after it)
+    assert s.regular_run("jitter", "imu", t0 + 100 * P, 100, P) is not None  # chunk 0 is regular
+    assert s.regular_run("jitter", "imu", t0 + 4200 * P, 100, P) is None  # chunk 1 is not
+    assert s.regular_run("slow", "imu", t0, 100, P) is None
+    assert s.regular_run("regular", "imu", t0 - P, 10, P) is None  # before the first sample
+
+
+def test_a_grid_with_rounded_offsets_never_takes_runs(store):
+    ws = mmloader.open(store).windows(sec=2.0, stride=1.0, modalities=["imu"], imu_hz=30.0)
+    ws.store.regular_run = lambda *a, **k: pytest.fail("a 30-Hz grid is not k * step exactly")
+    assert ws[0]["imu"].shape == (6, 60)
