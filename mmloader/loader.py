@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
+from . import shm
 from .dist import rank_world
 from .video.backends import cpus_available, set_decoder_threads
 from .windows.collate import collate
@@ -153,36 +154,77 @@ def _pack_error(e: BaseException) -> dict[str, Any]:
 
 
 def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Callable, tasks, results,
-                 threads: int = 1) -> None:
+                 threads: int = 1, slots: int = 0, shm_tag: str = "") -> None:
     """Read ``(batch number, indices, run)`` from ``tasks`` until ``None`` or EOF; send back ``("ok", k, batch)``
     or ``("err", k, packed exception)``. ``run``: the windows this worker reads next in this order, or None.
-    ``threads``: decoder threads of this worker's video readers."""
+    ``threads``: decoder threads of this worker's video readers. ``slots > 0``: batches go through that many
+    shared-memory slots (``mmloader.shm``, files tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the
+    main process hands a slot back with ``("free", slot)`` on ``tasks``."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
     set_decoder_threads(threads)
     fetch = _FetchBatch(windows, collate_fn)
-    while True:
-        try:
-            msg = tasks.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        k, indices, run = msg
-        try:
-            out = ("ok", k, fetch(indices, run))
-        except Exception as e:
-            out = ("err", k, _pack_error(e))
-        try:
+    writer = shm.SlotWriter(slots, shm_tag) if slots else None
+    pending: deque = deque()  # tasks that came while waiting for a free slot
+    try:
+        while True:
+            msg = pending.popleft() if pending else _recv(tasks)
+            if msg is None:
+                return
+            if msg[0] == "free":
+                writer.free.append(msg[1])  # type: ignore[union-attr]
+                continue
+            k, indices, run = msg
             try:
-                results.send(out)
-            except (OSError, EOFError):
-                raise
-            except Exception as e:  # the batch itself cannot be pickled
-                results.send(("err", k, _pack_error(e)))
-        except (OSError, EOFError):  # the main process is gone or has closed the pool
-            return
+                out = ("ok", k, fetch(indices, run))
+                if writer is not None:
+                    if not _wait_for_slot(writer, tasks, pending):
+                        return
+                    slot = writer.free.popleft()
+                    out = ("shm", k, slot, *writer.write(slot, out[2]))
+            except Exception as e:
+                out = ("err", k, _pack_error(e))
+            if not _send_result(results, out, k):
+                return
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _recv(tasks) -> Any:
+    """The next message on ``tasks``; None (stop) when the main process is gone or has closed the pipe."""
+    try:
+        return tasks.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _wait_for_slot(writer: "shm.SlotWriter", tasks, pending: deque) -> bool:
+    """Read ``tasks`` until a slot is free, keeping the tasks that come meanwhile; False on stop."""
+    while not writer.free:
+        msg = _recv(tasks)
+        if msg is None:
+            return False
+        if msg[0] == "free":
+            writer.free.append(msg[1])
+        else:
+            pending.append(msg)
+    return True
+
+
+def _send_result(results, out: tuple, k: int) -> bool:
+    """Send ``out``; False when the main process is gone or has closed the pool."""
+    try:
+        try:
+            results.send(out)
+        except (OSError, EOFError):
+            raise
+        except Exception as e:  # the batch itself cannot be pickled
+            results.send(("err", k, _pack_error(e)))
+    except (OSError, EOFError):
+        return False
+    return True
 
 
 # -- main side ---------------------------------------------------------------------------------------
@@ -273,12 +315,17 @@ class _WorkerPool:
         self.broken = False
         main_pid = os.getpid()
         threads = max(1, cpus_available() // max(1, num_workers))
+        # batches through reused shared-memory slots (mmloader.shm); else pickled (tensors in fresh segments)
+        slots = self.per_worker + 1 if shm.available() else 0
+        token = f"{main_pid}-{os.urandom(4).hex()}"  # this pool's slot files: mmloader-<token>-<worker>-...
+        self.readers: list[shm.SlotReader] = []
         try:
             for i in range(num_workers):
                 task_r, task_w = ctx.Pipe(duplex=False)
                 res_r, res_w = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_worker_loop, name=f"mmloader-worker-{i}", daemon=True,
-                                args=(i, main_pid, context, windows, collate_fn, task_r, res_w, threads))
+                                args=(i, main_pid, context, windows, collate_fn, task_r, res_w, threads, slots,
+                                      f"{token}-{i}"))
                 p.start()
                 task_r.close()
                 res_w.close()
@@ -286,6 +333,7 @@ class _WorkerPool:
                 self.tasks.append(task_w)
                 self.results.append(res_r)
                 self.inflight.append(deque())
+                self.readers.append(shm.SlotReader(f"{token}-{i}"))
         except BaseException:
             self.close()
             raise
@@ -370,6 +418,10 @@ class _WorkerPool:
         idx = q.popleft()[1] if q and q[0][0] == k else None
         if kind == "ok":
             buffer[k] = msg[2]
+        elif kind == "shm":  # copy the batch out of the worker's slot, then hand the slot back
+            _, _, slot, path, layout = msg
+            buffer[k] = self.readers[i].read(slot, path, layout)
+            self._guarded(i, "taking back a batch slot", self.tasks[i].send, ("free", slot))
         else:
             where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
             buffer[k] = _Failure(_unpack_error(msg[2], where))
@@ -497,7 +549,9 @@ class _WorkerPool:
                 c.close()
             except Exception:
                 pass
-        self.procs, self.tasks, self.results, self.inflight = [], [], [], []
+        for r in getattr(self, "readers", []):
+            r.close()
+        self.procs, self.tasks, self.results, self.inflight, self.readers = [], [], [], [], []
 
 
 def _aligned(block: int, batch_size: int, alignment: int) -> int:

@@ -180,7 +180,10 @@ def _collate_then_stop(items: list) -> dict:
 
 
 @linux_only
-def test_a_worker_stopped_while_its_batch_is_received_raises_after_the_timeout():
+def test_a_worker_stopped_while_its_batch_is_received_raises_after_the_timeout(monkeypatch):
+    """Pickled batches (where shared-memory slots are not available) fetch each tensor's memory from the worker
+    while they are received: a worker stopped then blocks the receive itself, which the timeout must catch."""
+    monkeypatch.setattr("mmloader.shm.available", lambda: False)
     loader = WindowLoader(SlowWindows(n=8), batch_size=2, num_workers=1, timeout=3, collate_fn=_collate_then_stop)
     pids: list[int] = []
     t = time.monotonic()

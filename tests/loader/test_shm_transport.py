@@ -1,0 +1,117 @@
+"""Batches from workers through reused shared-memory slots (``mmloader.shm``): exact for every dtype and layout,
+owned by the receiver, and no file left in /dev/shm, even when a worker is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from mmloader import shm
+from mmloader.loader import WindowLoader, WorkerError
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm here (not Linux)")
+
+
+class Numbers:
+    """A window set in memory: window i is a few tensors of every common dtype, all derived from i."""
+
+    def __init__(self, n: int = 40):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"index": i, "x": torch.randn(6, 50, generator=g), "mask": torch.arange(50) % (i + 2) == 0,
+                "code": torch.tensor([i, -i], dtype=torch.int64), "half": torch.randn(3, generator=g).to(torch.bfloat16),
+                "name": f"w{i}"}
+
+
+def _files(tag: str = "") -> list[str]:
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(f"mmloader-{tag}"))
+
+
+def test_round_trip_of_every_dtype_and_layout():
+    writer, reader = shm.SlotWriter(2, "test-rt"), shm.SlotReader("test-rt")
+    batch = {"f32": torch.randn(4, 5), "f64": torch.randn(3, dtype=torch.float64), "b": torch.rand(7) > 0.5,
+             "bf16": torch.randn(5).to(torch.bfloat16), "u8": torch.randint(0, 255, (2, 3), dtype=torch.uint8),
+             "i64": torch.arange(9), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+             "strided": torch.randn(6, 8)[:, ::2], "nested": [(torch.ones(2), "s"), {"k": torch.zeros(1)}],
+             "text": ["a", "b"], "n": 3}
+    try:
+        path, layout = writer.write(0, batch)
+        assert path is not None and os.path.exists(path)
+        out = reader.read(0, path, layout)
+        assert not os.path.exists(path)  # unlinked once mapped
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                got = out[key]
+                assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), key
+        assert torch.equal(out["nested"][0][0], batch["nested"][0][0]) and out["nested"][0][1] == "s"
+        assert torch.equal(out["nested"][1]["k"], batch["nested"][1]["k"])
+        assert out["text"] == ["a", "b"] and out["n"] == 3
+        # the received batch owns its memory: the slot's next batch does not change it
+        keep = out["f32"].clone()
+        path2, layout2 = writer.write(0, {"f32": torch.full((4, 5), 7.0)})
+        assert path2 is None  # the slot is reused, not remade
+        again = reader.read(0, path2, layout2)
+        assert torch.equal(out["f32"], keep) and torch.equal(again["f32"], torch.full((4, 5), 7.0))
+        big = {"x": torch.randn(1 << 19)}  # 2 MiB: the slot grows (a new file)
+        path3, layout3 = writer.write(0, big)
+        assert path3 is not None and torch.equal(reader.read(0, path3, layout3)["x"], big["x"])
+    finally:
+        writer.close()
+        reader.close()
+    assert _files("test-rt") == []
+
+
+def _epoch(loader) -> list[dict]:
+    return list(loader)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_worker_batches_equal_in_process_batches_and_stay_intact(shuffle):
+    ref = _epoch(WindowLoader(Numbers(), batch_size=4, shuffle=shuffle, num_workers=0))
+    loader = WindowLoader(Numbers(), batch_size=4, shuffle=shuffle, num_workers=2, prefetch=2)
+    try:
+        kept = _epoch(loader)  # every batch kept while the workers reuse their slots for the later ones
+        assert loader._pool is not None and any(r._maps for r in loader._pool.readers)  # slots were used
+        tags = [r.tag for r in loader._pool.readers]
+        assert len(kept) == len(ref)
+        for a, b in zip(kept, ref):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+                else:
+                    assert a[key] == b[key]
+        second = _epoch(loader)  # a second epoch on the same (persistent) workers and slots
+        assert len(second) == len(ref) and sorted(i for b in second for i in b["index"].tolist()) == list(range(40))
+    finally:
+        loader.close()
+    assert all(_files(tag) == [] for tag in tags)
+
+
+class Dies(Numbers):
+    def __getitem__(self, i: int) -> dict:
+        if i == 30:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+def test_a_killed_worker_leaves_no_file():
+    loader = WindowLoader(Dies(), batch_size=4, num_workers=2)
+    tags: list[str] = []
+    with pytest.raises(WorkerError, match="killed by signal SIGKILL|SIGKILL"):
+        for _ in loader:
+            tags = tags or [r.tag for r in loader._pool.readers]
+    loader.close()
+    deadline = time.monotonic() + 5
+    while any(_files(tag) for tag in tags) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tags and all(_files(tag) == [] for tag in tags)
