@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..fsutil import join
+from ..fsutil import get_fs, is_local, join
 from .layout import CACHE_FORMAT, CACHE_VERSION, COMMIT, CacheError, Place, shard_rel
 
 if TYPE_CHECKING:
@@ -31,13 +31,22 @@ _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 @dataclass
 class OpenShard:
-    """An opened, committed shard: its commit record, its Zarr arrays (one per tensor key) and, per key whose
-    chunks are stored raw (the ``bytes`` codec alone, as this module writes them), ``(path of the array, dtype,
-    row shape)`` for reading a window's chunk file directly."""
+    """An opened, committed shard: its commit record and, per tensor key whose chunks are stored raw (the ``bytes``
+    codec alone, as this module writes them), ``(path of the array, dtype, row shape)`` for reading a window's chunk
+    file directly; ``array(name)`` opens a key's Zarr array (the other layouts, and deep checks) when first asked."""
 
     commit: dict[str, Any]
-    arrays: dict[str, Any]
-    raw: dict[str, tuple[str, np.dtype, tuple[int, ...]]]
+    raw: dict[str, tuple[str, np.dtype, tuple[int, ...], str]]
+    group_url: str
+    group_options: dict[str, Any] | None
+    _arrays: dict[str, Any] | None = None
+
+    def array(self, name: str) -> Any:
+        """The Zarr array of tensor key ``name``."""
+        if self._arrays is None:
+            group = zarr.open_group(self.group_url, mode="r", storage_options=self.group_options)
+            self._arrays = {key: group[t["array"]] for key, t in self.commit["tensors"].items()}
+        return self._arrays[name]
 
 
 class InvalidShard(Exception):
@@ -141,12 +150,59 @@ def encode_shard(samples: list[dict[str, Any]], k: int, start: int, fingerprint:
 
 
 def write_group(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any] | None) -> None:
-    """A Zarr group at ``url`` with one uncompressed array per entry, one chunk per window (row)."""
-    group = zarr.open_group(url, mode="w", storage_options=storage_options)
+    """A Zarr group at ``url`` with one uncompressed array per entry, one chunk per window (row).
+
+    The metadata is Zarr's own (``_zarr_json``: made once per dtype and shape by Zarr in a scratch folder); the chunk
+    files, each a row's little-endian bytes named with ``.``-separated chunk keys (``c.7.0.0``: no folder per row),
+    are written directly: Zarr's event loop costs ~30 ms per array, a folder per row ~1 ms on some disks."""
+    fs, path = get_fs(url, **(storage_options or {}))
+    files: dict[str, bytes] = {"zarr.json": _zarr_json(None, ())}
     for name, a in arrays.items():
-        arr = group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), dtype=a.dtype, compressors=None,
-                                 fill_value=np.zeros((), a.dtype).item(), config={"write_empty_chunks": True})
-        arr[...] = a
+        if 0 in a.shape or a.ndim == 0:  # nothing to write row by row: Zarr writes it
+            group = zarr.open_group(url, mode="a", storage_options=storage_options)
+            group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]) if a.ndim else (), dtype=a.dtype,
+                               compressors=None, fill_value=np.zeros((), a.dtype).item(),
+                               config={"write_empty_chunks": True})[...] = a
+            continue
+        rows = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype)
+        files[f"{name}/zarr.json"] = _zarr_json(a.dtype, a.shape)
+        zeros = ".0" * (a.ndim - 1)
+        for j in range(a.shape[0]):
+            files[f"{name}/c.{j}{zeros}"] = rows[j].tobytes()  # "." keys: no folder per row
+    if is_local(fs):
+        made: set[str] = set()
+        for rel, data in files.items():
+            target = os.path.join(path, rel)
+            folder = os.path.dirname(target)
+            if folder not in made:
+                os.makedirs(folder, exist_ok=True)
+                made.add(folder)
+            with open(target, "wb") as f:
+                f.write(data)
+    else:
+        fs.pipe({join(path, rel): data for rel, data in files.items()})
+
+
+_ZARR_JSON: dict[tuple[str, tuple[int, ...]] | None, bytes] = {}
+
+
+def _zarr_json(dtype: np.dtype | None, shape: tuple[int, ...]) -> bytes:
+    """The ``zarr.json`` Zarr writes for this module's array of ``dtype`` and ``shape`` (None: the group's)."""
+    key = None if dtype is None else (np.dtype(dtype).str, tuple(shape))
+    if key not in _ZARR_JSON:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mmloader-zarr-meta-") as tmp:
+            group = zarr.open_group(tmp, mode="w")
+            rel = "zarr.json"
+            if dtype is not None:
+                group.create_array("a", shape=shape, chunks=(1, *shape[1:]), dtype=dtype, compressors=None,
+                                   fill_value=np.zeros((), dtype).item(), config={"write_empty_chunks": True},
+                                   chunk_key_encoding={"name": "default", "separator": "."})
+                rel = "a/zarr.json"
+            with open(os.path.join(tmp, rel), "rb") as f:
+                _ZARR_JSON[key] = f.read()
+    return _ZARR_JSON[key]
 
 
 # -- opening and reading -------------------------------------------------------------------------------
@@ -172,22 +228,45 @@ def read_commit(place: Place, k: int, expected: dict[str, Any]) -> dict[str, Any
     return commit
 
 
+def _raw_layout(meta: bytes) -> tuple[np.dtype, tuple[int, ...], str] | None:
+    """(dtype, row shape, chunk key separator) of an array ``zarr.json`` stored as this module writes it —
+    little-endian ``bytes`` codec alone, one chunk per row, default chunk keys (``.``, or ``/`` as caches written
+    before), no empty dimension — else None (read through Zarr)."""
+    try:
+        m = json.loads(meta)
+        codecs = m["codecs"]
+        shape = tuple(int(v) for v in m["shape"])
+        chunks = tuple(int(v) for v in m["chunk_grid"]["configuration"]["chunk_shape"])
+        keys = m["chunk_key_encoding"]
+        ok = (m.get("zarr_format") == 3 and m["chunk_grid"].get("name") == "regular" and len(codecs) == 1
+              and codecs[0].get("name") == "bytes"
+              and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+              and keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator", "/") in ("/", ".")
+              and chunks == (1, *shape[1:]) and 0 not in shape and not m.get("storage_transformers"))
+        dtype = np.dtype(m["data_type"]) if ok and m["data_type"] != "bool" else np.dtype(bool) if ok else None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+    if dtype is None:
+        return None
+    sep = (keys.get("configuration") or {}).get("separator", "/")
+    return (dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype), shape[1:], sep
+
+
 def open_shard(place: Place, k: int, expected: dict[str, Any]) -> OpenShard:
-    """Shard ``k``, committed and opened (see ``read_commit`` for what it raises); chunks are not checked."""
+    """Shard ``k``, committed and opened (see ``read_commit`` for what it raises); chunks are not checked. Raw
+    arrays are described from their ``zarr.json`` read directly (no Zarr group is opened: ~50 µs, not ~2 ms)."""
     commit = read_commit(place, k, expected)
     rel = shard_rel(k)
-    group = zarr.open_group(place.zarr_url(rel), mode="r", storage_options=place.zarr_options())
-    arrays = {name: group[t["array"]] for name, t in commit["tensors"].items()}
     raw = {}
-    for name, arr in arrays.items():
-        endian = getattr(arr.serializer, "endian", "missing")
-        endian = endian.value if hasattr(endian, "value") else endian
-        if (arr.filters == () and arr.compressors == () and type(arr.serializer).__name__ == "BytesCodec"
-                and endian in (None, "little") and arr.chunks == (1, *arr.shape[1:]) and 0 not in arr.shape):
-            dtype = np.dtype(arr.dtype)
-            raw[name] = (place.at(rel, commit["tensors"][name]["array"]),
-                         dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, tuple(arr.shape[1:]))
-    return OpenShard(commit, arrays, raw)
+    for name, t in commit["tensors"].items():
+        try:
+            meta = place.fs.cat_file(place.at(rel, t["array"], "zarr.json"))
+        except FileNotFoundError:
+            raise InvalidShard("torn", f"{place.where(rel, t['array'])}: missing") from None
+        layout = _raw_layout(meta)
+        if layout is not None:
+            raw[name] = (place.at(rel, t["array"]), *layout)
+    return OpenShard(commit, raw, place.zarr_url(rel), place.zarr_options())
 
 
 def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
@@ -196,10 +275,9 @@ def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
     through Zarr. A chunk of the wrong length raises."""
     raw = shard.raw.get(name)
     if raw is None:
-        return np.asarray(shard.arrays[name][j])
-    base, dtype, shape = raw
-    arr = shard.arrays[name]
-    path = join(base, arr.metadata.encode_chunk_key((j,) + (0,) * len(shape)))
+        return np.asarray(shard.array(name)[j])
+    base, dtype, shape, sep = raw
+    path = join(base, sep.join(["c", str(j)] + ["0"] * len(shape)))
     out = np.empty(shape, dtype=dtype)
     if place.local:
         with open(path, "rb", buffering=0) as f:
@@ -240,7 +318,7 @@ def decode_window(place: Place, shard: OpenShard, j: int,
 def check_all_rows(shard: OpenShard) -> None:
     """Deep check: every window's every tensor against its CRC-32; raises ValueError on the first mismatch."""
     for name, t in shard.commit["tensors"].items():
-        whole = np.asarray(shard.arrays[name][...])
+        whole = np.asarray(shard.array(name)[...])
         if len(whole) != len(t["shapes"]):
             raise ValueError(f"{name!r} has {len(whole)} rows, the commit {len(t['shapes'])}")
         for j, shape in enumerate(t["shapes"]):

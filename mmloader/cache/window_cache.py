@@ -34,7 +34,7 @@ from .layout import read_json, shard_rel
 from .manage import cache_root, clear, read_meta, stale_reason
 from .shard import InvalidShard, OpenShard, check_all_rows, clone, decode_window, encode_shard, open_shard
 
-HANDLE_CACHE = 16  # opened shards kept per process
+HANDLE_CACHE = 4096  # opened shards kept per process (a commit record and paths each: a few KB)
 RECENT_SHARDS = 2  # shards this process read but could not write, kept in memory
 
 

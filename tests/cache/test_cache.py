@@ -265,7 +265,7 @@ def test_flipped_byte_is_detected_and_rebuilt_never_served(sample, tmp_path):
     cached = windows.cache(str(tmp_path / "c"), fill="eager", progress=False, shard_size=K)
     cache = cached.window_cache
     assert_same(cached[K + 3], ref[K + 3])  # the shard is open in this process
-    chunk = tmp_path / "c" / "shards" / "000001" / "video" / "c" / "3" / "0" / "0" / "0" / "0"
+    chunk = tmp_path / "c" / "shards" / "000001" / "video" / "c.3.0.0.0.0"
     good = chunk.read_bytes()
     bad = bytearray(good)
     bad[100] ^= 0x01
@@ -277,7 +277,7 @@ def test_flipped_byte_is_detected_and_rebuilt_never_served(sample, tmp_path):
     assert cache.validate() == []
 
     # a flip in another key and shard, found and repaired by the next eager fill
-    chunk = tmp_path / "c" / "shards" / "000002" / "imu" / "c" / "5" / "0" / "0"
+    chunk = tmp_path / "c" / "shards" / "000002" / "imu" / "c.5.0.0"
     raw = bytearray(chunk.read_bytes())
     raw[7] ^= 0x80
     chunk.write_bytes(bytes(raw))
@@ -323,7 +323,7 @@ def test_publishing_over_a_published_or_corrupt_shard(sample, tmp_path):
     a._fill_shard(0)
     b._fill_shard(0)
     assert a.verify_shard(0) == ("complete", "")
-    chunk = tmp_path / "c" / "shards" / "000000" / "imu_mask" / "c" / "1" / "0"
+    chunk = tmp_path / "c" / "shards" / "000000" / "imu_mask" / "c.1.0"
     chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
     assert b.verify_shard(0)[0] == "corrupt"
     b._fill_shard(0)
