@@ -5,7 +5,10 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
 
 - **Order** is a pure function of ``(seed, epoch)``: a permutation of all windows (or ``0..N-1`` unshuffled);
   rank ``r`` of ``W`` takes ``order[r::W]`` — disjoint shares whose sizes differ by at most one
-  (``even_shards=True`` trims every share to the same length).
+  (``even_shards=True`` trims every share to the same length). ``shuffle="block"`` (``block_order``) permutes
+  blocks of ``block_windows`` consecutive windows, gives each rank every ``W``-th block, and permutes windows
+  inside groups of ``buffer_blocks`` of its blocks: reads stay local (each chunk or shard read about once per
+  epoch), randomness is bounded by the group.
 - **State** is ``(epoch, offset)``, ``offset`` = samples already yielded in this epoch. Resuming starts the
   pipeline at that offset: sample-exact, with any ``num_workers``, and nothing is replayed.
 - Workers (processes, started through a ``forkserver`` by default) each read whole batches; results come back
@@ -14,7 +17,8 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
   contiguous runs of ``run_batches`` batches (at least ``RUN_WINDOWS`` windows; fewer when the pass has fewer
   than ``num_workers`` such runs, so every worker gets one; a set with a ``run_alignment`` — a window cache: its
   shard size — gets runs of whole multiples of it), runs dealt to the workers in turn, and is told its run (``windows.will_read``), so its decode plan reads each recording forward. Without
-  workers the whole pass is announced the same way.
+  workers the whole pass is announced the same way. A block shuffle deals runs of one group
+  (``buffer_blocks * block_windows`` windows) the same way, so each worker reads its own blocks.
 - Decoder threads: each worker decodes with ``cpus // num_workers`` threads (at least 1; cpus from the
   process's affinity mask), so workers × threads fits the machine; without workers, all of them.
   Video readers open inside the workers, in a bounded LRU. Workers persist across epochs
@@ -64,6 +68,7 @@ MAX_SEED = 2**63  # seeds are non-negative and fit an int64 (states are saved as
 _PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
 _WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
 RUN_WINDOWS = 128  # shuffle=False with workers: a worker's contiguous run holds at least this many windows
+BLOCK_WINDOWS = 256  # shuffle="block": windows per block when the set has no run_alignment (a cache's shards)
 _NO_RUN = object()
 
 
@@ -563,6 +568,33 @@ def _aligned(block: int, batch_size: int, alignment: int) -> int:
     return -(-block // unit) * unit
 
 
+def block_order(n: int, block_windows: int, buffer_blocks: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> tuple[np.ndarray, int]:
+    """Rank ``rank``'s share of a block-shuffled epoch over windows ``0..n-1``, and the shortest share's length.
+
+    ``0..n-1`` is cut into blocks of ``block_windows`` consecutive windows (the last may be shorter); the blocks
+    are permuted (seeded by ``(seed, epoch)``); rank ``r`` of ``W`` takes every ``W``-th block of that list from
+    the ``r``-th on (disjoint blocks); its blocks, in groups of ``buffer_blocks`` (the last group also takes the
+    remainder: up to ``2 * buffer_blocks - 1`` blocks), have the windows inside each group permuted (a window's
+    sort key depends only on ``(seed, epoch)`` and the window). Pure function of its arguments; every window of
+    the rank's blocks appears exactly once.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n_blocks = -(-n // block_windows)
+    perm = rng.permutation(n_blocks)
+    keys = rng.random(n)  # drawn for all windows, so a window's key does not depend on the sharding
+    sizes = np.minimum((perm + 1) * block_windows, n) - perm * block_windows  # in permuted order
+    shares = np.bincount(np.arange(n_blocks) % world_size, weights=sizes, minlength=world_size)
+    mine = perm[rank::world_size]
+    size = sizes[rank::world_size]
+    # the windows of this rank's blocks, block after block: each block's start, repeated, plus 0, 1, 2, ...
+    first = np.cumsum(size) - size
+    idx = np.repeat(mine * block_windows - first, size) + np.arange(int(size.sum()), dtype=np.int64)
+    last = max(0, len(mine) // buffer_blocks - 1)  # a short tail joins the last whole group
+    group = np.repeat(np.minimum(np.arange(len(mine)) // buffer_blocks, last), size)
+    return idx[np.lexsort((keys[idx], group))], int(shares.min())
+
+
 def _pin(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.pin_memory()
@@ -590,6 +622,16 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _shuffle(value: Any) -> bool | str:
+    """``True``/``False`` (numpy bools too) or the string ``"block"``."""
+    if isinstance(value, str) and value == "block":
+        return "block"
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"shuffle must be True or False, got {type(value).__name__} {value!r} (or 'block': a block "
+                        "shuffle)")
+    return bool(value)
+
+
 def _timeout(value: Any) -> float | None:
     if value is None:
         return None
@@ -611,6 +653,23 @@ def _context(value: Any) -> str:
     return value
 
 
+def _blocks(windows, block_windows: Any, buffer_blocks: Any, shuffle: bool | str, world_size: int) -> tuple[int, int]:
+    """``(block_windows, buffer_blocks)`` checked, ``block_windows`` resolved (``None``: the set's
+    ``run_alignment`` when > 1, else ``BLOCK_WINDOWS``)."""
+    buffer_blocks = _integer("buffer_blocks", buffer_blocks, 1)
+    if block_windows is None:
+        align = getattr(windows, "run_alignment", None)
+        ok = isinstance(align, numbers.Integral) and not isinstance(align, (bool, np.bool_)) and align > 1
+        block_windows = int(align) if ok else BLOCK_WINDOWS
+    block_windows = _integer("block_windows", block_windows, 1)
+    n = len(windows)
+    if shuffle == "block" and 0 < -(-n // block_windows) < world_size:
+        raise ValueError(f"block_windows={block_windows} cuts the {n} windows into {-(-n // block_windows)} blocks, "
+                         f"fewer than world_size ({world_size}): some ranks would get no windows; choose a smaller "
+                         "block_windows")
+    return block_windows, buffer_blocks
+
+
 class WindowLoader:
     """Batches of windows for one rank. ``state_dict()`` / ``load_state_dict()`` resume exactly.
 
@@ -620,14 +679,20 @@ class WindowLoader:
     worker; unused without workers, but checked all the same); ``seed`` in ``[0, 2**63)``; ``rank`` in
     ``[0, world_size)``, ``world_size >= 1``, both or neither; ``timeout`` ``None`` or a finite number of seconds
     ``> 0``; ``multiprocessing_context`` one of this platform's start methods; the flags ``True``/``False``;
-    ``collate_fn`` callable.
+    ``collate_fn`` callable; ``shuffle`` ``True``, ``False`` or ``"block"``; ``block_windows`` ``None`` or ``>= 1``
+    and ``buffer_blocks >= 1`` (checked whatever ``shuffle`` is; used by ``"block"`` only); a block shuffle needs
+    at least ``world_size`` blocks (``ValueError`` naming ``block_windows`` otherwise).
+
+    ``shuffle="block"`` (see ``block_order``): blocks of ``block_windows`` consecutive windows (default: the set's
+    ``run_alignment`` when it has one > 1 — a window cache's shard size —, else ``BLOCK_WINDOWS``), the blocks
+    permuted, ranks taking disjoint blocks, windows permuted within groups of ``buffer_blocks`` of a rank's blocks.
     """
 
     def __init__(
         self,
         windows,
         batch_size: int = 32,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         seed: int = 0,
         num_workers: int = 0,
         drop_last: bool = False,
@@ -640,11 +705,13 @@ class WindowLoader:
         multiprocessing_context: str = "forkserver",
         persistent_workers: bool = True,
         timeout: float | None = None,
+        block_windows: int | None = None,
+        buffer_blocks: int = 8,
     ):
         if not (hasattr(windows, "__len__") and hasattr(windows, "__getitem__")):
             raise TypeError(f"windows must support len() and indexing (a WindowSet), got {type(windows).__name__}")
         batch_size = _integer("batch_size", batch_size, 1)
-        shuffle = _flag("shuffle", shuffle)
+        shuffle = _shuffle(shuffle)
         seed = _integer("seed", seed, 0, MAX_SEED - 1)
         num_workers = _integer("num_workers", num_workers, 0, MAX_WORKERS)
         drop_last = _flag("drop_last", drop_last)
@@ -665,6 +732,7 @@ class WindowLoader:
         rank = _integer("rank", rank, 0)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+        block_windows, buffer_blocks = _blocks(windows, block_windows, buffer_blocks, shuffle, world_size)
         self.windows = windows
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -680,6 +748,8 @@ class WindowLoader:
         self.multiprocessing_context = multiprocessing_context
         self.persistent_workers = persistent_workers
         self.timeout = timeout
+        self.block_windows = block_windows
+        self.buffer_blocks = buffer_blocks
         # shuffle=False with workers: batches per contiguous run of one worker (an attribute, may be changed)
         self.run_batches = max(1, -(-RUN_WINDOWS // batch_size))
         self._pool: _WorkerPool | None = None
@@ -689,15 +759,19 @@ class WindowLoader:
 
     # -- order -----------------------------------------------------------------------------------
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's window indices for ``epoch`` (a pure function of seed, epoch, rank, world_size)."""
+        """This rank's window indices for ``epoch`` (a pure function of seed, epoch, rank, world_size and, for
+        ``shuffle="block"``, block_windows and buffer_blocks). ``even_shards`` trims every share to the shortest's
+        length: ``n // world_size`` by index; by block, the shortest rank's blocks (each rank drops fewer than
+        ``2 * block_windows`` windows: the last ones of its order)."""
         n = len(self.windows)
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        if self.shuffle == "block":
+            share, shortest = block_order(n, self.block_windows, self.buffer_blocks, self.seed, epoch, self.rank,
+                                          self.world_size)
         else:
-            perm = np.arange(n)
-        share = perm[self.rank :: self.world_size]
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            share, shortest = perm[self.rank :: self.world_size], n // self.world_size
         if self.even_shards:
-            share = share[: n // self.world_size]
+            share = share[:shortest]
         if self.drop_last:
             share = share[: len(share) // self.batch_size * self.batch_size]
         return share
@@ -723,16 +797,19 @@ class WindowLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "block_windows": self.block_windows,
+            "buffer_blocks": self.buffer_blocks,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``(epoch, offset)``; refuses a state made for another window set or sharding."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for key in ("seed", "shuffle", "num_windows", "rank", "world_size"):
+        blocks = ("block_windows", "buffer_blocks") if self.shuffle == "block" else ()
+        for key in ("seed", "shuffle", "num_windows", "rank", "world_size", *blocks):
             mine = self.state_dict()[key]
-            if state[key] != mine:
-                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {mine!r}")
+            if state.get(key) != mine:
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has {mine!r}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     # -- iteration -------------------------------------------------------------------------------
@@ -756,6 +833,19 @@ class WindowLoader:
             self._finalizer = weakref.finalize(self, _WorkerPool.close, self._pool)
         return self._pool
 
+    def _run_length(self, n_batches: int) -> int:
+        """Batches per contiguous run of one worker (the pool's ``block``); 0: each batch to the least busy worker
+        (full permutation). Index order: ``run_batches`` rounded up to whole ``run_alignment`` windows; block
+        shuffle: one group (``buffer_blocks * block_windows`` windows), so each worker reads its own blocks. Both
+        shorter when the pass is short, so that every worker gets a run."""
+        if self.shuffle is True:
+            return 0
+        per_worker = -(-n_batches // self.num_workers)
+        if self.shuffle == "block":
+            return max(1, min(-(-self.block_windows * self.buffer_blocks // self.batch_size), per_worker))
+        block = max(1, min(self.run_batches, per_worker))
+        return _aligned(block, self.batch_size, getattr(self.windows, "run_alignment", 1))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         indices = self.order(self.epoch)[self.offset :]
         if len(indices) == 0:
@@ -763,10 +853,7 @@ class WindowLoader:
             indices = self.order(self.epoch)
         batches = [indices[i : i + self.batch_size].tolist() for i in range(0, len(indices), self.batch_size)]
         if self.num_workers > 0:
-            # index order: runs of run_batches, shorter when the pass is short, so that every worker gets one
-            block = 0 if self.shuffle else max(1, min(self.run_batches, -(-len(batches) // self.num_workers)))
-            block = _aligned(block, self.batch_size, getattr(self.windows, "run_alignment", 1)) if block else 0
-            source = self._get_pool().run(batches, block)
+            source = self._get_pool().run(batches, self._run_length(len(batches)))
         else:  # everything in the calling thread: no decoder is ever shared with a background thread
             fetch = _FetchBatch(self.windows, self.collate_fn)
             fetch.announce(None if self.shuffle else indices.tolist())
