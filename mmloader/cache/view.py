@@ -111,7 +111,8 @@ class CachedWindows:
         return cache_windows(self.source, url, fill, progress, transforms=transforms, shard_size=shard_size,
                              overwrite=overwrite, **storage_options)
 
-    def loader(self, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kw: Any):
+    def loader(self, batch_size: int = 32, shuffle: bool | str = False, seed: int = 0, num_workers: int = 0,
+               **kw: Any):
         """A ``mmloader.loader.WindowLoader`` over this cached set (the arguments of ``WindowSet.loader``)."""
         from ..windows.dataset import WindowSet
 
