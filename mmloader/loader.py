@@ -84,6 +84,7 @@ class _FetchBatch:
         self.windows = windows
         self.collate_fn = collate_fn
         self._run: Any = _NO_RUN
+        self._batched = callable(getattr(windows, "read_batch", None))
 
     def announce(self, run: Sequence[int] | None) -> None:
         """Tell the windows (when they listen: ``will_read``) the run of windows this process reads next."""
@@ -97,6 +98,10 @@ class _FetchBatch:
     def __call__(self, indices: list[int], run: Sequence[int] | None | object = _NO_RUN) -> dict[str, Any]:
         if run is not _NO_RUN:
             self.announce(run)  # type: ignore[arg-type]
+        if self.collate_fn is collate and self._batched:  # the same batch, read straight into its tensors
+            out = self.windows.read_batch(indices)
+            if out is not None:
+                return out
         return self.collate_fn([self.windows[int(i)] for i in indices])
 
 

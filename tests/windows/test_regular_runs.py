@@ -93,3 +93,43 @@ def test_a_grid_with_rounded_offsets_never_takes_runs(store):
     ws = mmloader.open(store).windows(sec=2.0, stride=1.0, modalities=["imu"], imu_hz=30.0)
     ws.store.regular_run = lambda *a, **k: pytest.fail("a 30-Hz grid is not k * step exactly")
     assert ws[0]["imu"].shape == (6, 60)
+
+
+def _same_batch(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if hasattr(x, "dtype"):
+            assert x.dtype == y.dtype and x.shape == y.shape and x.numpy().tobytes() == y.numpy().tobytes(), key
+        else:
+            assert x == y, key
+
+
+@pytest.mark.parametrize("order", ["index", "shuffled"])
+def test_read_batch_is_collate_of_the_windows(store, order):
+    from mmloader.windows.collate import collate
+
+    ws = mmloader.open(store).windows(sec=2.0, stride=0.5, modalities=["imu"])
+    idx = np.arange(len(ws)) if order == "index" else np.random.default_rng(0).permutation(len(ws))
+    for start in range(0, len(ws), 37):  # batches over every recording: runs, gaps, jitter, 100 Hz, off-grid
+        batch = [int(i) for i in idx[start:start + 37]]
+        _same_batch(ws.read_batch(batch), collate([ws[i] for i in batch]))
+
+
+def test_read_batch_with_text_and_the_loader_uses_it(sample_store, monkeypatch):
+    from mmloader.windows.collate import collate
+
+    ds = mmloader.open(sample_store())
+    ws = ds.windows(sec=4.0, modalities=["imu", "text"], anchor="events")
+    assert len(ws) >= 9
+    batch = list(range(9))
+    _same_batch(ws.read_batch(batch), collate([ws[i] for i in batch]))
+    assert ds.windows(sec=2.0, modalities=["imu", "video"], frames=1, size=(16, 16)).read_batch([0]) is None
+    calls = []
+    real = type(ws).read_batch
+    monkeypatch.setattr(type(ws), "read_batch", lambda self, i: calls.append(len(i)) or real(self, i))
+    got = list(ws.loader(batch_size=4, shuffle=True, seed=1))
+    assert calls and sum(calls) == len(ws)
+    monkeypatch.setattr(type(ws), "read_batch", lambda self, i: None)  # the per-window path
+    for a, b in zip(got, ws.loader(batch_size=4, shuffle=True, seed=1)):
+        _same_batch(a, b)
