@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                     "cached", "speedup"}),
     "video": ((), {"machine", "video", "setup", "windows", "bound", "loader", "cache_first_epoch", "cache_build",
                    "ratios"}),
+    "scale": ((), {"machine", "setup", "store", "index", "bound", "loader", "cache", "rss", "ratios", "notes"}),
 }
 
 
@@ -128,6 +129,16 @@ def test_video_smoke(smoke_runs):
     if "profile" in out:
         assert out["profile_shuffled_gain"] > 0 and out["profile"]["video"]["gop"] <= 10
     assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in out["ratios"].values()), out["ratios"]
+
+
+def test_scale_smoke(smoke_runs):
+    out = run_smoke(smoke_runs, "scale")
+    assert out["setup"]["smoke"] is True and out["store"]["windows"] == out["index"]["windows"] > 0
+    orders = {r["order"] for r in out["loader"]}
+    assert {"ordered", "shuffled"} <= orders and all(out["bound"][o]["windows_per_s"] > 0 for o in orders)
+    assert all(r["windows_per_s"] > 0 for r in out["loader"] + out["cache"]["runs"])
+    assert len(out["rss"]["per_epoch"]) == out["setup"]["epochs_rss"] and out["rss"]["same_workers"] is True
+    assert out["ratios"] and all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in out["ratios"].values())
 
 
 # -- gpu_checks.sh: exercised with stand-ins for nvidia-smi, python and torchrun on PATH -----------------------------

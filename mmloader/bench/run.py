@@ -87,6 +87,16 @@ def add_arguments(p: argparse.ArgumentParser, store: bool = True, extra_cases: S
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.add_argument("--smoke", action="store_true", help="tiny defaults that run in seconds (a check that the "
                                                         "benchmark works, not a measurement)")
+    if store:  # mmloader bench --scale: the IMU benchmark at scale (mmloader.bench.scale)
+        from .scale import add_scale_options
+
+        g = p.add_argument_group("IMU at scale (--scale)")
+        g.add_argument("--scale", action="store_true", help="instead: IMU-only windows over a generated store of "
+                       "many recordings (index, loader orders, window cache, worker RSS) beside a numpy gather "
+                       "from memory; uses --seconds --seed --work --fresh --sec --stride --batch-size --workers "
+                       "--shard-size --max-windows --only (cases: index,bound,ordered,shuffled,block,cache,rss) "
+                       "with its own defaults (see benchmarks/scale.py)")
+        add_scale_options(g)
 
 
 def resolve_args(args: argparse.Namespace, extra_cases: Mapping[str, bool] | None = None) -> argparse.Namespace:
@@ -319,6 +329,12 @@ def finish(result: dict[str, Any], output: str | None) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``mmloader bench``: resolve, run, print. BenchError for a benchmark that cannot run as asked."""
+    from . import scale
+
+    if getattr(args, "scale", False):
+        return scale.run_cli(args)
+    if scale.scale_only_given(args):
+        raise BenchError(f"{', '.join(scale.scale_only_given(args))}: option(s) of --scale only")
     resolve_args(args)
     finish(run_bench(args, Progress()), args.output)
     return 0

@@ -1,0 +1,67 @@
+"""``mmloader bench --scale``: the smoke run through the CLI (JSON on stdout and in --output, every case with
+positive windows/s, ratios to the bound, a table on stderr) and one-line usage errors (exit 2) for bad options."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mmloader.bench.scale import EMB_DIM, RSS_WORKERS, SMOKE
+from mmloader.cli import main
+
+
+def test_scale_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--smoke", "--output",
+                        str(tmp_path / "out.json")], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out == json.loads((tmp_path / "out.json").read_text())
+    assert {"machine", "setup", "store", "index", "bound", "loader", "cache", "rss", "ratios", "notes"} <= out.keys()
+    st, ix = out["store"], out["index"]
+    assert st["recordings"] == SMOKE["recordings"] and st["bytes"] > 0 and st["write_s"] > 0
+    assert st["windows"] == ix["windows"] == SMOKE["recordings"] * int(SMOKE["seconds"] - 5)  # 5 s, stride 1 s
+    assert ix["seconds"] > 0 and ix["pickled_bytes"] > 0 and ix["rss_growth_mb"] is not None
+    block = not any(n.startswith("block: skipped") for n in out["notes"])
+    orders = ["ordered", "shuffled"] + (["block"] if block else [])
+    assert out["bound"]["matches_loader"] is True and out["bound"]["window_shape"] == [6, 1000]
+    assert all(out["bound"][o]["windows_per_s"] > 0 for o in orders)
+    assert [(r["order"], r["workers"]) for r in out["loader"]] == [(o, w) for o in orders for w in SMOKE["workers"]]
+    assert all(r["windows"] == st["windows"] and r["windows_per_s"] > 0 for r in out["loader"])
+    cache = out["cache"]
+    assert cache["windows"] == st["windows"] and cache["build_s"] > 0 and cache["bytes"] > st["windows"] * EMB_DIM * 4
+    assert [r["order"] for r in cache["runs"]] == orders[1:] and all(r["windows_per_s"] > 0 for r in cache["runs"])
+    rss = out["rss"]
+    assert rss["workers"] == RSS_WORKERS and rss["same_workers"] is True
+    assert len(rss["per_epoch"]) == SMOKE["epochs_rss"]
+    assert all(len(e["worker_rss_mb"]) == RSS_WORKERS and min(e["worker_rss_mb"]) > 0 for e in rss["per_epoch"])
+    assert len(rss["growth_pct"]) == RSS_WORKERS and all(math.isfinite(g) for g in rss["growth_pct"])
+    expected = {f"loader_{o}_w{w}" for o in orders for w in SMOKE["workers"]} | {f"cache_{o}_w0" for o in orders[1:]}
+    assert set(out["ratios"]) == expected
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in out["ratios"].values()), out["ratios"]
+    table = r.stderr[r.stderr.index("machine "):]
+    assert "bound shuffled" in table and "loader shuffled, 0 workers" in table and "rss " in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "--recordings", "0"], "--recordings, --channels and --batch-size must be >= 1"),
+    (["--scale", "--only", "index,nope"], "unknown case(s) ['nope']"),
+    (["--scale", "--seconds", "2"], "--seconds (2) must be >= --sec (5)"),
+    (["--scale", "--epochs-rss", "1"], "--epochs-rss must be >= 2"),
+    (["--scale", "--synthetic"], "give no STORE and no --synthetic"),
+    (["--scale", "--frames", "4"], "--frames: video benchmark option(s)"),
+    (["--synthetic", "--recordings", "5"], "--recordings: option(s) of --scale only"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+
+
+def test_bad_argument_exit_2_through_the_cli():
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--hz", "fast"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "--hz" in r.stderr
