@@ -109,8 +109,11 @@ class _Plan:
 class WindowSet:
     """Windows of one dataset, built once (``Dataset.windows(...)``); ``len``, ``[i]``, ``split``, ``filter``.
 
-    Picklable and cheap to send to workers: it carries the index (Arrow) and the store URL; the store,
-    video readers and caches are opened lazily in the process that reads.
+    Picklable and cheap to send to workers: it carries the index columns (numpy, ~11 B per IMU-only window: see
+    ``_Columns``) and the store URL; the store, video readers and caches are opened lazily in the process that
+    reads. ``index`` is the window index as an Arrow table (built from the columns when first asked in a set
+    that was derived or unpickled). Sets derived by ``split``, ``recordings`` and ``filter`` share this set's
+    columns (they hold the positions they select), so deriving copies nothing per window but those positions.
     """
 
     def __init__(self, store: Store, spec: WindowSpec, index: pa.Table | None = None,
@@ -120,10 +123,10 @@ class WindowSet:
         self.modalities: Modalities = resolve_modalities(store, spec)
         if index is None:
             index, report = build_index(store, spec, max_windows=max_windows)
-        self.index = index
+        self._index: pa.Table | None = index
         self._report = report or {}
         self.reader_capacity = reader_capacity
-        self._columns = _Columns(index)
+        self._columns = _Columns.from_table(index, spec.sec_ns)
         self._readers: ReaderPool | None = None
         self._video_index: LRU = LRU(VIDEO_INDEX_CACHE)
         self._lock = threading.Lock()
@@ -132,9 +135,17 @@ class WindowSet:
     decode_plans: bool = True  # serve index-order reads from one forward pass per recording (module docstring)
     frame_store_mb: float = 128  # the bound on frames kept for later windows, per process and window set
 
+    @property
+    def index(self) -> pa.Table:
+        """The window index: one row per window (``recording_id``, ``split``, ``t0_ns``, ``t1_ns``, ``text``,
+        ``label``, ``<video>_idx``; see ``mmloader.windows.index``)."""
+        if self._index is None:
+            self._index = self._columns.table()
+        return self._index
+
     # -- map-style -------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.index.num_rows
+        return len(self._columns)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = position(i, len(self))
@@ -388,15 +399,16 @@ class WindowSet:
         return reader_backend(self.spec.video_backend, url)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_readers"] = None
-        state["_video_index"] = LRU(VIDEO_INDEX_CACHE)
-        state["_plan"] = None
-        del state["_lock"]
+        """What a worker receives: the columns of this set's windows only (a derived set's selection gathered,
+        ~11 B per IMU-only window), not the Arrow index (rebuilt when asked) nor per-process state."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
+        state["_columns"] = self._columns.compact()
+        state["_index"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._readers, self._video_index, self._plan = None, LRU(VIDEO_INDEX_CACHE), None
         self._lock = threading.Lock()
 
     # -- selection -------------------------------------------------------------------------------
@@ -404,23 +416,21 @@ class WindowSet:
         """Candidates, kept windows and dropped windows per reason (kept + dropped == candidates)."""
         return dict(self._report)
 
-    def _subset(self, mask: np.ndarray | pa.Array, why: str) -> "WindowSet":
-        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
-            mask = mask.cast(pa.bool_())  # an empty index's comparison may come back null-typed
-        else:
-            mask = pa.array(np.asarray(mask, dtype=bool), type=pa.bool_())
-        index = self.index.filter(mask)
+    def _subset(self, mask: np.ndarray, why: str) -> "WindowSet":
+        """The windows where ``mask`` (bool, one per window) holds: a view sharing this set's columns."""
+        columns = self._columns.select(np.flatnonzero(mask))
         report = dict(self._report)
-        report["selected"] = report.get("selected", []) + [f"{why}: {index.num_rows} of {self.index.num_rows}"]
-        out = WindowSet(self._store, self.spec, index, report, self.reader_capacity)
-        out.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("decode_plans", "frame_store_mb")})
+        report["selected"] = report.get("selected", []) + [f"{why}: {len(columns)} of {len(self)}"]
+        out = WindowSet.__new__(WindowSet)
+        out.__setstate__({**{k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS},
+                          "_columns": columns, "_index": None, "_report": report})
         return out
 
     def split(self, name: str) -> "WindowSet":
         """Windows of the recordings in split ``name`` (splits are per recording, never per window). A split the
         store has but with no windows here gives an empty set; one the store lacks: ValueError listing them."""
         check_split(self._store, name)
-        return self._subset(pc.fill_null(pc.equal(self.index["split"], name), False), f"split={name}")
+        return self._subset(self._columns.isin("split", [name]), f"split={name}")
 
     def recordings(self, ids: Iterable[str] | str) -> "WindowSet":
         """Windows of the given recordings only (one string is one id). Ids the store lacks: ValueError."""
@@ -433,12 +443,13 @@ class WindowSet:
         if missing:
             raise ValueError(f"ids: {len(missing)} recording(s) not in {self._store.url}: {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        return self._subset(pc.is_in(self.index["recording_id"], pa.array(ids, pa.string())), "recordings")
+        return self._subset(self._columns.isin("recording_id", ids), "recordings")
 
     def filter(self, predicate: Callable[[dict[str, Any]], bool] | Sequence[bool] | np.ndarray) -> "WindowSet":
         """Windows whose index row satisfies ``predicate(row)`` (a dict of the index columns), or a bool mask."""
         if callable(predicate):
-            mask = np.array([bool(predicate(r)) for r in self.index.to_pylist()], dtype=bool)
+            mask = np.array([bool(predicate(r)) for b in self.index.to_batches(1 << 16) for r in b.to_pylist()],
+                            dtype=bool)
         else:
             mask = np.asarray(predicate)
             if mask.dtype != bool and not (mask.size == 0 and mask.dtype == np.float64):  # [] is an empty mask
@@ -465,19 +476,161 @@ class WindowSet:
         return f"WindowSet({len(self)} windows of {self.spec.sec:g} s, modalities={mods}, anchor={self.spec.anchor!r})"
 
 
-class _Columns:
-    """The index as plain arrays for fast per-sample access."""
+_PER_PROCESS = ("_readers", "_video_index", "_plan", "_lock")  # state a pickled or derived set starts afresh
 
-    def __init__(self, index: pa.Table):
-        self.recording_id = index["recording_id"].to_pylist()
-        self.t0 = index["t0_ns"].to_numpy()
-        self.t1 = index["t1_ns"].to_numpy()
-        self.text = index["text"].to_pylist() if "text" in index.column_names else None
-        self.label = index["label"].to_pylist() if "label" in index.column_names else None
-        self.video_idx: dict[str, list[np.ndarray]] = {}
-        for name in index.column_names:
-            if name.endswith("_idx"):
-                col = index[name].combine_chunks()
-                flat = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
-                offsets = col.offsets.to_numpy()
-                self.video_idx[name[:-4]] = [flat[offsets[j]:offsets[j + 1]] for j in range(len(col))]
+
+class _Picked:
+    """One index column as a window set sees it: entry ``i`` is the column's entry ``rows[i]`` (``rows`` None:
+    entry ``i``). Sets derived from one set share ``values`` and differ in ``rows``; writing an entry first gives
+    the column its own copy. ``kind`` says how ``values`` hold the column:
+
+    - ``codes``: int codes into ``aux``, the column's distinct values (recording ids, splits, None for null);
+    - ``ints``: int64 numpy (``t0_ns``); ``shift``: ``values + aux`` (``t1_ns`` when it is ``t0_ns + sec``, sharing
+      ``t0_ns``'s array);
+    - ``frames``: (windows, frames) int32 numpy (a ``<video>_idx`` list of the same length in every row), entries
+      read as int64 arrays; ``list``: an Arrow list column of integers (ragged), entries read as int64 arrays;
+    - ``arrow``: any other Arrow column, entries read as Python values.
+    """
+
+    __slots__ = ("kind", "values", "rows", "aux")
+
+    def __init__(self, kind: str, values: Any, rows: np.ndarray | None = None, aux: Any = None):
+        self.kind, self.values, self.rows, self.aux = kind, values, rows, aux
+
+    def __len__(self) -> int:
+        return len(self.values) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        v = self.values[i if self.rows is None else self.rows[i]]
+        kind = self.kind
+        if kind == "codes":
+            return self.aux[v]
+        if kind == "shift":
+            return v + self.aux
+        if kind == "frames":
+            return v.astype(np.int64)
+        if kind == "list":
+            return np.asarray(v.values.to_numpy(zero_copy_only=False), dtype=np.int64)
+        return v.as_py() if kind == "arrow" else v
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        if self.kind not in ("ints", "frames"):
+            raise TypeError(f"index entries of kind {self.kind!r} cannot be written")
+        own = np.array(self.gathered())  # this column's own, writable copy: the sets sharing it are unchanged
+        own[i] = value
+        self.values, self.rows = own, None
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        g = self.gathered()
+        if self.kind == "shift":
+            return np.asarray(g + self.aux, dtype=dtype)
+        return np.asarray([self.aux[k] for k in g.tolist()] if self.kind == "codes" else g, dtype=dtype)
+
+    def gathered(self) -> Any:
+        """``values`` of the selected entries, in order (``values`` itself when nothing is selected)."""
+        if self.rows is None:
+            return self.values
+        if isinstance(self.values, np.ndarray):
+            return self.values[self.rows]
+        return self.values.take(pa.array(self.rows))
+
+    def arrow(self, type_: pa.DataType) -> pa.Array:
+        """The selected entries as an Arrow array of ``type_`` (what the column was built from)."""
+        g = self.gathered()
+        if self.kind == "codes":
+            out = pa.array(self.aux, type_).take(pa.array(g))
+        elif self.kind in ("ints", "shift"):
+            out = pa.array(g + self.aux if self.kind == "shift" else g, pa.int64())
+        elif self.kind == "frames":
+            offsets = pa.array(np.arange(len(g) + 1, dtype=np.int64) * g.shape[1], pa.int32())
+            out = pa.ListArray.from_arrays(offsets, pa.array(g.ravel(), pa.int32()))
+        else:
+            out = g
+        return out.cast(type_)
+
+
+class _Columns:
+    """The index as arrays for per-window access, one ``_Picked`` per column of ``schema``: ``recording_id``,
+    ``t0``, ``t1``, ``text`` and ``label`` (None when absent), ``video_idx[video]``; ``len``. Nothing per window
+    is a Python object: strings are int codes (2 B a window for up to 32,767 recordings, 1 B for splits)."""
+
+    def __init__(self, schema: pa.Schema, cols: dict[str, _Picked]):
+        self.schema, self.cols = schema, cols
+        self.recording_id, self.t0, self.t1 = cols["recording_id"], cols["t0_ns"], cols["t1_ns"]
+        self.text, self.label = cols.get("text"), cols.get("label")
+        self.video_idx = {name[:-4]: p for name, p in cols.items() if name.endswith("_idx")}
+
+    def __len__(self) -> int:
+        return len(self.t0)
+
+    @classmethod
+    def from_table(cls, index: pa.Table, sec_ns: int) -> "_Columns":
+        """The columns of ``index`` (zero-copy where Arrow allows: ``t0_ns``, frame indices)."""
+        cols: dict[str, _Picked] = {}
+        for f in index.schema:
+            col = index[f.name]
+            col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # one chunk: no copy
+            t = col.type
+            if (pa.types.is_string(t) or pa.types.is_large_string(t)) and f.name in ("recording_id", "split"):
+                enc = pc.dictionary_encode(col, null_encoding="encode")
+                names = enc.dictionary.to_pylist()
+                dtype = np.int8 if len(names) < 2**7 else np.int16 if len(names) < 2**15 else np.int32
+                cols[f.name] = _Picked("codes", enc.indices.to_numpy(zero_copy_only=False).astype(dtype), aux=names)
+            elif pa.types.is_int64(t) and col.null_count == 0:
+                cols[f.name] = _Picked("ints", col.to_numpy())
+            elif pa.types.is_list(t) and pa.types.is_integer(t.value_type) and col.null_count == 0:
+                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                if len(lengths) and np.all(lengths == lengths[0]) and pa.types.is_int32(t.value_type):
+                    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+                    cols[f.name] = _Picked("frames", flat.reshape(len(col), int(lengths[0])))
+                else:
+                    cols[f.name] = _Picked("list", col)
+            else:
+                cols[f.name] = _Picked("arrow", col)
+        t0, t1 = cols.get("t0_ns"), cols.get("t1_ns")
+        if t0 is not None and t1 is not None and t0.kind == t1.kind == "ints" and all(
+                np.array_equal(t1.values[k:k + 65536], t0.values[k:k + 65536] + sec_ns)
+                for k in range(0, len(t0), 65536)):
+            cols["t1_ns"] = _Picked("shift", t0.values, aux=sec_ns)
+        pa.default_memory_pool().release_unused()  # the encoders' temporaries go back to the system
+        return cls(index.schema, cols)
+
+    def select(self, positions: np.ndarray) -> "_Columns":
+        """The windows at ``positions`` (int, into this set) as a view: the same arrays, the composed selection."""
+        positions = np.asarray(positions, dtype=np.int32 if len(self) < 2**31 else np.int64)
+        composed: dict[int, np.ndarray] = {}
+        cols = {}
+        for name, p in self.cols.items():
+            key = id(p.rows)
+            if key not in composed:
+                composed[key] = positions if p.rows is None else p.rows[positions]
+            cols[name] = _Picked(p.kind, p.values, composed[key], p.aux)
+        return _Columns(self.schema, cols)
+
+    def compact(self) -> "_Columns":
+        """These windows' own columns, selections gathered (self when nothing is selected): what is pickled."""
+        if all(p.rows is None for p in self.cols.values()):
+            return self
+        cols = {name: _Picked(p.kind, p.gathered(), None, p.aux) for name, p in self.cols.items()}
+        for name, p in cols.items():
+            if p.kind == "shift" and self.cols[name].values is self.t0.values:
+                p.values = cols["t0_ns"].values  # t1 shares t0's array, as before
+        return _Columns(self.schema, cols)
+
+    def table(self) -> pa.Table:
+        """The window index of these windows, equal to the table the columns came from (selection applied)."""
+        return pa.Table.from_arrays([self.cols[f.name].arrow(f.type) for f in self.schema], schema=self.schema)
+
+    def isin(self, name: str, values: Sequence[Any]) -> np.ndarray:
+        """Bool mask: the window's ``name`` (``recording_id`` or ``split``) is one of ``values``."""
+        p = self.cols[name]
+        if p.kind == "codes":
+            wanted = set(values)
+            codes = [k for k, v in enumerate(p.aux) if v in wanted]
+            return np.isin(p.gathered(), np.asarray(codes, dtype=np.int64))
+        col = p.arrow(self.schema.field(name).type).cast(pa.string())  # e.g. a null-typed column of a hand-made index
+        return pc.fill_null(pc.is_in(col, pa.array(list(values), pa.string())), False).to_numpy(zero_copy_only=False)

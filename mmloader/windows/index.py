@@ -1,14 +1,19 @@
-"""The window index: candidates cut from each recording's span, checked, and dropped with a reason.
+"""The window index: candidates cut from every recording's span, checked, and dropped with a reason.
 
 See ``mmloader.windows.spec`` for the anchors and the drop reasons (``WindowSet.report()``). Each drop rule is one
 function below (``_drop_*``); ``_apply_drop_rules`` runs them in a fixed order, and a dropped window is counted under
 the first rule it fails. All times are int64 ns on the recording's clock.
+
+The candidates of all recordings are flat numpy columns (``_Candidates``: recording position, ``t0``, the first
+failed rule), ordered by recording (store order, or ``recording_ids``' order) then by time, and each rule is a mask
+over all of them at once; only the video rules visit the recordings one by one (each reads its frame times). The
+index columns are gathered from per-recording and per-event Arrow arrays: nothing per window is a Python object.
+Building is linear in recordings + candidates + gaps + events.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,308 +25,421 @@ from ..store import Store
 from ..video.select import nearest_frames
 from .spec import MAX_FRAME_REFS, MAX_WINDOWS, NS, Modalities, WindowSpec, frames_held, repr_arg, resolve_modalities
 
-StreamRows = dict[str, dict[str, Any]]  # stream name -> its row of the store's streams table
+REASON_TOO_SHORT = "recording_too_short"
 
 
 def build_index(store: Store, spec: WindowSpec, recording_ids: list[str] | None = None,
                 max_windows: int | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The window index (one row per kept window) and the report of every candidate's fate.
 
-    Before anything per window is allocated, the candidates are counted from the recordings' spans: more than
-    ``max_windows`` (default ``MAX_WINDOWS``) candidate windows, or more than ``MAX_FRAME_REFS`` frame indices,
-    raise ValueError naming ``stride``/``sec``/``frames``."""
+    ``recording_ids``: the recordings to cut, in this order (default: the store's, in its order; an id given twice
+    is cut once). Before anything per window is allocated, the candidates are counted from the recordings' spans:
+    more than ``max_windows`` (default ``MAX_WINDOWS``) candidate windows, or more than ``MAX_FRAME_REFS`` frame
+    indices, raise ValueError naming ``stride``/``sec``/``frames``."""
     mods = resolve_modalities(store, spec)
     if spec.label_stream is not None and spec.label_stream not in store.event_names:
         raise ValueError(f"{store.url}: label_stream={spec.label_stream!r} is not an events table of this store "
                          f"(it has {store.event_names})")
-    by_rec: dict[str, StreamRows] = {}
-    for row in store.streams.to_pylist():
-        by_rec.setdefault(row["recording_id"], {})[row["stream"]] = row
-    rec_ids = recording_ids if recording_ids is not None else store.recordings["recording_id"].to_pylist()
-    spans = {rid: _span(by_rec.get(rid, {}), mods) for rid in rec_ids}
+    recs = _Recordings.read(store, mods, recording_ids)
     n_frames = len(spec.frame_offsets_ns())
-    _check_sizes(store, spec, mods, by_rec, spans, n_frames, MAX_WINDOWS if max_windows is None else max_windows)
-    src = _Sources.read(store, spec, mods, by_rec)
-
-    dropped: Counter[str] = Counter()
-    columns = _Columns(mods, src.labels is not None, n_frames)
-    n_candidates = 0
-    grid, frame_off = spec.grid_offsets_ns(), spec.frame_offsets_ns()
-    for rid in rec_ids:
-        if spans[rid] is None:
-            continue
-        rec_events = sorted(src.events.get(rid, [])) if src.events is not None else []
-        if spec.anchor == "events" and _recording_too_short(spec, spans[rid]):
-            n_candidates += len(rec_events)
-            dropped["recording_too_short"] += len(rec_events)  # a key even when 0: the report has always shown it
-            continue
-        c = _cut_candidates(spec, rid, src.by_rec.get(rid, {}), spans[rid], rec_events)
-        n_candidates += len(c.t0)
-        _apply_drop_rules(c, store, spec, mods, src, grid, frame_off)
-        dropped.update(r for r in c.reason[~c.keep])
-        columns.add(c, src.splits.get(rid))
-    index = columns.table(spec)
-    report = {
-        "candidates": n_candidates,
-        "kept": index.num_rows,
-        "dropped": dict(sorted(dropped.items())),
-        "recordings": len(set(columns.recording_ids)),
-    }
-    assert report["kept"] + sum(report["dropped"].values()) == n_candidates
+    _check_sizes(store, spec, mods, recs, n_frames, MAX_WINDOWS if max_windows is None else max_windows)
+    src = _Sources.read(store, spec, mods, recs)
+    c = _cut_candidates(spec, recs, src)
+    _apply_drop_rules(c, store, spec, mods, recs, src)
+    index = _table(c, spec, mods, recs, src, n_frames)
+    report = {"candidates": c.n_candidates, "kept": index.num_rows, "dropped": c.dropped(),
+              "recordings": int(np.count_nonzero(np.bincount(c.rec[c.keep], minlength=1)))}
+    assert report["kept"] + sum(report["dropped"].values()) == report["candidates"]
+    del c
+    pa.default_memory_pool().release_unused()  # Arrow's temporaries go back to the system, not to the pool
     return index, report
+
+
+# -- what the rules read: per-recording arrays, gathered once ----------------------------------------------------
+@dataclass(frozen=True)
+class _Stream:
+    """One requested stream across the recordings (arrays of the recordings' length): whether each has it, its
+    ``[t_start, t_end]`` (ns) and ``rate_hz`` (0 where none is recorded)."""
+
+    present: np.ndarray  # bool
+    t_start: np.ndarray  # int64
+    t_end: np.ndarray  # int64
+    rate: np.ndarray  # float64
+
+
+@dataclass(frozen=True)
+class _Recordings:
+    """The recordings to cut, in order: ids and splits (Arrow strings), each requested stream (``_Stream``) and
+    the span ``[start, end]`` (ns) covered by all of a recording's requested non-text streams (all its non-event
+    streams when it has none of them; ``has_span`` False when it has no such stream either)."""
+
+    ids: pa.Array
+    split: pa.Array
+    streams: dict[str, _Stream]
+    start: np.ndarray
+    end: np.ndarray
+    has_span: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def read(cls, store: Store, mods: Modalities, recording_ids: list[str] | None) -> _Recordings:
+        if recording_ids is None:
+            ids = store.recordings["recording_id"].combine_chunks().cast(pa.string())
+        else:
+            ids = pa.array(list(dict.fromkeys(recording_ids)), pa.string())
+        n = len(ids)
+        at = _positions(store.recordings["recording_id"], ids)  # the store's row of each id, -1: not in it
+        split = store.recordings["split"].combine_chunks().cast(pa.string()).take(pa.array(at, mask=at < 0))
+        st = store.streams
+        pos = _positions(ids, st["recording_id"])  # each streams row's recording, -1: not cut
+        names = np.asarray(st["stream"].to_numpy(zero_copy_only=False), dtype=object)
+        t_start, t_end = _int64(st["t_start_ns"]), _int64(st["t_end_ns"])
+        rate = np.asarray(pc.fill_null(st["rate_hz"], 0.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+        streams = {}
+        for m in (*mods.timeseries, *mods.video):
+            rows = np.flatnonzero((names == m) & (pos >= 0))
+            s = _Stream(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64))
+            for dst, src in ((s.t_start, t_start), (s.t_end, t_end), (s.rate, rate)):
+                dst[pos[rows]] = src[rows]
+            s.present[pos[rows]] = True
+            streams[m] = s
+        start, end, has = _fallback_span(st, pos, t_start, t_end, n)
+        if streams:
+            req = np.zeros(n, bool)
+            req_start, req_end = np.full(n, np.iinfo(np.int64).min), np.full(n, np.iinfo(np.int64).max)
+            for s in streams.values():
+                req |= s.present
+                req_start = np.where(s.present, np.maximum(req_start, s.t_start), req_start)
+                req_end = np.where(s.present, np.minimum(req_end, s.t_end), req_end)
+            start, end, has = np.where(req, req_start, start), np.where(req, req_end, end), req | has
+        return cls(ids, split, streams, np.where(has, start, 0), np.where(has, end, 0), has)
+
+
+def _positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """For each of ``keys``, its (first) position in ``values`` (int64; -1 where absent)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return _int64(pc.fill_null(pc.index_in(keys, value_set=values), -1))
+
+
+def _int64(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An integer column as int64 numpy (nulls as 0)."""
+    return np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _fallback_span(st: pa.Table, pos: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per recording: [max t_start, min t_end] of its non-event streams, and whether it has one."""
+    kinds = np.asarray(st["kind"].to_numpy(zero_copy_only=False), dtype=object)
+    rows = np.flatnonzero((kinds != "events") & (pos >= 0))
+    start, end = np.full(n, np.iinfo(np.int64).min), np.full(n, np.iinfo(np.int64).max)
+    np.maximum.at(start, pos[rows], t_start[rows])
+    np.minimum.at(end, pos[rows], t_end[rows])
+    return start, end, np.bincount(pos[rows], minlength=n)[:n] > 0
 
 
 @dataclass(frozen=True)
 class _Sources:
-    """What the drop rules read from the store, gathered once per index: stream rows per recording, gaps per
-    (recording, stream) as [(t_start_ns, t_end_ns)], narrations per recording as [(t_ns, text)] (None unless text
-    is requested), label segments per recording as [(t_start_ns, t_end_ns, text)] (None without ``label_stream``),
-    and each recording's split."""
+    """What the drop rules read besides the streams, sorted by recording: gaps per time series as (recording
+    position, t_start_ns, t_end_ns); narrations (None unless text is requested) sorted by (recording, time, text)
+    with their texts and per-recording offsets ``ev_off``; label segments (None without ``label_stream``) in the
+    events table's order within each recording, with offsets ``lab_off``."""
 
-    by_rec: dict[str, StreamRows]
-    gaps: dict[tuple[str, str], list[tuple[int, int]]]
-    events: dict[str, list[tuple[int, str]]] | None
-    labels: dict[str, list[tuple[int, int, str]]] | None
-    splits: dict[str, str | None]
+    gaps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ev_t: np.ndarray | None = None
+    ev_text: pa.Array | None = None
+    ev_off: np.ndarray | None = None
+    lab_a: np.ndarray | None = None
+    lab_b: np.ndarray | None = None
+    lab_text: pa.Array | None = None
+    lab_off: np.ndarray | None = None
 
     @classmethod
-    def read(cls, store: Store, spec: WindowSpec, mods: Modalities, by_rec: dict[str, StreamRows]) -> _Sources:
-        gaps: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        for g in store.gaps.to_pylist():
-            gaps.setdefault((g["recording_id"], g["stream"]), []).append((g["t_start_ns"], g["t_end_ns"]))
-        events = None
+    def read(cls, store: Store, spec: WindowSpec, mods: Modalities, recs: _Recordings) -> _Sources:
+        n = len(recs)
+        g = store.gaps
+        gpos = _positions(recs.ids, g["recording_id"])
+        names = np.asarray(g["stream"].to_numpy(zero_copy_only=False), dtype=object)
+        gaps = {}
+        for m in mods.timeseries:
+            rows = np.flatnonzero((names == m) & (gpos >= 0))
+            rows = rows[np.argsort(gpos[rows], kind="stable")]
+            gaps[m] = gpos[rows], _int64(g["t_start_ns"])[rows], _int64(g["t_end_ns"])[rows]
+        out: dict[str, Any] = {}
         if mods.text:
             ev = store.events(spec.text_stream)
-            if "kind" in ev.column_names:
-                ev = ev.filter(pc.equal(ev["kind"], "narration")) if spec.text_stream == "narrations" else ev
-            events = {}
-            for rid, t, text in zip(ev["recording_id"].to_pylist(), ev["t_start_ns"].to_pylist(),
-                                    ev["text"].to_pylist()):
-                events.setdefault(rid, []).append((t, text))
-        labels = None
+            if "kind" in ev.column_names and spec.text_stream == "narrations":
+                ev = ev.filter(pc.equal(ev["kind"], "narration"))
+            t = pa.table({"rec": _positions(recs.ids, ev["recording_id"]), "t": ev["t_start_ns"],
+                          "text": ev["text"].cast(pa.string())})
+            t = t.filter(pc.greater_equal(t["rec"], 0))
+            t = t.take(pc.sort_indices(t, [("rec", "ascending"), ("t", "ascending"), ("text", "ascending")]))
+            out.update(ev_t=_int64(t["t"]), ev_text=t["text"].combine_chunks(), ev_off=_offsets(_int64(t["rec"]), n))
         if spec.label_stream is not None:
             lab = store.events(spec.label_stream)
-            labels = {}
-            for rid, a, b, text in zip(lab["recording_id"].to_pylist(), lab["t_start_ns"].to_pylist(),
-                                       lab["t_end_ns"].to_pylist(), lab["text"].to_pylist()):
-                labels.setdefault(rid, []).append((a, b, text))
-        splits = dict(zip(store.recordings["recording_id"].to_pylist(), store.recordings["split"].to_pylist()))
-        return cls(by_rec, gaps, events, labels, splits)
+            pos = _positions(recs.ids, lab["recording_id"])
+            rows = np.flatnonzero(pos >= 0)
+            rows = rows[np.argsort(pos[rows], kind="stable")]
+            out.update(lab_a=_int64(lab["t_start_ns"])[rows], lab_b=_int64(lab["t_end_ns"])[rows],
+                       lab_text=lab["text"].combine_chunks().cast(pa.string()).take(pa.array(rows, pa.int64())),
+                       lab_off=_offsets(pos[rows], n))
+        return cls(gaps, **out)
 
 
+def _offsets(sorted_pos: np.ndarray, n: int) -> np.ndarray:
+    """Offsets (n + 1, int64) of each recording's rows in rows sorted by recording position."""
+    return np.concatenate([[0], np.cumsum(np.bincount(sorted_pos, minlength=n)[:n])]).astype(np.int64)
+
+
+# -- the candidates -----------------------------------------------------------------------------------------------
 @dataclass
 class _Candidates:
-    """One recording's candidate windows ``[t0, t0 + sec)`` and their fate so far: ``keep`` (bool per candidate)
-    and ``reason`` (the first rule each dropped candidate failed). The rules fill ``frame_idx`` (video stream ->
-    (n, frames) int32 frame indices), ``text`` and ``label`` (one entry per candidate)."""
+    """Every recording's candidate windows ``[t0, t0 + sec)`` and their fate so far, as flat arrays ordered by
+    recording then time: ``rec`` (the recording's position), ``off`` (each recording's first candidate), ``ev``
+    (anchor="events": each candidate's narration), ``reason`` (0: kept, else 1 + the index in ``reasons`` of the
+    first rule it failed). The rules fill ``frame_idx`` (video stream -> (n, frames) int32 frame indices),
+    ``text_lo``/``text_hi`` (tile text: its narrations' range) and ``label`` (its segment, -1 for none)."""
 
-    rid: str
-    streams: StreamRows
+    rec: np.ndarray  # int32
+    off: np.ndarray  # int64, recordings + 1
     t0: np.ndarray  # int64 ns
-    events: list[tuple[int, str]]  # the recording's narrations, sorted by time
-    texts: list[str] | None  # anchor="events": each candidate's own narration
-    keep: np.ndarray = field(init=False)
+    ev: np.ndarray | None
+    too_short: tuple[int, bool] = (0, False)  # narrations of recordings shorter than a window; any such recording
     reason: np.ndarray = field(init=False)
+    reasons: list[str] = field(default_factory=list)
     frame_idx: dict[str, np.ndarray] = field(default_factory=dict)
-    text: list[Any] = field(default_factory=list)
-    label: list[str | None] = field(default_factory=list)
+    text_lo: np.ndarray | None = None
+    text_hi: np.ndarray | None = None
+    label: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.keep = np.ones(len(self.t0), dtype=bool)
-        self.reason = np.full(len(self.t0), "", dtype=object)
+        self.reason = np.zeros(len(self.t0), dtype=np.uint16)
 
-    def drop(self, mask: np.ndarray, why: str) -> None:
-        """Drop the still-kept candidates where ``mask`` holds, for reason ``why``."""
-        m = mask & self.keep
-        self.reason[m] = why
-        self.keep[m] = False
+    @property
+    def keep(self) -> np.ndarray:
+        return self.reason == 0
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.t0) + self.too_short[0]
+
+    def drop(self, mask: np.ndarray, why: str, at: slice = slice(None)) -> None:
+        """Drop the still-kept candidates (of ``at``, a slice of them) where ``mask`` holds, for reason ``why``."""
+        if why not in self.reasons:
+            self.reasons.append(why)
+        r = self.reason[at]
+        r[mask & (r == 0)] = self.reasons.index(why) + 1
+
+    def dropped(self) -> dict[str, int]:
+        """Dropped candidates per reason, sorted by reason (``recording_too_short`` listed, even at 0, whenever a
+        recording was too short: the report has always shown it)."""
+        counts = np.bincount(self.reason, minlength=len(self.reasons) + 1)
+        out = {why: int(counts[k + 1]) for k, why in enumerate(self.reasons) if counts[k + 1]}
+        if self.too_short[1]:
+            out[REASON_TOO_SHORT] = self.too_short[0]
+        return dict(sorted(out.items()))
 
 
-def _recording_too_short(spec: WindowSpec, span: tuple[int, int]) -> bool:
-    """Drop rule ``recording_too_short`` (anchor="events"): the span is shorter than one window, so every
-    narration's window is dropped (tile mode simply cuts no candidate there)."""
-    start, end = span
-    return end - start < spec.sec_ns
-
-
-def _cut_candidates(spec: WindowSpec, rid: str, streams: StreamRows, span: tuple[int, int],
-                    rec_events: list[tuple[int, str]]) -> _Candidates:
-    """The candidates of one recording: tiles of ``stride`` over the span, or one window centred on each narration
-    and clamped into the span."""
-    start, end = span
-    sec = spec.sec_ns
+def _cut_candidates(spec: WindowSpec, recs: _Recordings, src: _Sources) -> _Candidates:
+    """The candidates of every recording with a span: tiles of ``stride`` over it, or one window centred on each
+    narration and clamped into it (``_recording_too_short``: none from a recording shorter than a window)."""
+    sec, n_rec = spec.sec_ns, len(recs)
+    length = recs.end - recs.start
     if spec.anchor == "tile":
-        n = (end - start - sec) // spec.stride_ns + 1 if end - start >= sec else 0
-        t0 = start + np.arange(max(n, 0), dtype=np.int64) * spec.stride_ns
-        return _Candidates(rid, streams, t0, rec_events, None)
-    centres = np.array([t for t, _ in rec_events], dtype=np.int64)
-    t0 = np.clip(centres - sec // 2, start, end - sec)
-    return _Candidates(rid, streams, t0, rec_events, [x for _, x in rec_events])
+        ok = recs.has_span & (length >= sec)
+        n = np.where(ok, (np.where(ok, length, sec) - sec) // spec.stride_ns + 1, 0)
+        off = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        t0 = np.repeat(recs.start - off[:-1] * spec.stride_ns, n)  # start + (k - off) * stride, in place
+        k = np.arange(off[-1], dtype=np.int64)
+        k *= spec.stride_ns
+        t0 += k
+        del k
+        return _Candidates(np.repeat(np.arange(n_rec, dtype=np.int32), n), off, t0, None)
+    short = _recording_too_short(spec, recs)
+    n_ev = np.diff(src.ev_off)
+    ok = recs.has_span & ~short
+    ev = np.flatnonzero(np.repeat(ok, n_ev))
+    rec = np.repeat(np.arange(n_rec, dtype=np.int32), np.where(ok, n_ev, 0))
+    t0 = np.minimum(np.maximum(src.ev_t[ev] - sec // 2, recs.start[rec]), recs.end[rec] - sec)
+    off = np.concatenate([[0], np.cumsum(np.where(ok, n_ev, 0))]).astype(np.int64)
+    return _Candidates(rec, off, t0, ev, too_short=(int(n_ev[short].sum()), bool(short.any())))
 
 
-def _apply_drop_rules(c: _Candidates, store: Store, spec: WindowSpec, mods: Modalities, src: _Sources,
-                      grid: np.ndarray, frame_off: np.ndarray) -> None:
+def _recording_too_short(spec: WindowSpec, recs: _Recordings) -> np.ndarray:
+    """Drop rule ``recording_too_short`` (anchor="events"): recordings whose span is shorter than one window,
+    so every narration's window is dropped (tile mode simply cuts no candidate there)."""
+    return recs.has_span & (recs.end - recs.start < spec.sec_ns)
+
+
+def _apply_drop_rules(c: _Candidates, store: Store, spec: WindowSpec, mods: Modalities, recs: _Recordings,
+                      src: _Sources) -> None:
     """Every drop rule, in this order: missing modality; per time series (in request order) not covered, then gap;
     per video stream too few frames, then not covered; no text; no label."""
-    _drop_missing_modality(c, mods)
+    grid, frame_off = spec.grid_offsets_ns(), spec.frame_offsets_ns()
+    _drop_missing_modality(c, mods, recs)
     for m in mods.timeseries:
-        if m in c.streams:
-            _drop_timeseries_not_covered(c, m, grid)
-            _drop_gap(c, m, src.gaps.get((c.rid, m), []), spec)
+        _drop_timeseries_not_covered(c, m, recs.streams[m], grid)
+        _drop_gap(c, m, recs.streams[m], src.gaps[m], spec)
     for v in mods.video:
-        if v in c.streams:
-            pts, _ = store.video_index(c.rid, v)
-            fps = c.streams[v]["rate_hz"] or (NS / np.median(np.diff(pts)) if len(pts) > 1 else 1.0)
-            _drop_too_few_frames(c, v, spec, fps, len(frame_off))
-            c.frame_idx[v] = _drop_video_not_covered(c, v, pts, fps, spec, frame_off)
+        s = recs.streams[v]
+        c.frame_idx[v] = np.zeros((len(c.t0), len(frame_off)), dtype=np.int32)
+        for r in np.flatnonzero(s.present & (np.diff(c.off) > 0)):
+            at = slice(int(c.off[r]), int(c.off[r + 1]))
+            pts, _ = store.video_index(recs.ids[r].as_py(), v)
+            fps = float(s.rate[r]) or (NS / np.median(np.diff(pts)) if len(pts) > 1 else 1.0)
+            _drop_too_few_frames(c, v, spec, fps, len(frame_off), at)
+            c.frame_idx[v][at] = _drop_video_not_covered(c, v, pts, fps, spec, frame_off, at)
     if mods.text:
-        c.text = _drop_no_text(c, spec)
-    if src.labels is not None:
-        c.label = _drop_no_label(c, src.labels.get(c.rid, []), spec.sec_ns)
+        _drop_no_text(c, spec, src)
+    if src.lab_off is not None:
+        _drop_no_label(c, src, spec.sec_ns)
 
 
-def _drop_missing_modality(c: _Candidates, mods: Modalities) -> None:
+def _drop_missing_modality(c: _Candidates, mods: Modalities, recs: _Recordings) -> None:
     """``missing_<m>``: the recording lacks a requested time series or video stream (every candidate)."""
     for m in (*mods.timeseries, *mods.video):
-        if m not in c.streams:
-            c.drop(np.ones(len(c.t0), bool), f"missing_{m}")
+        c.drop(~recs.streams[m].present[c.rec], f"missing_{m}")
 
 
-def _drop_timeseries_not_covered(c: _Candidates, m: str, grid: np.ndarray) -> None:
+def _drop_timeseries_not_covered(c: _Candidates, m: str, s: _Stream, grid: np.ndarray) -> None:
     """``<m>_not_covered``: the window's sample grid (``t0 + grid``) leaves the stream's [t_start, t_end]."""
-    s = c.streams[m]
-    c.drop((c.t0 + grid[0] < s["t_start_ns"]) | (c.t0 + grid[-1] > s["t_end_ns"]), f"{m}_not_covered")
+    out = c.t0 < (s.t_start - grid[0])[c.rec]  # t0 + grid[0] < t_start
+    out |= c.t0 > (s.t_end - grid[-1])[c.rec]  # t0 + grid[-1] > t_end
+    c.drop(s.present[c.rec] & out, f"{m}_not_covered")
 
 
-def _drop_gap(c: _Candidates, m: str, gaps: list[tuple[int, int]], spec: WindowSpec) -> None:
-    """``<m>_gap``: more than ``max_masked_fraction`` of the window lies inside the stream's gaps."""
+def _drop_gap(c: _Candidates, m: str, s: _Stream, gaps: tuple[np.ndarray, np.ndarray, np.ndarray],
+              spec: WindowSpec) -> None:
+    """``<m>_gap``: more than ``max_masked_fraction`` of the window lies inside the stream's gaps (the ns of
+    ``[t0, t0 + sec)`` inside each gap, summed over the gaps)."""
     sec = spec.sec_ns
+    g_rec, a, b = gaps
+    if not len(g_rec):
+        return
+    g_off = _offsets(g_rec, len(c.off) - 1)
+    lo = _search_within(c.t0, c.off, a - sec, g_off, "right")  # the first window ending after the gap starts
+    hi = _search_within(c.t0, c.off, b, g_off, "left")  # the first window starting at or after its end
+    n = np.maximum(hi - lo, 0)  # the windows [lo, hi) overlap the gap; the others not at all
+    g = np.repeat(np.arange(len(n)), n)
+    w = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n - lo, n)
     masked = np.zeros(len(c.t0), dtype=np.int64)
-    for a, b in gaps:
-        masked += np.clip(np.minimum(c.t0 + sec, b) - np.maximum(c.t0, a), 0, None)
-    c.drop(masked > spec.max_masked_fraction * sec, f"{m}_gap")
+    np.add.at(masked, w, np.clip(np.minimum(c.t0[w] + sec, b[g]) - np.maximum(c.t0[w], a[g]), 0, None))
+    c.drop(s.present[c.rec] & (masked > spec.max_masked_fraction * sec), f"{m}_gap")
 
 
-def _drop_too_few_frames(c: _Candidates, v: str, spec: WindowSpec, fps: float, n_frames: int) -> None:
+def _search_within(values: np.ndarray, v_off: np.ndarray, q: np.ndarray, q_off: np.ndarray, side: str) -> np.ndarray:
+    """Positions in ``values`` of queries grouped like them: for the queries ``q[q_off[r]:q_off[r + 1]]`` of
+    recording ``r``, ``v_off[r] + searchsorted(values[v_off[r]:v_off[r + 1]], q, side)`` (values ascending within
+    each recording)."""
+    out = np.repeat(v_off[:-1], np.diff(q_off))
+    for r in np.flatnonzero((np.diff(v_off) > 0) & (np.diff(q_off) > 0)):
+        qa, qb = q_off[r], q_off[r + 1]
+        out[qa:qb] += np.searchsorted(values[v_off[r]:v_off[r + 1]], q[qa:qb], side)
+    return out
+
+
+def _drop_too_few_frames(c: _Candidates, v: str, spec: WindowSpec, fps: float, n_frames: int, at: slice) -> None:
     """``<v>_too_few_frames``: more frames than a window holds at this recording's rate would repeat frames
     (see ``frames_held``), so all of its windows go."""
-    c.drop(np.full(len(c.t0), n_frames > frames_held(spec.sec, fps)), f"{v}_too_few_frames")
+    c.drop(np.full(at.stop - at.start, n_frames > frames_held(spec.sec, fps)), f"{v}_too_few_frames", at)
 
 
 def _drop_video_not_covered(c: _Candidates, v: str, pts: np.ndarray, fps: float, spec: WindowSpec,
-                            frame_off: np.ndarray) -> np.ndarray:
+                            frame_off: np.ndarray, at: slice) -> np.ndarray:
     """``<v>_not_covered``: some target time ``t0 + frame_off`` has no frame within the tolerance (default half a
-    frame period). Returns the nearest frame indices of every candidate, (n, frames) int32."""
+    frame period). Returns the nearest frame indices of the recording's candidates ``at``, (n, frames) int32."""
+    t0 = c.t0[at]
     n_frames = len(frame_off)
     tol = round((spec.video_tolerance_sec if spec.video_tolerance_sec is not None else 0.5 / fps) * NS)
-    idx = np.empty((len(c.t0), n_frames), dtype=np.int32)
-    far = np.zeros(len(c.t0), dtype=bool)
+    idx = np.empty((len(t0), n_frames), dtype=np.int32)
+    far = np.zeros(len(t0), dtype=bool)
     step = max(1, (1 << 20) // n_frames)  # targets in blocks of ~1M: bounded temporaries
-    for a in range(0, len(c.t0), step):
-        targets = c.t0[a:a + step, None] + frame_off[None, :]
+    for a in range(0, len(t0), step):
+        targets = t0[a:a + step, None] + frame_off[None, :]
         i, err = nearest_frames(pts, targets.ravel())
         far[a:a + step] = (err.reshape(targets.shape) > tol).any(axis=1)
         idx[a:a + step] = i.reshape(targets.shape)
-    c.drop(far, f"{v}_not_covered")
+    c.drop(far, f"{v}_not_covered", at)
     return idx
 
 
-def _drop_no_text(c: _Candidates, spec: WindowSpec) -> list[Any]:
-    """``no_text`` (anchor="tile"): no narration starts inside the window. Returns each candidate's text: the
-    list of narrations in ``[t0, t0 + sec)`` (tile) or its own narration (events)."""
+def _drop_no_text(c: _Candidates, spec: WindowSpec, src: _Sources) -> None:
+    """``no_text`` (anchor="tile"): no narration starts inside the window. Each candidate's text is the list of
+    its recording's narrations in ``[t0, t0 + sec)``, ``text_lo:text_hi`` (tile), or its own narration (events)."""
     if spec.anchor != "tile":
-        return c.texts
-    ts_ev = np.array([t for t, _ in c.events], dtype=np.int64)
-    lo = np.searchsorted(ts_ev, c.t0, side="left")
-    hi = np.searchsorted(ts_ev, c.t0 + spec.sec_ns, side="left")
-    window_text = [[c.events[j][1] for j in range(a, b)] for a, b in zip(lo, hi)]
-    c.drop(hi == lo, "no_text")
-    return window_text
+        return
+    c.text_lo = _search_within(src.ev_t, src.ev_off, c.t0, c.off, "left")
+    c.text_hi = _search_within(src.ev_t, src.ev_off, c.t0 + spec.sec_ns, c.off, "left")
+    c.drop(c.text_hi == c.text_lo, "no_text")
 
 
-def _drop_no_label(c: _Candidates, segments: list[tuple[int, int, str]], sec: int) -> list[str | None]:
-    """``no_label``: no labelled segment overlaps the window. Returns each candidate's label (see
-    ``_covering_label``)."""
-    window_label = [_covering_label(segments, int(a), int(a) + sec) for a in c.t0]
-    c.drop(np.array([lab is None for lab in window_label], dtype=bool), "no_label")
-    return window_label
+def _drop_no_label(c: _Candidates, src: _Sources, sec: int) -> None:
+    """``no_label``: no labelled segment overlaps the window. Each candidate's label is the segment of its
+    recording overlapping ``[t0, t0 + sec)`` the most (ties: the earlier segment in the events table), or none."""
+    c.label = np.full(len(c.t0), -1, dtype=np.int64)
+    for r in np.flatnonzero((np.diff(src.lab_off) > 0) & (np.diff(c.off) > 0)):
+        sa, sb = int(src.lab_off[r]), int(src.lab_off[r + 1])
+        a, b = src.lab_a[None, sa:sb], src.lab_b[None, sa:sb]
+        step = max(1, (1 << 20) // (sb - sa))  # (windows x segments) in blocks of ~1M
+        for w in range(int(c.off[r]), int(c.off[r + 1]), step):
+            t0 = c.t0[w:min(w + step, int(c.off[r + 1])), None]
+            overlap = np.minimum(t0 + sec, b) - np.maximum(t0, a)
+            best = np.argmax(overlap, axis=1)
+            c.label[w:w + len(t0)] = np.where(overlap[np.arange(len(t0)), best] > 0, sa + best, -1)
+    c.drop(c.label < 0, "no_label")
 
 
-class _Columns:
-    """The index columns, filled one recording at a time: Python lists for strings, numpy blocks for times and
-    frame indices (~8 B per window, concatenated once in ``table``)."""
-
-    def __init__(self, mods: Modalities, labelled: bool, n_frames: int) -> None:
-        self.mods, self.labelled, self.n_frames = mods, labelled, n_frames
-        self.recording_ids: list[str] = []
-        self.splits: list[str | None] = []
-        self.t0: list[np.ndarray] = []
-        self.text: list[Any] = []
-        self.label: list[str | None] = []
-        self.frames: dict[str, list[np.ndarray]] = {v: [] for v in mods.video}
-
-    def add(self, c: _Candidates, split: str | None) -> None:
-        """Append the kept candidates of one recording."""
-        kept = np.flatnonzero(c.keep)
-        self.recording_ids.extend([c.rid] * len(kept))
-        self.splits.extend([split] * len(kept))
-        self.t0.append(c.t0[kept])
-        if self.mods.text:
-            self.text.extend(c.text[i] for i in kept)
-        if self.labelled:
-            self.label.extend(c.label[i] for i in kept)
-        for v in self.mods.video:
-            self.frames[v].append(c.frame_idx[v][kept] if v in c.frame_idx
-                                  else np.empty((0, self.n_frames), np.int32))
-
-    def table(self, spec: WindowSpec) -> pa.Table:
-        """recording_id, split, t0_ns, t1_ns (+ text: a string per window for anchor="events", else a list;
-        + label; + ``<video>_idx``: a list of ``n_frames`` int32 frame indices per video stream)."""
-        t0 = np.concatenate(self.t0) if self.t0 else np.empty(0, np.int64)
-        cols: dict[str, Any] = {"recording_id": self.recording_ids, "split": self.splits,
-                                "t0_ns": pa.array(t0, pa.int64()), "t1_ns": pa.array(t0 + spec.sec_ns, pa.int64())}
-        schema = [("recording_id", pa.string()), ("split", pa.string()), ("t0_ns", pa.int64()), ("t1_ns", pa.int64())]
-        if self.mods.text:
-            cols["text"] = self.text
-            schema.append(("text", pa.string() if spec.anchor == "events" else pa.list_(pa.string())))
-        if self.labelled:
-            cols["label"] = self.label
-            schema.append(("label", pa.string()))
-        for v in self.mods.video:
-            blocks = self.frames[v]
-            flat = np.concatenate(blocks) if blocks else np.empty((0, self.n_frames), np.int32)
-            offsets = pa.array(np.arange(len(flat) + 1, dtype=np.int32) * self.n_frames, pa.int32())
-            cols[f"{v}_idx"] = pa.ListArray.from_arrays(offsets, pa.array(flat.ravel(), pa.int32()))
-            schema.append((f"{v}_idx", pa.list_(pa.int32())))
-        return pa.Table.from_pydict(cols, schema=pa.schema(schema))
+# -- the index table ----------------------------------------------------------------------------------------------
+def _table(c: _Candidates, spec: WindowSpec, mods: Modalities, recs: _Recordings, src: _Sources,
+           n_frames: int) -> pa.Table:
+    """recording_id, split, t0_ns, t1_ns (+ text: a string per window for anchor="events", else a list;
+    + label; + ``<video>_idx``: a list of ``n_frames`` int32 frame indices per video stream), kept windows only."""
+    keep = c.keep
+    kept = slice(None) if keep.all() else np.flatnonzero(keep)  # all kept: views, no copies
+    rec = pa.array(c.rec[kept], pa.int32())
+    t0 = c.t0[kept]
+    cols = {"recording_id": recs.ids.take(rec), "split": recs.split.take(rec),
+            "t0_ns": pa.array(t0, pa.int64()), "t1_ns": pa.array(t0 + spec.sec_ns, pa.int64())}
+    schema = [("recording_id", pa.string()), ("split", pa.string()), ("t0_ns", pa.int64()), ("t1_ns", pa.int64())]
+    if mods.text:
+        if spec.anchor == "events":
+            cols["text"] = src.ev_text.take(pa.array(c.ev[kept], pa.int64()))
+        else:
+            lo, n = c.text_lo[kept], c.text_hi[kept] - c.text_lo[kept]
+            rows = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n - lo, n)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(n)]).astype(np.int32), pa.int32())
+            cols["text"] = pa.ListArray.from_arrays(offsets, src.ev_text.take(pa.array(rows, pa.int64())))
+        schema.append(("text", pa.string() if spec.anchor == "events" else pa.list_(pa.string())))
+    if src.lab_off is not None:
+        cols["label"] = src.lab_text.take(pa.array(c.label[kept], pa.int64()))
+        schema.append(("label", pa.string()))
+    for v in mods.video:
+        flat = c.frame_idx[v][kept]
+        offsets = pa.array(np.arange(len(flat) + 1, dtype=np.int32) * n_frames, pa.int32())
+        cols[f"{v}_idx"] = pa.ListArray.from_arrays(offsets, pa.array(flat.ravel(), pa.int32()))
+        schema.append((f"{v}_idx", pa.list_(pa.int32())))
+    sch = pa.schema(schema)
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in sch], schema=sch)
 
 
-def _span(srows: StreamRows, mods: Modalities) -> tuple[int, int] | None:
-    """[start, end] covered by all of a recording's requested non-text streams (all its non-event streams when
-    only text is requested), or None when it has none of them."""
-    span_streams = [srows[m] for m in (*mods.timeseries, *mods.video) if m in srows] or [
-        s for s in srows.values() if s["kind"] != "events"
-    ]
-    if not span_streams:
-        return None
-    return max(s["t_start_ns"] for s in span_streams), min(s["t_end_ns"] for s in span_streams)
-
-
-def _check_sizes(store: Store, spec: WindowSpec, mods: Modalities, by_rec: dict[str, StreamRows],
-                 spans: dict[str, tuple[int, int] | None], n_frames: int, max_windows: int) -> None:
+def _check_sizes(store: Store, spec: WindowSpec, mods: Modalities, recs: _Recordings, n_frames: int,
+                 max_windows: int) -> None:
     """Refuse, before any per-window allocation, what would exceed the stated bounds or repeat frames."""
     if isinstance(max_windows, bool) or not isinstance(max_windows, numbers.Integral) or max_windows < 1:
         raise ValueError(f"max_windows must be a positive integer, got {repr_arg(max_windows)}")
     if spec.anchor == "tile":
-        n = sum((e - s - spec.sec_ns) // spec.stride_ns + 1 for s, e in filter(None, spans.values())
-                if e - s >= spec.sec_ns)
+        length = (recs.end - recs.start)[recs.has_span]
+        length = length[length >= spec.sec_ns]
+        n = sum(int(k) for k in (length - spec.sec_ns) // spec.stride_ns + 1)
     elif mods.video:
         n = store.events(spec.text_stream).num_rows  # one candidate per event at most
     else:
         n = 0
     arg = "stride" if spec.stride is not None else "sec"
     if spec.anchor == "tile" and n > max_windows:
-        raise ValueError(f"{arg}={getattr(spec, arg)!r} would cut {n:,} windows from {len(spans)} recordings; at most "
+        raise ValueError(f"{arg}={getattr(spec, arg)!r} would cut {n:,} windows from {len(recs)} recordings; at most "
                          f"{max_windows:,} (max_windows=) keep the window index in memory (~100 B per window): use a "
                          f"longer stride, or pass max_windows=")
     refs = n * n_frames * len(mods.video)
@@ -332,21 +450,12 @@ def _check_sizes(store: Store, spec: WindowSpec, mods: Modalities, by_rec: dict[
     if n_frames <= 1 or not mods.video:
         return
     for v in mods.video:
-        rates = [rows[v]["rate_hz"] for rid, rows in by_rec.items()
-                 if rid in spans and v in rows and rows[v]["rate_hz"]]
-        if rates and n_frames > frames_held(spec.sec, max(rates)):
-            held = frames_held(spec.sec, max(rates))
+        s = recs.streams[v]
+        rates = s.rate[s.present & (s.rate != 0)]
+        if len(rates) and n_frames > frames_held(spec.sec, float(rates.max())):
+            fastest = float(rates.max())
+            held = frames_held(spec.sec, fastest)
             arg = "frames" if spec.frames is not None else "video_fps"
             raise ValueError(f"{arg}={getattr(spec, arg)!r} asks {n_frames} frames per window, but a {spec.sec:g} s "
-                             f"window holds only {held} frame(s) of {v!r} at {max(rates):g} fps (its fastest "
+                             f"window holds only {held} frame(s) of {v!r} at {fastest:g} fps (its fastest "
                              f"recording); more would repeat frames. Ask at most {held} frames, or a longer sec")
-
-
-def _covering_label(segments: list[tuple[int, int, str]], t0: int, t1: int) -> str | None:
-    """The text of the segment overlapping ``[t0, t1)`` the most (ties: the earlier segment), or None."""
-    best, best_overlap = None, 0
-    for a, b, text in segments:
-        overlap = min(t1, b) - max(t0, a)
-        if overlap > best_overlap:
-            best, best_overlap = text, overlap
-    return best

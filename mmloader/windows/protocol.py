@@ -68,8 +68,23 @@ def index_digest(index: pa.Table) -> str:
             h.update(pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
             h.update(pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
         else:
-            h.update(json.dumps(col.to_pylist(), separators=(",", ":"), default=str).encode())
+            _update_json_list(h, col)
     return h.hexdigest()
+
+
+DIGEST_BATCH = 1 << 16  # rows made Python values at a time by index_digest
+
+
+def _update_json_list(h: Any, col: pa.Array) -> None:
+    """``h.update`` with the bytes of ``json.dumps(col.to_pylist(), separators=(",", ":"), default=str)``, made
+    ``DIGEST_BATCH`` rows at a time (bounded memory: no Python object per row of the whole column at once)."""
+    h.update(b"[")
+    sep = b""
+    for a in range(0, len(col), DIGEST_BATCH):
+        part = json.dumps(col.slice(a, DIGEST_BATCH).to_pylist(), separators=(",", ":"), default=str)[1:-1]
+        h.update(sep + part.encode())
+        sep = b","
+    h.update(b"]")
 
 
 def canonical_spec(spec: Any) -> dict[str, Any]:
