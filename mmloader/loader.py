@@ -813,8 +813,8 @@ class WindowLoader:
         blocks = ("block_windows", "buffer_blocks") if self.shuffle == "block" else ()
         for key in ("seed", "shuffle", "num_windows", "rank", "world_size", *blocks):
             mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has {mine!r}")
+            if state[key] != mine:  # a missing key is a KeyError naming it
+                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {mine!r}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     # -- iteration -------------------------------------------------------------------------------
