@@ -37,6 +37,7 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import multiprocessing
@@ -169,7 +170,8 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     or ``("err", k, packed exception)``. ``run``: the windows this worker reads next in this order, or None.
     ``threads``: decoder threads of this worker's video readers. ``slots > 0``: batches go through that many
     shared-memory slots (``mmloader.shm``, files tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the
-    main process hands a slot back with ``("free", slot)`` on ``tasks``."""
+    main process hands a slot back with ``("free", slot)`` on ``tasks`` once the batch's tensors are gone (no slot
+    free: the batch is pickled)."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
@@ -189,10 +191,11 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
             try:
                 out = ("ok", k, fetch(indices, run))
                 if writer is not None:
-                    if not _wait_for_slot(writer, tasks, pending):
+                    if not _take_frees(writer, tasks, pending):
                         return
-                    slot = writer.free.popleft()
-                    out = ("shm", k, slot, *writer.write(slot, out[2]))
+                    if writer.free:  # else the main process still holds every slot's batch: pickle this one
+                        slot = writer.free.popleft()
+                        out = ("shm", k, slot, *writer.write(slot, out[2]))
             except Exception as e:
                 out = ("err", k, _pack_error(e))
             if not _send_result(results, out, k):
@@ -210,16 +213,19 @@ def _recv(tasks) -> Any:
         return None
 
 
-def _wait_for_slot(writer: "shm.SlotWriter", tasks, pending: deque) -> bool:
-    """Read ``tasks`` until a slot is free, keeping the tasks that come meanwhile; False on stop."""
-    while not writer.free:
-        msg = _recv(tasks)
-        if msg is None:
-            return False
-        if msg[0] == "free":
-            writer.free.append(msg[1])
-        else:
-            pending.append(msg)
+def _take_frees(writer: "shm.SlotWriter", tasks, pending: deque) -> bool:
+    """Take the slots handed back so far (without waiting), keeping the tasks that came meanwhile; False on stop."""
+    try:
+        while tasks.poll():
+            msg = tasks.recv()
+            if msg is None:
+                return False
+            if msg[0] == "free":
+                writer.free.append(msg[1])
+            else:
+                pending.append(msg)
+    except (EOFError, OSError):
+        return False
     return True
 
 
@@ -326,7 +332,8 @@ class _WorkerPool:
         main_pid = os.getpid()
         threads = max(1, cpus_available() // max(1, num_workers))
         # batches through reused shared-memory slots (mmloader.shm); else pickled (tensors in fresh segments)
-        slots = self.per_worker + 1 if shm.available() else 0
+        slots = self.per_worker + 2 if shm.available() else 0
+        self._freed: deque = deque()  # (worker, slot) whose batch the caller no longer holds: to hand back
         token = f"{main_pid}-{os.urandom(4).hex()}"  # this pool's slot files: mmloader-<token>-<worker>-...
         self.readers: list[shm.SlotReader] = []
         try:
@@ -428,16 +435,26 @@ class _WorkerPool:
         idx = q.popleft()[1] if q and q[0][0] == k else None
         if kind == "ok":
             buffer[k] = msg[2]
-        elif kind == "shm":  # copy the batch out of the worker's slot, then hand the slot back
+        elif kind == "shm":  # the batch's tensors view the worker's slot; it goes back when they are gone
             _, _, slot, path, layout = msg
-            buffer[k] = self.readers[i].read(slot, path, layout)
-            self._guarded(i, "taking back a batch slot", self.tasks[i].send, ("free", slot))
+            buffer[k] = self.readers[i].read(slot, path, layout, functools.partial(self._freed.append, (i, slot)))
         else:
             where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
             buffer[k] = _Failure(_unpack_error(msg[2], where))
 
+    def _hand_back_slots(self) -> None:
+        """Tell the workers which of their slots are free again (the batches there are no longer referenced)."""
+        while self._freed:
+            i, slot = self._freed.popleft()
+            if i < len(self.tasks):
+                try:
+                    self.tasks[i].send(("free", slot))
+                except (OSError, EOFError, ValueError):  # that worker is gone: its slots with it
+                    pass
+
     def _receive(self, buffer: dict, timeout: float) -> int:
         """Waits up to ``timeout`` s; takes what has come back; returns how many messages that was."""
+        self._hand_back_slots()
         by_conn = {c: i for i, c in enumerate(self.results)}
         by_sentinel = {p.sentinel: i for i, p in enumerate(self.procs)}
         ready = mpc.wait(list(by_conn) + list(by_sentinel), timeout=timeout)
@@ -482,6 +499,7 @@ class _WorkerPool:
         """Hand out tasks. ``block == 0``: ``todo`` is one queue, each task to the least busy worker. Else ``todo``
         holds one queue per worker (batch j belongs to worker ``(j // block) % workers``); a worker takes its own
         tasks, none beyond the workers' next round of blocks after the one batch ``k`` (awaited) is in."""
+        self._hand_back_slots()
         if block:
             limit = (k // block + len(self.procs)) * block
             for i, queue in enumerate(todo):
@@ -756,7 +774,7 @@ class WindowLoader:
         self.block_windows = block_windows
         self.buffer_blocks = buffer_blocks
         # shuffle=False with workers: batches per contiguous run of one worker (an attribute, may be changed)
-        self.run_batches = max(1, -(-RUN_WINDOWS // batch_size))
+        self.run_batches = max(1, -(-int(getattr(windows, "run_windows", RUN_WINDOWS)) // batch_size))
         self._pool: _WorkerPool | None = None
         self._finalizer: weakref.finalize | None = None
         self.epoch = 0

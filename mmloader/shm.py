@@ -4,8 +4,9 @@ Pickling a batch of tensors with torch.multiprocessing's reductions puts every t
 segment and passes its file descriptor through a socket: ~16 ms for a batch of 256 five-second IMU windows (6 MB),
 as long as reading the batch. Here each worker owns a few *slots* — files in ``/dev/shm``, mapped once and reused —
 and writes a batch's tensors into a free slot, sending only their layout (``TensorRef``) with the rest of the batch
-pickled as usual. The main process maps a slot once, **copies** the tensors out (a batch owns its memory: nothing a
-user keeps can change afterwards) and frees the slot.
+pickled as usual. The main process maps a slot once and hands out tensors that view it, without a copy; the slot is
+freed for the worker only once every tensor (and view) of that batch is gone, so nothing a user keeps can change
+under them. A worker with no free slot (the user holds several batches) pickles that batch instead.
 
 Lifetime: the main process unlinks a slot's file as soon as it has mapped it, so the name leaves ``/dev/shm`` at
 once and the memory goes when both processes have unmapped it; a worker also removes, at exit, any file of its own
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,6 +56,13 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_walk(v, leaf) for v in obj)
     return obj
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # arrays still view it: it is unmapped when the last of them goes
+        pass
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -129,15 +138,16 @@ class SlotWriter:
 
 
 class SlotReader:
-    """The main process's view of one worker's slots (files named ``mmloader-<tag>-...``): ``read`` copies a batch
-    out of a slot; ``close`` also removes any file of that tag still in ``/dev/shm`` (a worker killed before its
-    batch was received leaves one)."""
+    """The main process's view of one worker's slots (files named ``mmloader-<tag>-...``). ``read`` returns the
+    batch with its tensors *in* the slot (no copy); ``release()`` is called once none of them is referenced any
+    more (every tensor and view of them gone), and only then may the worker write that slot again. ``close`` also
+    removes any file of that tag still in ``/dev/shm`` (a worker killed before its batch was received leaves one)."""
 
     def __init__(self, tag: str) -> None:
         self._maps: dict[int, mmap.mmap] = {}
         self.tag = tag
 
-    def read(self, slot: int, path: str | None, tree: Any) -> Any:
+    def _mapped(self, slot: int, path: str | None) -> mmap.mmap:
         if path is not None:  # a new (or grown) slot: map it, then unlink its name
             fd = os.open(path, os.O_RDWR)
             try:
@@ -147,26 +157,36 @@ class SlotReader:
                 os.unlink(path)
             old = self._maps.pop(slot, None)
             if old is not None:
-                old.close()
+                _close(old)
             self._maps[slot] = mm
-        mm = self._maps[slot]
+        return self._maps[slot]
 
-        def copy_out(ref: TensorRef) -> torch.Tensor:
+    def read(self, slot: int, path: str | None, tree: Any, release: Callable[[], None]) -> Any:
+        mm = self._mapped(slot, path)
+        refs: list[TensorRef] = []
+        _walk(tree, lambda r: refs.append(r) or r)
+        sizes = [int(np.prod(r.shape, dtype=np.int64)) * torch.empty((), dtype=_dtype(r.dtype)).element_size()
+                 for r in refs]
+        used = max((r.offset + n for r, n in zip(refs, sizes)), default=0)
+        if used == 0:
+            release()
+            return _walk(tree, lambda r: torch.empty(r.shape, dtype=_dtype(r.dtype)))
+        base = np.frombuffer(mm, dtype=np.uint8, count=used)  # every tensor below is a view of this array
+        weakref.finalize(base, release)
+        size = dict(zip((id(r) for r in refs), sizes))
+
+        def view(ref: TensorRef) -> torch.Tensor:
             dtype = _dtype(ref.dtype)
-            n = int(np.prod(ref.shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            n = size[id(ref)]
             if n == 0:
                 return torch.empty(ref.shape, dtype=dtype)
-            raw = np.frombuffer(mm, dtype=np.uint8, count=n, offset=ref.offset).copy()
-            return torch.from_numpy(raw).view(dtype).reshape(ref.shape)
+            return torch.from_numpy(base[ref.offset:ref.offset + n]).view(dtype).reshape(ref.shape)
 
-        return _walk(tree, copy_out)
+        return _walk(tree, view)
 
     def close(self) -> None:
         for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:
-                pass
+            _close(mm)  # a mapping whose tensors are still held closes when they go
         self._maps.clear()
         prefix = f"mmloader-{self.tag}-"
         try:

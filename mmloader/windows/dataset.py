@@ -165,6 +165,13 @@ class WindowSet:
         sample.update(fields)  # text, label: after the tensors
         return sample
 
+    @property
+    def run_windows(self) -> int:
+        """Windows per contiguous run a loader worker reads in index order: 128 with video (a run's frames wait in
+        the main process until its turn), 2048 without (IMU chunks hold ~20 windows each: long runs decode each
+        chunk in one worker only)."""
+        return 128 if self.modalities.video else 2048
+
     def read_batch(self, indices: Sequence[int]) -> dict[str, Any] | None:
         """``collate([self[i] for i in indices])`` for sets without video, faster: each window's time-series rows
         are copied straight into the batch tensors (one copy, no per-window tensors). None for sets with video

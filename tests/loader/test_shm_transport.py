@@ -3,6 +3,7 @@ owned by the receiver, and no file left in /dev/shm, even when a worker is kille
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -43,10 +44,11 @@ def test_round_trip_of_every_dtype_and_layout():
              "i64": torch.arange(9), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
              "strided": torch.randn(6, 8)[:, ::2], "nested": [(torch.ones(2), "s"), {"k": torch.zeros(1)}],
              "text": ["a", "b"], "n": 3}
+    released: list[int] = []
     try:
         path, layout = writer.write(0, batch)
         assert path is not None and os.path.exists(path)
-        out = reader.read(0, path, layout)
+        out = reader.read(0, path, layout, lambda: released.append(0))
         assert not os.path.exists(path)  # unlinked once mapped
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
@@ -55,15 +57,22 @@ def test_round_trip_of_every_dtype_and_layout():
         assert torch.equal(out["nested"][0][0], batch["nested"][0][0]) and out["nested"][0][1] == "s"
         assert torch.equal(out["nested"][1]["k"], batch["nested"][1]["k"])
         assert out["text"] == ["a", "b"] and out["n"] == 3
-        # the received batch owns its memory: the slot's next batch does not change it
-        keep = out["f32"].clone()
+        # the slot is handed back only once every tensor of the batch, views included, is gone
+        view = out["f32"][1:3]
+        del out, got
+        gc.collect()
+        assert released == []
+        del view
+        gc.collect()
+        assert released == [0]
         path2, layout2 = writer.write(0, {"f32": torch.full((4, 5), 7.0)})
         assert path2 is None  # the slot is reused, not remade
-        again = reader.read(0, path2, layout2)
-        assert torch.equal(out["f32"], keep) and torch.equal(again["f32"], torch.full((4, 5), 7.0))
+        again = reader.read(0, path2, layout2, lambda: released.append(1))
+        assert torch.equal(again["f32"], torch.full((4, 5), 7.0))
         big = {"x": torch.randn(1 << 19)}  # 2 MiB: the slot grows (a new file)
+        del again
         path3, layout3 = writer.write(0, big)
-        assert path3 is not None and torch.equal(reader.read(0, path3, layout3)["x"], big["x"])
+        assert path3 is not None and torch.equal(reader.read(0, path3, layout3, lambda: None)["x"], big["x"])
     finally:
         writer.close()
         reader.close()
