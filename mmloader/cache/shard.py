@@ -292,6 +292,50 @@ def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
     return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
 
 
+def _read_exact(path: str, out: np.ndarray) -> bool:
+    """Read the file at ``path`` into ``out`` (C-contiguous); False unless it holds exactly ``out.nbytes`` bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        n = os.readv(fd, [view, bytearray(1)])  # one byte more: a longer file is caught
+    finally:
+        os.close(fd)
+    return n == out.nbytes
+
+
+def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]]) -> dict[str, Any] | None:
+    """The tensor keys of windows ``rows`` (opened shard, row) stacked: ``{key: (B, *shape) tensor}``, each row read
+    straight into the batch array and checked against its CRC-32. None when this cannot serve them all exactly (a
+    remote cache, rows of other shapes or encodings, a missing, short or damaged chunk): the caller then reads
+    window by window, which rebuilds what is damaged."""
+    if not place.local:
+        return None
+    out: dict[str, Any] = {}
+    for name, kind in keys:
+        if kind != "tensor":
+            continue
+        first = rows[0][0]
+        raw, t0 = first.raw.get(name), first.commit["tensors"][name]
+        if raw is None:
+            return None
+        dtype, shape = raw[1], raw[2]
+        batch = np.empty((len(rows), *shape), dtype=dtype)
+        for b, (shard, j) in enumerate(rows):
+            r, t = shard.raw.get(name), shard.commit["tensors"][name]
+            if r is None or r[1] != dtype or r[2] != shape or tuple(t["shapes"][j]) != shape or t["dtype"] != t0["dtype"]:
+                return None
+            try:
+                if not _read_exact(join(r[0], r[3].join(["c", str(j)] + ["0"] * len(shape))), batch[b]):
+                    return None
+            except OSError:
+                return None
+            if zlib.crc32(batch[b]) != t["crc32"][j]:
+                return None
+        native = batch if dtype.isnative else batch.astype(dtype.newbyteorder("="))
+        out[name] = to_torch(native, t0["dtype"])
+    return out
+
+
 def decode_window(place: Place, shard: OpenShard, j: int,
                   index_fields: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Row ``j`` of an opened shard as a sample (non-tensor keys from ``index_fields()``, called at most once);

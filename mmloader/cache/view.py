@@ -8,7 +8,7 @@ index, so its fingerprint, differs); cache the selection instead. ``cache(...)``
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ..windows.protocol import Windows, position
 from .layout import DEFAULT_SHARD_SIZE
@@ -54,6 +54,14 @@ class CachedWindows:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
             yield self[i]
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, Any] | None:
+        """``collate([self[i] for i in indices])`` read straight from complete shards (``WindowCache.get_batch``);
+        None when a window is not cached yet or a row does not read cleanly (the loader then reads window by
+        window, filling and repairing)."""
+        if len(indices) == 0:
+            return None
+        return self.window_cache.get_batch([position(int(i), len(self)) for i in indices])
 
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.source.index_fields(i)

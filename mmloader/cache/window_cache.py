@@ -32,7 +32,8 @@ from .fingerprint import fingerprint_components, fingerprint_of
 from .layout import CACHE_FORMAT, CACHE_VERSION, DEFAULT_SHARD_SIZE, LOCKS, META, SHARDS, TMP, CacheError, Place
 from .layout import read_json, shard_rel
 from .manage import cache_root, clear, read_meta, stale_reason
-from .shard import InvalidShard, OpenShard, check_all_rows, clone, decode_window, encode_shard, open_shard
+from .shard import (InvalidShard, OpenShard, check_all_rows, clone, decode_window, encode_shard, open_shard,
+                    read_batch_rows)
 
 HANDLE_CACHE = 4096  # opened shards kept per process (a commit record and paths each: a few KB)
 RECENT_SHARDS = 2  # shards this process read but could not write, kept in memory
@@ -197,6 +198,30 @@ class WindowCache:
         finally:
             self._unlock(lock)
         return samples[j]
+
+    def get_batch(self, indices: list[int]) -> dict[str, Any] | None:
+        """``collate([self.get(i) for i in indices])`` when every window's shard is complete here and its rows read
+        cleanly (``read_batch_rows``): the rows go straight into the batch tensors. None otherwise (then the caller
+        reads window by window: misses filled, damage rebuilt)."""
+        from ..windows.collate import collate
+
+        rows = []
+        for i in indices:
+            k, j = divmod(int(i), self.shard_size)
+            shard = self._handle(k)
+            if shard is None:
+                return None
+            rows.append((shard, j))
+        keys = rows[0][0].commit["keys"]
+        if any(shard.commit["keys"] != keys for shard, _ in rows):
+            return None
+        tensors = read_batch_rows(self.place, rows, keys)
+        if tensors is None:
+            return None
+        source = self._source()
+        fields = [source.index_fields(int(i)) for i in indices]
+        rest = collate([{name: f[name] for name, kind in keys if kind != "tensor"} for f in fields])
+        return {name: tensors[name] if kind == "tensor" else rest[name] for name, kind in keys}
 
     def _try_read(self, k: int, j: int, i: int) -> dict[str, Any] | None:
         """Window ``i`` (row ``j`` of shard ``k``) from the cache, or None if the shard is absent, torn or corrupt."""

@@ -487,3 +487,24 @@ def test_a_cached_set_asks_loaders_for_whole_shards(sample, tmp_path):
     store, windows, ref = sample
     cached = windows.cache(str(tmp_path / "c"), fill="lazy", progress=False, shard_size=K)
     assert cached.run_alignment == K and not hasattr(windows, "run_alignment")
+
+
+def test_batches_read_straight_from_shards_are_exact_and_damage_falls_back(sample, tmp_path):
+    """``CachedWindows.read_batch``: complete shards → the batch read row by row into its tensors, equal to collating
+    the windows; a window not cached yet, or a damaged row, → None, and the loader's window-by-window path serves
+    (and repairs) it."""
+    store, windows, ref = sample
+    lazy = windows.cache(str(tmp_path / "lazy"), fill="lazy", progress=False, shard_size=K)
+    assert lazy.read_batch([0, 1]) is None  # nothing cached yet
+    cached = windows.cache(str(tmp_path / "c"), fill="eager", progress=False, shard_size=K)
+    idx = [int(i) for i in torch.randperm(len(windows), generator=torch.Generator().manual_seed(5))[:23]]
+    assert_same(cached.read_batch(idx), collate([ref[i] for i in idx]))
+    chunk = tmp_path / "c" / "shards" / "000001" / "imu" / "c.2.0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    assert cached.read_batch([K + 1, K + 2]) is None and cached.read_batch([K + 1]) is not None
+    batches = list(cached.loader(batch_size=2 * K, shuffle=False))
+    for batch in batches:
+        assert_same(batch, collate([ref[i] for i in batch["index"].tolist()]))
+    assert cached.window_cache.validate() == []  # the damaged shard was rebuilt
