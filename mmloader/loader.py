@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -86,6 +87,7 @@ class _FetchBatch:
         self.collate_fn = collate_fn
         self._run: Any = _NO_RUN
         self._batched = callable(getattr(windows, "read_batch", None))
+        self._alloc = self._batched and "alloc" in inspect.signature(windows.read_batch).parameters
 
     def announce(self, run: Sequence[int] | None) -> None:
         """Tell the windows (when they listen: ``will_read``) the run of windows this process reads next."""
@@ -96,11 +98,14 @@ class _FetchBatch:
         if hint is not None:
             hint(run)
 
-    def __call__(self, indices: list[int], run: Sequence[int] | None | object = _NO_RUN) -> dict[str, Any]:
+    def __call__(self, indices: list[int], run: Sequence[int] | None | object = _NO_RUN,
+                 alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any]:
+        """The collated batch of ``indices``. ``alloc(shape, dtype)``: where a batch read at once
+        (``read_batch``) may put its big arrays (a worker's shared-memory slot), when the set accepts it."""
         if run is not _NO_RUN:
             self.announce(run)  # type: ignore[arg-type]
         if self.collate_fn is collate and self._batched:  # the same batch, read straight into its tensors
-            out = self.windows.read_batch(indices)
+            out = self.windows.read_batch(indices, alloc=alloc) if self._alloc else self.windows.read_batch(indices)
             if out is not None:
                 return out
         return self.collate_fn([self.windows[int(i)] for i in indices])
@@ -188,15 +193,18 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
                 writer.free.append(msg[1])  # type: ignore[union-attr]
                 continue
             k, indices, run = msg
+            slot = None
+            if writer is not None:
+                if not _take_frees(writer, tasks, pending):
+                    return
+                if writer.free:  # else the main process still holds every slot's batch: pickle this one
+                    slot = writer.free.popleft()
             try:
-                out = ("ok", k, fetch(indices, run))
-                if writer is not None:
-                    if not _take_frees(writer, tasks, pending):
-                        return
-                    if writer.free:  # else the main process still holds every slot's batch: pickle this one
-                        slot = writer.free.popleft()
-                        out = ("shm", k, slot, *writer.write(slot, out[2]))
+                batch = fetch(indices, run, alloc=writer.arena(slot) if slot is not None else None)
+                out = ("ok", k, batch) if slot is None else ("shm", k, slot, *writer.write(slot, batch))
             except Exception as e:
+                if slot is not None:
+                    writer.free.appendleft(slot)  # type: ignore[union-attr]
                 out = ("err", k, _pack_error(e))
             if not _send_result(results, out, k):
                 return

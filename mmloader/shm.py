@@ -45,6 +45,9 @@ class TensorRef:
     shape: tuple[int, ...]
 
 
+_CONTAINERS = (torch.Tensor, TensorRef, dict, list, tuple)
+
+
 def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     """``obj`` with ``leaf`` applied to every tensor / TensorRef inside dicts, lists and tuples."""
     if isinstance(obj, (torch.Tensor, TensorRef)):
@@ -52,6 +55,8 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(obj, dict):
         return {k: _walk(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list):
+        if not any(isinstance(v, _CONTAINERS) for v in obj):  # e.g. a batch's recording ids: nothing to do
+            return obj
         return [_walk(v, leaf) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_walk(v, leaf) for v in obj)
@@ -79,14 +84,17 @@ class SlotWriter:
     def __init__(self, n_slots: int, tag: str):
         self.free: deque[int] = deque(range(n_slots))
         self._maps: dict[int, mmap.mmap] = {}
+        self._base: dict[int, int] = {}
+        self.new_paths: dict[int, str] = {}  # slot -> its file, made since the main process last heard of it
         self._made: list[str] = []
         self._tag = tag
         self._gen = itertools.count()
 
-    def _map(self, slot: int, size: int) -> str | None:
+    def _map(self, slot: int, size: int) -> None:
+        """Make ``slot`` at least ``size`` bytes (a new file, in ``new_paths`` until ``write`` reports it)."""
         mm = self._maps.get(slot)
         if mm is not None and len(mm) >= size:
-            return None
+            return
         size = -(-(size + size // 4) // GROW) * GROW
         path = os.path.join(SHM_DIR, f"mmloader-{self._tag}-{os.getpid()}-{slot}-{next(self._gen)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -96,31 +104,51 @@ class SlotWriter:
         finally:
             os.close(fd)
         self._made.append(path)
+        unsent = self.new_paths.pop(slot, None)
+        if unsent is not None:  # made earlier for this batch and never reported: nobody will map it
+            os.unlink(unsent)
+        self.new_paths[slot] = path
         if mm is not None:
-            mm.close()
+            _close(mm)  # arrays of a batch still held (read into it) keep it mapped until they go
         self._maps[slot] = new
-        return path
+        probe = np.frombuffer(new, dtype=np.uint8, count=1)
+        self._base[slot] = probe.ctypes.data  # where it is mapped: to find tensors read into it
+        del probe
+
+    def arena(self, slot: int) -> "Arena":
+        """An allocator of arrays inside ``slot`` for the batch about to be written to it."""
+        return Arena(self, slot)
+
+    def _inside(self, slot: int, t: torch.Tensor) -> int | None:
+        """The byte offset of ``t`` in ``slot`` when its memory lies there (allocated by ``arena``), else None."""
+        mm = self._maps.get(slot)
+        if mm is None or not t.is_contiguous() or t.numel() == 0:
+            return None
+        off = t.data_ptr() - self._base[slot]
+        return off if 0 <= off and off + t.numel() * t.element_size() <= len(mm) else None
 
     def write(self, slot: int, batch: Any) -> tuple[str | None, Any]:
-        tensors: list[tuple[torch.Tensor, int]] = []
-        end = 0
-
-        def place(t: torch.Tensor) -> TensorRef:
-            nonlocal end
-            t = t.detach().contiguous()
-            tensors.append((t, end))
-            ref = TensorRef(end, str(t.dtype).rsplit(".", 1)[-1], tuple(t.shape))
-            end = -(-(end + t.numel() * t.element_size()) // ALIGN) * ALIGN
-            return ref
-
-        tree = _walk(batch, place)
-        path = self._map(slot, max(end, 1))
-        mm = self._maps[slot]
-        for t, off in tensors:
-            raw = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's bytes, whatever its dtype
-            if raw.size:
-                np.copyto(np.frombuffer(mm, dtype=np.uint8, count=raw.size, offset=off), raw)
-        return path, tree
+        items: list[torch.Tensor] = []
+        _walk(batch, lambda t: items.append(t) or t)
+        offs = [self._inside(slot, t) for t in items]
+        size = [-(-(t.numel() * t.element_size()) // ALIGN) * ALIGN for t in items]
+        end = max((off + n for off, n in zip(offs, size) if off is not None), default=0)
+        need = end + sum(n for off, n in zip(offs, size) if off is None)
+        mm = self._maps.get(slot)
+        if mm is None or need > len(mm):  # grow: nothing stays where it was, every tensor is copied
+            offs, end = [None] * len(items), 0
+            self._map(slot, max(sum(size), 1))
+            mm = self._maps[slot]
+        refs = []
+        for t, off in zip(items, offs):
+            if off is None:  # not read into the slot: copy its bytes there
+                raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                if raw.size:
+                    np.copyto(np.frombuffer(mm, dtype=np.uint8, count=raw.size, offset=end), raw)
+                off, end = end, -(-(end + raw.size) // ALIGN) * ALIGN
+            refs.append(TensorRef(off, str(t.dtype).rsplit(".", 1)[-1], tuple(t.shape)))
+        it = iter(refs)
+        return self.new_paths.pop(slot, None), _walk(batch, lambda t: next(it))
 
     def close(self) -> None:
         """Unmap the slots and remove any of this worker's files the main process did not take."""
@@ -135,6 +163,27 @@ class SlotWriter:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+class Arena:
+    """Arrays allocated inside one slot (``SlotWriter.arena``), for a batch read straight into them: ``write`` then
+    finds them there and copies nothing. The first allocation may grow the slot (nothing is in it yet); a later one
+    that does not fit gets an ordinary array (copied by ``write``)."""
+
+    def __init__(self, writer: SlotWriter, slot: int):
+        self.writer, self.slot, self.end = writer, slot, 0
+
+    def __call__(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        n = count * dtype.itemsize
+        if self.end == 0 and n:
+            self.writer._map(self.slot, n)
+        mm = self.writer._maps.get(self.slot)
+        if n == 0 or mm is None or self.end + n > len(mm):
+            return np.empty(shape, dtype=dtype)
+        off, self.end = self.end, -(-(self.end + n) // ALIGN) * ALIGN
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=off).reshape(shape)
 
 
 class SlotReader:

@@ -303,11 +303,12 @@ def _read_exact(path: str, out: np.ndarray) -> bool:
     return n == out.nbytes
 
 
-def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]]) -> dict[str, Any] | None:
+def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]],
+                    alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any] | None:
     """The tensor keys of windows ``rows`` (opened shard, row) stacked: ``{key: (B, *shape) tensor}``, each row read
-    straight into the batch array and checked against its CRC-32. None when this cannot serve them all exactly (a
-    remote cache, rows of other shapes or encodings, a missing, short or damaged chunk): the caller then reads
-    window by window, which rebuilds what is damaged."""
+    straight into the batch array (made by ``alloc(shape, dtype)`` when given) and checked against its CRC-32. None
+    when this cannot serve them all exactly (a remote cache, rows of other shapes or encodings, a missing, short or
+    damaged chunk): the caller then reads window by window, which rebuilds what is damaged."""
     if not place.local:
         return None
     out: dict[str, Any] = {}
@@ -319,7 +320,7 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
         if raw is None:
             return None
         dtype, shape = raw[1], raw[2]
-        batch = np.empty((len(rows), *shape), dtype=dtype)
+        batch = (alloc if alloc is not None and dtype.isnative else np.empty)((len(rows), *shape), dtype)
         for b, (shard, j) in enumerate(rows):
             r, t = shard.raw.get(name), shard.commit["tensors"][name]
             if r is None or r[1] != dtype or r[2] != shape or tuple(t["shapes"][j]) != shape or t["dtype"] != t0["dtype"]:

@@ -55,13 +55,13 @@ class CachedWindows:
         for i in range(len(self)):
             yield self[i]
 
-    def read_batch(self, indices: Sequence[int]) -> dict[str, Any] | None:
-        """``collate([self[i] for i in indices])`` read straight from complete shards (``WindowCache.get_batch``);
-        None when a window is not cached yet or a row does not read cleanly (the loader then reads window by
+    def read_batch(self, indices: Sequence[int], alloc: Any = None) -> dict[str, Any] | None:
+        """``collate([self[i] for i in indices])`` read straight from complete shards (``WindowCache.get_batch``;
+        ``alloc(shape, dtype)``: where to put the batch arrays); None when a window is not cached yet or a row does not read cleanly (the loader then reads window by
         window, filling and repairing)."""
         if len(indices) == 0:
             return None
-        return self.window_cache.get_batch([position(int(i), len(self)) for i in indices])
+        return self.window_cache.get_batch([position(int(i), len(self)) for i in indices], alloc=alloc)
 
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.source.index_fields(i)

@@ -199,7 +199,7 @@ class WindowCache:
             self._unlock(lock)
         return samples[j]
 
-    def get_batch(self, indices: list[int]) -> dict[str, Any] | None:
+    def get_batch(self, indices: list[int], alloc: Any = None) -> dict[str, Any] | None:
         """``collate([self.get(i) for i in indices])`` when every window's shard is complete here and its rows read
         cleanly (``read_batch_rows``): the rows go straight into the batch tensors. None otherwise (then the caller
         reads window by window: misses filled, damage rebuilt)."""
@@ -215,7 +215,7 @@ class WindowCache:
         keys = rows[0][0].commit["keys"]
         if any(shard.commit["keys"] != keys for shard, _ in rows):
             return None
-        tensors = read_batch_rows(self.place, rows, keys)
+        tensors = read_batch_rows(self.place, rows, keys, alloc)
         if tensors is None:
             return None
         source = self._source()

@@ -172,10 +172,12 @@ class WindowSet:
         chunk in one worker only)."""
         return 128 if self.modalities.video else 2048
 
-    def read_batch(self, indices: Sequence[int]) -> dict[str, Any] | None:
+    def read_batch(self, indices: Sequence[int],
+                   alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any] | None:
         """``collate([self[i] for i in indices])`` for sets without video, faster: each window's time-series rows
-        are copied straight into the batch tensors (one copy, no per-window tensors). None for sets with video
-        (read window by window) or an empty batch."""
+        are copied straight into the batch tensors (one copy, no per-window tensors); ``alloc(shape, dtype)``, when
+        given, makes those arrays (a loader worker's shared-memory slot). None for sets with video (read window by
+        window) or an empty batch."""
         if self.modalities.video or len(indices) == 0:
             return None
         idx = [position(int(i), len(self)) for i in indices]
@@ -184,33 +186,40 @@ class WindowSet:
         head = ("recording_id", "t0", "t1", "index")
         out = collate([{k: f.pop(k) for k in head} for f in fields])
         for m in self.modalities.timeseries:
-            data, mask = self._batch_timeseries(m, [c.recording_id[i] for i in idx], [int(c.t0[i]) for i in idx])
+            data, mask = self._batch_timeseries(m, [c.recording_id[i] for i in idx], [int(c.t0[i]) for i in idx],
+                                                alloc or np.empty)
             out[m], out[f"{m}_mask"] = data, mask
         if fields[0]:
             out.update(collate(fields))  # text, label: after the tensors
         return out
 
-    def _batch_timeseries(self, m: str, rids: list[str], t0s: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_timeseries(self, m: str, rids: list[str], t0s: list[int],
+                          alloc: Callable[[tuple[int, ...], Any], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, T) float32 and (B, T) bool: stream ``m`` of the windows at ``t0s``, as ``__getitem__`` reads them."""
         if self._grid_offsets is None:
             self._grid_offsets, self._grid_step = grid_and_step(self.spec)
         n, data = len(self._grid_offsets), None
-        mask = np.ones((len(rids), n), dtype=bool)
+        mask = None
         fast = self._grid_step and self.spec.imu_hz
         for b, (rid, t0) in enumerate(zip(rids, t0s)):
             src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
             run = None
             if fast and src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz:
                 run = self.store.regular_run(rid, m, t0, n, self._grid_step)
+            valid = None
             if run is None:
-                run, mask[b] = self._read_timeseries(rid, m, t0)
+                run, valid = self._read_timeseries(rid, m, t0)
             if data is None:
-                data = np.empty((len(rids), run.shape[1], n), dtype=np.float32)
+                data = alloc((len(rids), run.shape[1], n), np.float32)
+                mask = alloc((len(rids), n), np.bool_)
+                mask[...] = True
+            if valid is not None:
+                mask[b] = valid
             elif run.shape[1] != data.shape[1]:
                 raise ValueError(f"stream {m!r} of recording {rid!r} has {run.shape[1]} channels, an earlier window "
                                  f"of this batch {data.shape[1]}: windows of different widths cannot be stacked")
             data[b] = run.T
-        assert data is not None
+        assert data is not None and mask is not None
         return torch.from_numpy(data), torch.from_numpy(mask)
 
     def index_fields(self, i: int) -> dict[str, Any]:

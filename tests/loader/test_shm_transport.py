@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,62 @@ def test_a_killed_worker_leaves_no_file():
     while any(_files(tag) for tag in tags) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tags and all(_files(tag) == [] for tag in tags)
+
+
+def test_arrays_read_straight_into_a_slot_are_sent_without_a_copy():
+    """``SlotWriter.arena``: a batch read into its slot is found there by ``write`` (its refs point at it); a batch
+    that no longer fits makes the slot grow, every tensor then copied; either way the reader sees the same data."""
+    writer, reader = shm.SlotWriter(1, "test-arena"), shm.SlotReader("test-arena")
+    try:
+        arena = writer.arena(0)
+        data = arena((4, 3, 10), np.float32)
+        mask = arena((4, 10), np.bool_)
+        data[...] = np.arange(120, dtype=np.float32).reshape(4, 3, 10)
+        mask[...] = np.arange(40).reshape(4, 10) % 3 == 0
+        batch = {"x": torch.from_numpy(data), "x_mask": torch.from_numpy(mask), "index": torch.arange(4), "id": ["a"] * 4}
+        path, layout = writer.write(0, batch)
+        assert layout["x"].offset == 0 and layout["x_mask"].offset >= data.nbytes  # where the arena put them
+        out = reader.read(0, path, layout, lambda: None)
+        for key in ("x", "x_mask", "index"):
+            assert torch.equal(out[key], batch[key]), key
+        del out, data, mask, batch
+        arena = writer.arena(0)
+        small = arena((2,), np.int64)
+        small[...] = [7, 8]
+        big = torch.randn(1 << 20)  # 4 MiB more than the slot holds: it grows, both are copied
+        path, layout = writer.write(0, {"s": torch.from_numpy(small), "big": big})
+        assert path is not None
+        out = reader.read(0, path, layout, lambda: None)
+        assert out["s"].tolist() == [7, 8] and torch.equal(out["big"], big)
+    finally:
+        writer.close()
+        reader.close()
+    assert _files("test-arena") == []
+
+
+def test_imu_batches_from_workers_equal_in_process_batches(tmp_path):
+    """IMU windows (``read_batch`` into the workers' slots) at 2 workers: the same batches as at 0 workers."""
+    import mmloader
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for r in range(6):
+        t = np.arange(3000, dtype=np.int64) * 5_000_000 + r * 7
+        recs.append(mmloader.Recording(id=f"r{r}", timeseries={"imu": mmloader.TimeSeriesInput(
+            t, rng.standard_normal((t.size, 6)).astype(np.float32), list("abcdef"), ["u"] * 6, rate_hz=200.0)}))
+    ws = mmloader.open(mmloader.write_store(tmp_path / "s", recs)).windows(sec=2.0, stride=0.5, modalities=["imu"])
+    for shuffle in (False, True, "block"):
+        ref = list(ws.loader(batch_size=16, shuffle=shuffle, num_workers=0, block_windows=8))
+        loader = ws.loader(batch_size=16, shuffle=shuffle, num_workers=2, block_windows=8)
+        try:
+            got = list(loader)
+        finally:
+            loader.close()
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert list(a) == list(b)
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (shuffle, key)
+                else:
+                    assert a[key] == b[key]
