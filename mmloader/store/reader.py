@@ -550,7 +550,8 @@ class Store:
 
         Reads only the chunks that hold them, found through ``t_coarse``; decoded chunks are kept in a
         per-process LRU bounded in bytes (``chunk_cache_mb()``, 1 GiB by default), so neighbouring windows, and
-        shuffled epochs over data that fits, cost no further reads.
+        shuffled epochs over data that fits, cost no further reads. The arrays returned may be read-only views of
+        those cached chunks: copy them to change them.
         """
         coarse, n_chunks = self._timeseries_handle(recording_id, stream)[1:3]
         c0 = max(int(np.searchsorted(coarse, t_from_ns, side="right")) - 1, 0)
@@ -601,6 +602,8 @@ class Store:
             t = self._read_chunk(rel, "t_ns", t_arr, (c,))
             x = self._read_chunk(rel, "data", data_arr, (c, 0))
             self._check_not_replaced()  # local: the store was not replaced underneath (root renamed) meanwhile
+            t.flags.writeable = False  # shared by every later read in this process: never changed in place
+            x.flags.writeable = False
             return t, x, _period(t)
 
         return self._chunks.get((recording_id, stream, c), load)

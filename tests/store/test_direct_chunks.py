@@ -97,3 +97,13 @@ def test_lru_weights():
     assert lru.weight == 0
     with pytest.raises(ValueError):
         LRU(3, weigh=len)
+
+
+def test_cached_chunks_cannot_be_changed_through_a_slice(tmp_path):
+    url, t, x = _store(tmp_path, rows=1000)
+    store = mmloader.open(url).store
+    ts, xs = store.timeseries_slice("r", "imu", int(t[10]), int(t[20]))  # inside one chunk: views of the cache
+    with pytest.raises(ValueError, match="read-only"):
+        xs[0, 0] = 1.0
+    again = store.timeseries_slice("r", "imu", int(t[10]), int(t[20]))[1]
+    assert np.array_equal(again, x[9:22])
