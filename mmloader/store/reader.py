@@ -358,10 +358,15 @@ class Store:
         return {p[len(root):].lstrip("/") for p in found}
 
     @staticmethod
-    def _chunk_key(arr: zarr.Array, idx: tuple[int, ...]) -> str:
-        return arr.metadata.encode_chunk_key(idx)
+    def _chunk_key(arr: zarr.Array | ArrayLayout, idx: tuple[int, ...]) -> str:
+        return arr.key(idx) if isinstance(arr, ArrayLayout) else arr.metadata.encode_chunk_key(idx)
 
-    def _missing_chunks(self, rel: str, arrays: dict[str, zarr.Array]) -> list[tuple[str, str, tuple[int, ...]]]:
+    @staticmethod
+    def _grid(arr: zarr.Array | ArrayLayout) -> tuple[int, ...]:
+        return arr.grid_shape if isinstance(arr, ArrayLayout) else arr.cdata_shape
+
+    def _missing_chunks(self, rel: str,
+                        arrays: dict[str, zarr.Array | ArrayLayout]) -> list[tuple[str, str, tuple[int, ...]]]:
         """(chunk path, array name, chunk index) of every chunk the arrays' shapes imply but the store lacks.
 
         Local: one stat per chunk; elsewhere one listing of the group (no request per chunk).
@@ -369,7 +374,7 @@ class Store:
         present = None if self._local else self._list(rel)
         out = []
         for name, arr in arrays.items():
-            for idx in np.ndindex(*arr.cdata_shape):
+            for idx in np.ndindex(*self._grid(arr)):
                 key = f"{rel}/{name}/{self._chunk_key(arr, idx)}"
                 if not (os.path.exists(join(self.path, key)) if present is None else key in present):
                     out.append((key, name, idx))
@@ -388,7 +393,12 @@ class Store:
             except KeyError:
                 raise StoreFormatError(f"{join(self.url, rel)}: missing array '{name}'") from None
         check = names if check is None else check
-        missing = self._missing_chunks(rel, {name: arrays[name] for name in check})
+        self._check_chunks_present(rel, {name: arrays[name] for name in check})
+        return g, arrays
+
+    def _check_chunks_present(self, rel: str, arrays: dict[str, zarr.Array | ArrayLayout]) -> None:
+        """StoreFormatError naming the first chunk of ``arrays`` the store lacks (and how many more)."""
+        missing = self._missing_chunks(rel, arrays)
         if missing:
             self._check_not_replaced()
             key, name, idx = missing[0]
@@ -397,15 +407,22 @@ class Store:
                 + (f" (and {len(missing) - 1} more chunks of {rel})" if len(missing) > 1 else "")
                 + f"; the store is damaged: run `mmloader validate {self.url}` and prepare it again"
             )
-        return g, arrays
+
+    def _damaged_chunk(self, url: str, name: str, idx: tuple[int, ...], detail: str) -> StoreFormatError:
+        return StoreFormatError(f"{url}: chunk {idx} of array '{name}' is damaged ({detail}); run "
+                                f"`mmloader validate {self.url}` and prepare the store again")
+
+    def _unreadable_chunk(self, url: str, name: str, idx: tuple[int, ...], e: ZarrFileError) -> StoreFormatError:
+        """A chunk file found missing or not matching the manifest (``_verify_zarr_file``)."""
+        if e.kind == "missing":
+            return StoreFormatError(f"{url}: missing chunk {idx} of array '{name}'; the store is damaged: run "
+                                    f"`mmloader validate {self.url}` and prepare it again")
+        return self._damaged_chunk(url, name, idx, e.detail)
 
     def _chunk_error(self, rel: str, name: str, arr: zarr.Array, idx: tuple[int, ...], e: BaseException) -> StoreFormatError:
         self._check_not_replaced()
         detail = "crc32c checksum mismatch" if "checksum" in str(e) else f"{type(e).__name__}: {e}"
-        return StoreFormatError(
-            f"{join(self.url, rel, name, self._chunk_key(arr, idx))}: chunk {idx} of array '{name}' is damaged "
-            f"({detail}); run `mmloader validate {self.url}` and prepare the store again"
-        )
+        return self._damaged_chunk(join(self.url, rel, name, self._chunk_key(arr, idx)), name, idx, detail)
 
     @staticmethod
     def _chunk_region(arr: zarr.Array, idx: tuple[int, ...]) -> tuple[slice, ...]:
@@ -417,14 +434,7 @@ class Store:
         try:
             return arr[self._chunk_region(arr, idx)]
         except ZarrFileError as e:  # missing, or its sha256 differs (_VerifiedStore)
-            url = join(self.url, rel, name, self._chunk_key(arr, idx))
-            if e.kind == "missing":
-                raise StoreFormatError(
-                    f"{url}: missing chunk {idx} of array '{name}'; the store is damaged: run "
-                    f"`mmloader validate {self.url}` and prepare it again") from None
-            raise StoreFormatError(
-                f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run `mmloader validate {self.url}` "
-                "and prepare the store again") from None
+            raise self._unreadable_chunk(join(self.url, rel, name, self._chunk_key(arr, idx)), name, idx, e) from None
         except StoreFormatError:
             raise
         except Exception as e:  # codec errors (crc32c, zstd) come as ValueError / RuntimeError
@@ -454,20 +464,13 @@ class Store:
         try:
             raw = self._checked_file(key)
         except ZarrFileError as e:
-            if e.kind == "missing":
-                raise StoreFormatError(
-                    f"{url}: missing chunk {idx} of array '{name}'; the store is damaged: run "
-                    f"`mmloader validate {self.url}` and prepare it again") from None
-            raise StoreFormatError(
-                f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run `mmloader validate {self.url}` "
-                "and prepare the store again") from None
+            raise self._unreadable_chunk(url, name, idx, e) from None
         assert raw is not None  # a listed chunk that is absent raised above
         try:
             return decode_chunk(raw, layout, idx)
         except ChunkDecodeError as e:
             self._check_not_replaced()
-            raise StoreFormatError(f"{url}: chunk {idx} of array '{name}' is damaged ({e.detail}); run "
-                                   f"`mmloader validate {self.url}` and prepare the store again") from None
+            raise self._damaged_chunk(url, name, idx, e.detail) from None
 
     def _decode_whole(self, rel: str, name: str, layout: ArrayLayout) -> np.ndarray:
         out = np.empty(layout.shape, dtype=layout.dtype)
@@ -497,18 +500,6 @@ class Store:
                 return None
             layouts[name] = layout
         return attrs, layouts
-
-    def _check_chunks_present(self, rel: str, layouts: dict[str, ArrayLayout]) -> None:
-        """Every chunk of ``layouts`` exists (one listing of the group; one stat per chunk locally)."""
-        present = None if self._local else self._list(rel)
-        for name, layout in layouts.items():
-            for idx in np.ndindex(*layout.grid_shape):
-                key = f"{rel}/{name}/{layout.key(idx)}"
-                if not (os.path.exists(join(self.path, key)) if present is None else key in present):
-                    self._check_not_replaced()
-                    raise StoreFormatError(
-                        f"{join(self.url, key)}: missing chunk {idx} of array '{name}'; the store is damaged: run "
-                        f"`mmloader validate {self.url}` and prepare it again")
 
     def _read_whole(self, rel: str, name: str, arr: zarr.Array | ArrayLayout) -> np.ndarray:
         """A whole array; on a decode error, the chunk that fails is found and named."""
