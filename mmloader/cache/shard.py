@@ -276,14 +276,12 @@ def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
     raw = shard.raw.get(name)
     if raw is None:
         return np.asarray(shard.array(name)[j])
-    base, dtype, shape, sep = raw
-    path = join(base, sep.join(["c", str(j)] + ["0"] * len(shape)))
+    path, dtype, shape = _row_path(raw, j), raw[1], raw[2]
     out = np.empty(shape, dtype=dtype)
     if place.local:
-        with open(path, "rb", buffering=0) as f:
-            n = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-            if n != out.nbytes or f.read(1):
-                raise ValueError(f"{path}: {n}+ bytes, expected {out.nbytes}")
+        n = _read_into(path, out)
+        if n != out.nbytes:
+            raise ValueError(f"{path}: {n}+ bytes, expected {out.nbytes}")
     else:
         data = place.fs.cat_file(path)
         if len(data) != out.nbytes:
@@ -292,15 +290,20 @@ def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
     return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
 
 
-def _read_exact(path: str, out: np.ndarray) -> bool:
-    """Read the file at ``path`` into ``out`` (C-contiguous); False unless it holds exactly ``out.nbytes`` bytes."""
+def _row_path(raw: tuple[str, np.dtype, tuple[int, ...], str], j: int) -> str:
+    """The chunk file of row ``j`` of a raw array ``(path, dtype, row shape, key separator)``: ``c.j.0.0``."""
+    base, _, shape, sep = raw
+    return join(base, sep.join(["c", str(j)] + ["0"] * len(shape)))
+
+
+def _read_into(path: str, out: np.ndarray) -> int:
+    """Read the local file at ``path`` into ``out`` (C-contiguous); the bytes read, ``out.nbytes + 1`` for a
+    longer file (so anything but ``out.nbytes`` means the file has another length)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        n = os.readv(fd, [view, bytearray(1)])  # one byte more: a longer file is caught
+        return os.readv(fd, [memoryview(out.reshape(-1).view(np.uint8)), bytearray(1)])
     finally:
         os.close(fd)
-    return n == out.nbytes
 
 
 def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]],
@@ -326,7 +329,7 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
             if r is None or r[1] != dtype or r[2] != shape or tuple(t["shapes"][j]) != shape or t["dtype"] != t0["dtype"]:
                 return None
             try:
-                if not _read_exact(join(r[0], r[3].join(["c", str(j)] + ["0"] * len(shape))), batch[b]):
+                if _read_into(_row_path(r, j), batch[b]) != batch[b].nbytes:
                     return None
             except OSError:
                 return None
