@@ -196,28 +196,21 @@ class WindowSet:
     def _batch_timeseries(self, m: str, rids: list[str], t0s: list[int],
                           alloc: Callable[[tuple[int, ...], Any], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, T) float32 and (B, T) bool: stream ``m`` of the windows at ``t0s``, as ``__getitem__`` reads them."""
-        if self._grid_offsets is None:
-            self._grid_offsets, self._grid_step = grid_and_step(self.spec)
-        n, data = len(self._grid_offsets), None
-        mask = None
-        fast = self._grid_step and self.spec.imu_hz
+        n, data, mask = len(self._grid()[0]), None, None
         for b, (rid, t0) in enumerate(zip(rids, t0s)):
             src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
-            run = None
-            if fast and src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz:
-                run = self.store.regular_run(rid, m, t0, n, self._grid_step)
-            valid = None
+            run, valid = self._regular_rows(rid, m, t0, src_hz), None
             if run is None:
-                run, valid = self._read_timeseries(rid, m, t0)
+                run, valid = self._resampled(rid, m, t0, src_hz)
             if data is None:
                 data = alloc((len(rids), run.shape[1], n), np.float32)
                 mask = alloc((len(rids), n), np.bool_)
                 mask[...] = True
-            if valid is not None:
-                mask[b] = valid
             elif run.shape[1] != data.shape[1]:
                 raise ValueError(f"stream {m!r} of recording {rid!r} has {run.shape[1]} channels, an earlier window "
                                  f"of this batch {data.shape[1]}: windows of different widths cannot be stacked")
+            if valid is not None:
+                mask[b] = valid
             data[b] = run.T
         assert data is not None and mask is not None
         return torch.from_numpy(data), torch.from_numpy(mask)
@@ -282,19 +275,31 @@ class WindowSet:
     _grid_step: int = 0  # its step (ns) when every offset is k * step exactly, else 0
 
     # -- reading ---------------------------------------------------------------------------------
-    def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.spec
+    def _grid(self) -> tuple[np.ndarray, int]:
+        """The IMU grid offsets from t0 (ns) and their exact step, or 0 (``grid_and_step``), computed once."""
         if self._grid_offsets is None:
-            self._grid_offsets, self._grid_step = grid_and_step(spec)
-        n = len(self._grid_offsets)
+            self._grid_offsets, self._grid_step = grid_and_step(self.spec)
+        return self._grid_offsets, self._grid_step
+
+    def _read_timeseries(self, rid: str, m: str, t0: int) -> tuple[np.ndarray, np.ndarray]:
         src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
-        if self._grid_step and src_hz and src_hz <= DOWNSAMPLE_RATIO * spec.imu_hz:
-            # the grid is the stream's own clock here: its rows, as resample's exact case would return them
-            # ((T, C) as a view of a (C, T) copy: the sample's channels-first tensor needs no second copy)
-            run = self.store.regular_run(rid, m, t0, n, self._grid_step)
-            if run is not None:
-                return np.ascontiguousarray(run.T, dtype=np.float32).T, np.ones(n, dtype=bool)
-        grid = t0 + self._grid_offsets
+        run = self._regular_rows(rid, m, t0, src_hz)
+        if run is not None:  # (T, C) as a view of a (C, T) copy: the sample's channels-first tensor needs no other
+            return np.ascontiguousarray(run.T, dtype=np.float32).T, np.ones(run.shape[0], dtype=bool)
+        return self._resampled(rid, m, t0, src_hz)
+
+    def _regular_rows(self, rid: str, m: str, t0: int, src_hz: float | None) -> np.ndarray | None:
+        """The window's rows when the grid is the stream's own clock (``Store.regular_run``): what resampling's exact
+        case would return for them; None when it is not (then ``_resampled``)."""
+        offsets, step = self._grid()
+        if not (step and src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz):
+            return None
+        return self.store.regular_run(rid, m, t0, len(offsets), step)
+
+    def _resampled(self, rid: str, m: str, t0: int, src_hz: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """The window resampled onto its grid (``resample``): ``(T, C)`` float32 and the ``(T,)`` mask."""
+        spec = self.spec
+        grid = t0 + self._grid()[0]
         # a few samples beyond the grid on each side so edge slopes are centred, plus the filter's support
         margin = (filter_support_ns(src_hz, spec.imu_hz) + int(4e9 / src_hz)) if src_hz else 50_000_000
         t, x = self.store.timeseries_slice(rid, m, int(grid[0]) - margin, int(grid[-1]) + margin)
