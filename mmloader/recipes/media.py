@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from ..fsutil import is_local, join
 from ..store.writer import StoreWriter
@@ -30,22 +30,31 @@ class TranscodedVideo:
     report: dict[str, Any]
 
 
-def transcode_into_store(writer: StoreWriter, src_url: str, recording_id: str, stream: str,
-                         profile: VideoProfile, src_options: Mapping[str, Any] | None = None) -> TranscodedVideo:
-    """Transcode ``src_url`` with ``profile`` into the store ``writer`` is writing (local or remote: a remote store
-    gets a local encode, then a copy, since the mp4 muxer seeks)."""
-    rel = f"media/{recording_id}/{stream}.{profile.name}.mp4"
+T = TypeVar("T")
+
+
+def encode_into_store(writer: StoreWriter, rel: str, encode: Callable[[str], T]) -> T:
+    """Run ``encode(local_path)`` so that its file ends up at ``rel`` in the store ``writer`` is writing: directly
+    there on a local store, else into a temporary local file then copied (the mp4 muxer seeks). Returns its result."""
     work_file = join(writer.work_path, rel)
     if is_local(writer.fs):
         os.makedirs(os.path.dirname(work_file), exist_ok=True)
-        info, report = transcode_video(src_url, work_file, profile, storage_options=src_options)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(rel))
-            info, report = transcode_video(src_url, local, profile, storage_options=src_options)
-            writer.fs.makedirs(os.path.dirname(work_file), exist_ok=True)
-            with open(local, "rb") as src, writer.fs.open(work_file, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
+        return encode(work_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(rel))
+        out = encode(local)
+        writer.fs.makedirs(os.path.dirname(work_file), exist_ok=True)
+        with open(local, "rb") as src, writer.fs.open(work_file, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    return out
+
+
+def transcode_into_store(writer: StoreWriter, src_url: str, recording_id: str, stream: str,
+                         profile: VideoProfile, src_options: Mapping[str, Any] | None = None) -> TranscodedVideo:
+    """Transcode ``src_url`` with ``profile`` into the store ``writer`` is writing (``encode_into_store``)."""
+    rel = f"media/{recording_id}/{stream}.{profile.name}.mp4"
+    info, report = encode_into_store(
+        writer, rel, lambda path: transcode_video(src_url, path, profile, storage_options=src_options))
     identity = media_identity(join(writer.work_url, rel), dict(writer.storage_options or {}))
     report = {**report, "source": src_url, "uri": rel}
     return TranscodedVideo(uri=rel, info=info, identity=identity, report=report)

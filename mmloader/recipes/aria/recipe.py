@@ -37,8 +37,6 @@ import glob
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,12 +46,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ...errors import SourceFormatError, StoreFormatError
-from ...fsutil import is_local, join, normalize_url
+from ...fsutil import join, normalize_url
 from ...store.writer import StoreWriter, check_recording_id
 from ...video.probe import media_identity, probe_video, ticks_to_ns
 from .. import imu as _imu
 from ..base import Prepare, check_errors, count_totals, source_digest
 from ..imu import CHANNELS, NS, UNITS, find_gaps, gaps_relative_sec, median_period_ns, sort_dedupe
+from ..media import encode_into_store
 from ..rows import RecordingRows, event_row, meta_json
 
 RECIPE_VERSION = 1
@@ -702,16 +701,7 @@ def _video(writer: StoreWriter, provider: Any, rec: RecordingRows, *, progress: 
     encode = functools.partial(transcode_rgb, provider, RGB_LABEL, rotate=rotate,
                                size=tuple(rgb_size) if rgb_size else None, crf=crf, preset=preset, gop_sec=gop_sec,
                                progress=progress, desc=f"{rid} {RGB_LABEL}")
-    if is_local(writer.fs):
-        os.makedirs(os.path.dirname(work_file), exist_ok=True)
-        vrep = encode(work_file)
-    else:  # encode locally (the mp4 muxer seeks), then copy into the store
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "camera-rgb.mp4")
-            vrep = encode(local)
-            writer.fs.makedirs(os.path.dirname(work_file), exist_ok=True)
-            with open(local, "rb") as src, writer.fs.open(work_file, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
+    vrep = encode_into_store(writer, rel, encode)
     assert vrep is not None
     capture = vrep.pop("capture_ns")
     rep["video"] = vrep
