@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -22,7 +20,7 @@ from ..errors import MMLoaderError
 from . import measure
 from .measure import ORDERS
 from .synthetic import profile_available, profile_digest, profile_store, source_and_store
-from .util import Progress, machine, reused_dir
+from .util import Progress, emit, machine, work_folder
 
 CASES = ("bound", "loader", "cache", "build", "profile")
 DEFAULT_PROFILE = "224-gop10"
@@ -167,12 +165,8 @@ def _windows(ds: Any, args: argparse.Namespace) -> Any:
 def _work(args: argparse.Namespace) -> Iterator[Path]:
     """The synthetic data's folder (reused, or a throwaway one with ``--fresh``); in STORE mode a temporary
     folder for the caches (under ``--work`` when given)."""
-    if args.synthetic and not args.fresh:
-        yield reused_dir(args.work, WORK_NAME)
-        return
-    base = reused_dir(args.work, WORK_NAME) if args.work is not None else None
-    with tempfile.TemporaryDirectory(prefix="mmloader-bench-", dir=base) as tmp:
-        yield Path(tmp)
+    with work_folder(args.work, WORK_NAME, args.synthetic and not args.fresh, "mmloader-bench-") as folder:
+        yield folder
 
 
 def run_bench(args: argparse.Namespace, log: Callable[[str], None],
@@ -320,11 +314,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def finish(result: dict[str, Any], output: str | None) -> None:
     """The JSON on stdout (and in ``output``), the table on stderr."""
-    text = json.dumps(result, indent=1)
-    print(text, flush=True)
-    if output:
-        Path(output).write_text(text + "\n")
-    print(format_table(result), file=sys.stderr, flush=True)
+    emit(result, output, format_table(result))
 
 
 def run_cli(args: argparse.Namespace) -> int:

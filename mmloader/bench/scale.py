@@ -28,7 +28,6 @@ import gc
 import json
 import pickle
 import resource
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,7 +37,7 @@ import torch
 
 from .measure import time_pass
 from .run import BenchError
-from .util import Progress, Timer, built_once, machine, rate, reused_dir
+from .util import Progress, Timer, built_once, emit, machine, rate, work_folder
 
 Log = Callable[[str], None]
 CASES = ("index", "bound", "ordered", "shuffled", "block", "cache", "rss")
@@ -449,12 +448,8 @@ def _growth(epochs: list[dict[str, Any]], key: str) -> list[float | None]:
 def _work(args: argparse.Namespace) -> Iterator[Path]:
     """The store's folder: ``--work`` (default ``<temp>/mmloader-bench-scale``), reused; ``--fresh``: a
     throwaway one."""
-    if not args.fresh:
-        yield reused_dir(args.work, WORK_NAME)
-        return
-    base = reused_dir(args.work, WORK_NAME) if args.work is not None else None
-    with tempfile.TemporaryDirectory(prefix="mmloader-bench-scale-", dir=base) as tmp:
-        yield Path(tmp)
+    with work_folder(args.work, WORK_NAME, not args.fresh, "mmloader-bench-scale-") as folder:
+        yield folder
 
 
 def _orders(ws: Any, args: argparse.Namespace, notes: list[str], log: Log) -> dict[str, Any]:
@@ -549,11 +544,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def finish(result: dict[str, Any], output: str | None) -> None:
     """The JSON on stdout (and in ``output``), the table on stderr."""
-    text = json.dumps(result, indent=1)
-    print(text, flush=True)
-    if output:
-        Path(output).write_text(text + "\n")
-    print(format_table(result), file=sys.stderr, flush=True)
+    emit(result, output, format_table(result))
 
 
 def run_cli(args: argparse.Namespace) -> int:

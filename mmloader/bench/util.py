@@ -3,6 +3,8 @@ and folders built once and reused by later runs. ``benchmarks/common.py`` re-exp
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import shutil
@@ -10,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class Timer:
@@ -61,6 +63,28 @@ def machine() -> dict[str, Any]:
         out["torch_threads"] = torch.get_num_threads()
         out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return out
+
+
+def emit(result: dict[str, Any], output: str | None, table: str) -> None:
+    """A benchmark's result: its JSON on stdout (and in the file ``output``), the human-readable ``table`` on
+    stderr."""
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if output:
+        Path(output).write_text(text + "\n")
+    print(table, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def work_folder(path: str | os.PathLike | None, name: str, reuse: bool, prefix: str) -> Iterator[Path]:
+    """``reused_dir(path, name)`` when ``reuse``; else a temporary folder (named ``prefix...``, inside ``path`` when
+    given) removed at exit."""
+    if reuse:
+        yield reused_dir(path, name)
+        return
+    base = reused_dir(path, name) if path is not None else None
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as tmp:
+        yield Path(tmp)
 
 
 def reused_dir(path: str | os.PathLike | None, name: str) -> Path:
