@@ -79,15 +79,7 @@ def probe_video(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
         file_size = fs.size(path)
     except FileNotFoundError:
         raise MediaError(url, "file not found", "an mp4 video file") from None
-    fobj = None
-    try:
-        if is_local(fs):
-            container = av.open(path, mode="r")
-        else:
-            fobj = open_remote(fs, path)
-            container = av.open(fobj, mode="r")
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(url, f"cannot open as media ({e})", "a playable mp4 with a video stream") from None
+    container, fobj = open_container(fs, path, url, "a playable mp4 with a video stream")
     try:
         if not container.streams.video:
             raise MediaError(url, "has no video stream", "an mp4 with one video stream")
@@ -172,6 +164,22 @@ def media_storage_options(store_url: str, url: str, storage_options: Mapping[str
     if storage_options and _protocol(url) == _protocol(store_url):
         return dict(storage_options)
     return {}
+
+
+def open_container(fs: fsspec.AbstractFileSystem, path: str, url: str, expected: str) -> tuple[Any, Any]:
+    """(PyAV input container, the file object it reads or None) of the media file at ``path`` on ``fs``: local files
+    by path, remote ones through ``open_remote``. MediaError naming ``url`` (``expected``: what it should be) when
+    it cannot be opened as media."""
+    fobj = None
+    try:
+        if is_local(fs):
+            return av.open(path, mode="r"), None
+        fobj = open_remote(fs, path)
+        return av.open(fobj, mode="r"), fobj
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        if fobj is not None:
+            fobj.close()
+        raise MediaError(url, f"cannot open as media ({e})", expected) from None
 
 
 def open_remote(fs: fsspec.AbstractFileSystem, path: str):

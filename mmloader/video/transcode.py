@@ -32,8 +32,8 @@ import av
 import numpy as np
 
 from ..errors import MediaError
-from ..fsutil import get_fs, is_local
-from .probe import VideoInfo, open_remote, probe_video, ticks_to_ns
+from ..fsutil import get_fs
+from .probe import VideoInfo, open_container, probe_video, ticks_to_ns
 from .select import nearest_frames
 
 Size = tuple[int, int]  # (H, W) px
@@ -126,18 +126,6 @@ def kept_frames(pts_ns: np.ndarray, fps: float | None) -> np.ndarray:
     return np.unique(nearest_frames(pts_ns, grid)[0])
 
 
-def _open_source(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, Any]:
-    """(PyAV container, file object to close or None) of a local or remote media file."""
-    fs, path = get_fs(url, **(storage_options or {}))
-    try:
-        if is_local(fs):
-            return av.open(path, mode="r"), None
-        fobj = open_remote(fs, path)
-        return av.open(fobj, mode="r"), fobj
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(url, f"cannot open as media ({e})", "a playable video file") from None
-
-
 class _Encoder:
     """libx264 into a local mp4: pts in ``tb`` ticks (the source's time base), fixed GOP, no B-frames."""
 
@@ -205,7 +193,7 @@ def transcode_video(url: str, out_path: str, profile: str | VideoProfile, *,
     t0 = time.perf_counter()
     src = probe_video(url, storage_options)
     keep = kept_frames(src.pts_ns, prof.fps)
-    container, fobj = _open_source(url, storage_options)
+    container, fobj = open_container(*get_fs(url, **(storage_options or {})), url, "a playable video file")
     try:
         written = np.asarray(_encode(container, src, keep, out_path, prof, url), dtype=np.int64)
         if written.size != keep.size:
