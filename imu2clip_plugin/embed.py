@@ -30,7 +30,7 @@ import torch
 
 from mmloader.cache import DEFAULT_SHARD_SIZE, CachedWindows, cache_windows
 from mmloader.lru import LRU
-from mmloader.windows.protocol import Windows, position
+from mmloader.windows.protocol import Windows, WrappedWindows, position
 
 from .text import text_of
 
@@ -69,7 +69,7 @@ def towers_fingerprint(towers: Any, reduce: str = "center") -> str:
     return f"imu2clip-emb/v{EMBED_FORMAT}:{towers.model_name}:{reduce}:{digest}"
 
 
-class EmbeddedWindows:
+class EmbeddedWindows(WrappedWindows):
     """``windows`` with frozen-tower embeddings instead of raw video (see the module docstring).
 
     Wraps ``windows`` (a ``WindowSet``, or a cached view of one, whose source is then used; it needs
@@ -91,42 +91,11 @@ class EmbeddedWindows:
         self._emb: LRU[list[dict[str, Any]]] = LRU(EMBEDDED_BLOCKS)
         self._emb_lock = threading.Lock()
 
-    # -- the wrapped set's description -----------------------------------------------------------
     @property
-    def modalities(self) -> Any:
-        return self.windows.modalities
-
-    @property
-    def spec(self) -> Any:
-        return self.windows.spec
-
-    @property
-    def index(self) -> Any:
-        return self.windows.index
-
-    def report(self) -> dict[str, Any]:
-        return self.windows.report()
-
-    @property
-    def store(self) -> Any:
-        return self.windows.store
-
-    @property
-    def video_backend(self) -> Any:
-        return getattr(self.windows, "video_backend", None)
-
-    # -- selections give the wrapped set's selection (raw windows, with video), as before ------------
-    def split(self, name: str) -> Any:
-        """The wrapped set's ``split(name)`` (raw windows: embed them again, or cache the selection)."""
-        return self.windows.split(name)
-
-    def recordings(self, ids: Any) -> Any:
-        """The wrapped set's ``recordings(ids)`` (raw windows)."""
-        return self.windows.recordings(ids)
-
-    def filter(self, predicate: Any) -> Any:
-        """The wrapped set's ``filter(predicate)`` (raw windows)."""
-        return self.windows.filter(predicate)
+    def source(self) -> Windows:
+        """The set whose windows are embedded: its description and selections are this set's
+        (``WrappedWindows``; a selection is raw windows, embed it again or cache it)."""
+        return self.windows
 
     def will_read(self, indices: Any) -> None:
         """Forwarded to the wrapped set (decode plans for index-order reads), when it has the hook."""

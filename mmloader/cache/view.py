@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
-from ..windows.protocol import Windows, position
+from ..windows.protocol import Windows, WrappedWindows, position
 from .layout import DEFAULT_SHARD_SIZE
 from .window_cache import WindowCache
 
@@ -31,7 +31,7 @@ def cache_windows(source: Windows, url: str = "auto", fill: str = "lazy", progre
     return CachedWindows(cache)
 
 
-class CachedWindows:
+class CachedWindows(WrappedWindows):
     """A window set served from ``window_cache`` (a ``WindowCache``), its source read only on a miss."""
 
     def __init__(self, window_cache: WindowCache):
@@ -57,8 +57,8 @@ class CachedWindows:
 
     def read_batch(self, indices: Sequence[int], alloc: Any = None) -> dict[str, Any] | None:
         """``collate([self[i] for i in indices])`` read straight from complete shards (``WindowCache.get_batch``;
-        ``alloc(shape, dtype)``: where to put the batch arrays); None when a window is not cached yet or a row does not read cleanly (the loader then reads window by
-        window, filling and repairing)."""
+        ``alloc(shape, dtype)``: where to put the batch arrays); None when a window is not cached yet or a row does
+        not read cleanly (the loader then reads window by window, filling and repairing)."""
         if len(indices) == 0:
             return None
         return self.window_cache.get_batch([position(int(i), len(self)) for i in indices], alloc=alloc)
@@ -73,44 +73,6 @@ class CachedWindows:
     def run_alignment(self) -> int:
         """Windows per shard: a loader reading in index order with workers gives each worker whole shards."""
         return int(self.window_cache.shard_size)
-
-    # -- the source's description and selections -------------------------------------------------
-    @property
-    def spec(self) -> Any:
-        return self.source.spec
-
-    @property
-    def index(self) -> Any:
-        return self.source.index
-
-    @property
-    def modalities(self) -> Any:
-        return self.source.modalities
-
-    @property
-    def store(self) -> Any:
-        return self.source.store
-
-    @property
-    def video_backend(self) -> Any:
-        """The source's video backend (None for a source without one)."""
-        return getattr(self.source, "video_backend", None)
-
-    def report(self) -> dict[str, Any]:
-        """The source set's report (candidates, kept and dropped windows)."""
-        return self.source.report()
-
-    def split(self, name: str) -> Any:
-        """The source's ``split(name)``: an uncached set."""
-        return self.source.split(name)
-
-    def recordings(self, ids: Any) -> Any:
-        """The source's ``recordings(ids)``: an uncached set."""
-        return self.source.recordings(ids)
-
-    def filter(self, predicate: Any) -> Any:
-        """The source's ``filter(predicate)``: an uncached set."""
-        return self.source.filter(predicate)
 
     # -- fluent ----------------------------------------------------------------------------------
     def cache(self, url: str = "auto", fill: str = "lazy", progress: bool = True, *, transforms: str | None = None,

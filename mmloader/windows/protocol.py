@@ -42,6 +42,52 @@ class Windows(Protocol):
     def fingerprint_components(self) -> dict[str, Any]: ...
 
 
+class WrappedWindows:
+    """What a set wrapping another one (``self.source``: a cached view, an embedded view) takes from it unchanged:
+    its description (``spec``, ``index``, ``modalities``, ``store``, ``video_backend``, ``report()``) and its
+    selections (``split``, ``recordings``, ``filter``), which are the wrapped set's own (raw windows: wrap them again
+    to cache or embed the selection)."""
+
+    source: Any
+
+    @property
+    def spec(self) -> Any:
+        return self.source.spec
+
+    @property
+    def index(self) -> Any:
+        return self.source.index
+
+    @property
+    def modalities(self) -> Any:
+        return self.source.modalities
+
+    @property
+    def store(self) -> Any:
+        return self.source.store
+
+    @property
+    def video_backend(self) -> Any:
+        """The wrapped set's video backend (None for a set without one)."""
+        return getattr(self.source, "video_backend", None)
+
+    def report(self) -> dict[str, Any]:
+        """The wrapped set's report (candidates, kept and dropped windows)."""
+        return self.source.report()
+
+    def split(self, name: str) -> Any:
+        """The wrapped set's ``split(name)``."""
+        return self.source.split(name)
+
+    def recordings(self, ids: Any) -> Any:
+        """The wrapped set's ``recordings(ids)``."""
+        return self.source.recordings(ids)
+
+    def filter(self, predicate: Any) -> Any:
+        """The wrapped set's ``filter(predicate)``."""
+        return self.source.filter(predicate)
+
+
 def position(i: int, n: int) -> int:
     """``i`` as a position in ``[0, n)`` (negative counts from the end); IndexError outside ``[-n, n)``."""
     if not -n <= i < n:
