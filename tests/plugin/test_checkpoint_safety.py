@@ -11,6 +11,8 @@ import zipfile
 import pytest
 import torch
 
+import mmloader
+
 pytest.importorskip("open_clip")
 
 from imu2clip_plugin import checkpoint as checkpoint_mod  # noqa: E402
@@ -36,6 +38,16 @@ class _OpensAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def store(sample_store):
+    return sample_store(videos=4, seconds=16, seed=2, defect_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def windows(store):
+    return mmloader.open(store).windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 32))
 
 
 def _cfg(run_dir, **kw):

@@ -20,6 +20,16 @@ TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, 
                     dropout=0.1)
 
 
+@pytest.fixture(scope="module")
+def store(sample_store):
+    return sample_store(videos=4, seconds=16, seed=2, defect_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def windows(store):
+    return mmloader.open(store).windows(sec=1, stride=0.5, modalities=["imu", "video"], frames=1, size=(32, 32))
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MMLOADER_CACHE_DIR", str(tmp_path / "mmcache"))
