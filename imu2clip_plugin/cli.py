@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmloader.cli import add_window_arguments, window_kwargs
+from mmloader.cli import add_rank_arguments, add_window_arguments, rank_arguments, window_kwargs
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -149,10 +149,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     kw = window_kwargs(args, modalities=mods)
     if "video" not in args.targets:
         kw.pop("size", None)   # frame options only describe windows with video
+    rank, world = rank_arguments(args)
     wins = mmloader.open(args.store).windows(**kw)
-    cached = build_embedding_cache(wins, towers, url=args.url, reduce=args.reduce, progress=True)
+    cached = build_embedding_cache(wins, towers, url=args.url, reduce=args.reduce, progress=True, rank=rank,
+                                   world_size=world, shard_size=args.shard_size)
     c = cached.window_cache
-    print(json.dumps({"url": c.url, "fingerprint": c.fingerprint, "windows": len(cached)}, indent=2))
+    st = c.status(verify=False)
+    print(json.dumps({"url": c.url, "fingerprint": c.fingerprint, "windows": len(cached), "rank": rank,
+                      "world_size": world, "shards_complete": st["shards_complete"],
+                      "shards_total": st["shards_total"]}, indent=2))
     return 0
 
 
@@ -230,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--url", default="auto", help="where to write the cache (default: the cache dir, by fingerprint)")
     e.add_argument("--seed", type=int, default=0, help="seeds random-init towers")
     e.add_argument("--device", default=None, help="where the towers run (default: cuda when available, else cpu)")
+    e.add_argument("--shard-size", type=int, default=None, help="windows per cache shard (default: the cache's)")
+    add_rank_arguments(e, "embeds only its contiguous part of the cache's shards")
 
     v = sub.add_parser("evaluate", help="retrieval and activity recognition of a trained encoder on held-out recordings")
     v.add_argument("encoder", help="directory written by save_encoder (run_dir/encoder)")

@@ -182,15 +182,27 @@ class EmbeddedWindows(WrappedWindows):
 
 def build_embedding_cache(windows: Windows, towers: Any, url: str = "auto", reduce: str = "center",
                           fill: str = "eager", progress: bool = False, shard_size: int | None = None,
-                          overwrite: bool = False, **storage_options: Any) -> CachedWindows:
+                          overwrite: bool = False, rank: int = 0, world_size: int = 1,
+                          **storage_options: Any) -> CachedWindows:
     """A set serving ``EmbeddedWindows(windows, towers, reduce)`` from mmloader's window cache at ``url``.
 
     The cache key includes :func:`towers_fingerprint` (model, weights, preprocessing, ``reduce``), so other towers
     or another ``reduce`` never reuse these embeddings. ``fill="eager"`` (default) embeds every window now, so a
     training loop afterwards never decodes video; ``"lazy"`` embeds a shard the first time one of its windows is
     read. Publishing is atomic per shard (mmloader's cache writes then commits).
+
+    ``rank``/``world_size``: with ``fill="eager"``, embed only this rank's contiguous part of the shards
+    (``mmloader.loader.fill_cache``): ranks together build the same cache as one process; the other ranks' shards
+    are read (and embedded on a miss) lazily.
     """
+    from mmloader.loader import fill_cache
+
+    if fill not in ("lazy", "eager"):
+        raise ValueError(f"fill must be 'lazy' or 'eager', got {fill!r}")
     shard = shard_size or DEFAULT_SHARD_SIZE
     src = EmbeddedWindows(windows, towers, reduce=reduce, block_size=shard)
-    return src.cache(url, fill=fill, progress=progress, transforms=towers_fingerprint(towers, reduce),
-                     shard_size=shard, overwrite=overwrite, **storage_options)
+    cached = src.cache(url, fill="lazy", progress=progress, transforms=towers_fingerprint(towers, reduce),
+                       shard_size=shard, overwrite=overwrite, **storage_options)
+    if fill == "eager":
+        fill_cache(cached, num_workers=0, progress=progress, rank=rank, world_size=world_size)
+    return cached

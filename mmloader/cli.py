@@ -153,6 +153,29 @@ def _count(minimum: int):
     return parse
 
 
+def add_rank_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--rank R --world-size W`` (both or neither; default: from torchrun's or SLURM's environment, else one
+    process): the place of this process in a first pass spread over processes or machines; ``what`` says what a
+    rank does (the help text)."""
+    parser.add_argument("--rank", type=_count(0), default=None,
+                        help=f"this process's rank, 0 <= R < W (default: torchrun's RANK, SLURM_ARRAY_TASK_ID or "
+                             f"SLURM_PROCID, else 0); each rank {what}")
+    parser.add_argument("--world-size", type=_count(1), default=None,
+                        help="how many ranks share the work (default: WORLD_SIZE, SLURM_ARRAY_TASK_COUNT or "
+                             "SLURM_NTASKS, else 1)")
+
+
+def rank_arguments(args: argparse.Namespace) -> tuple[int, int]:
+    """``(rank, world_size)`` from ``--rank/--world-size`` or the launcher's environment (SystemExit naming the
+    flags when only one is given or the rank is out of range)."""
+    from .dist import launch_rank_world
+
+    try:
+        return launch_rank_world(args.rank, args.world_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --rank/--world-size: {e}") from None
+
+
 # -- window options: shared by ``windows``, ``cache build`` and the plugins' commands (imu2clip embed/evaluate) ---
 # option → (flags, add_argument keywords, the Dataset.windows keyword it sets)
 _WINDOW_ARGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str | None]] = {
@@ -282,13 +305,20 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
 
     from .loader import fill_cache
 
+    rank, world = rank_arguments(args)
+    if args.overwrite and world > 1:
+        raise SystemExit("error: --overwrite with several ranks: every rank would clear the others' shards; clear "
+                         f"the cache once first (mmloader cache clear {args.url}), then build without --overwrite")
     ws = _windows_from_args(args)
     t = time.perf_counter()
     cached = ws.cache(args.url, fill="lazy", shard_size=args.shard_size, overwrite=args.overwrite)
-    counts = fill_cache(cached, num_workers=args.workers, progress=not args.quiet)
+    counts = fill_cache(cached, num_workers=args.workers, progress=not args.quiet, rank=rank, world_size=world)
     st = cached.window_cache.status(verify=False)
     print(f"cache        {cached.window_cache.url}")
     print(f"fingerprint  {cached.window_cache.fingerprint}")
+    if counts["world_size"] > 1:
+        print(f"rank         {counts['rank']} of {counts['world_size']}: shards [{counts['first_shard']}, "
+              f"{counts['stop_shard']}); {st['shards_complete']} of {st['shards_total']} complete in the cache")
     print(f"windows      {len(ws)} in {st['shards_total']} shards; filled {counts['filled']}, already complete "
           f"{counts['already_complete']}, by workers {counts['filled_by_workers']}, by other processes "
           f"{counts['filled_by_others']} "
@@ -366,6 +396,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace another window set's cache at --url")
     s.add_argument("--workers", type=_count(0), default=0,
                    help="worker processes, each filling contiguous runs of whole shards (0: this process)")
+    add_rank_arguments(s, "fills only its contiguous part of the shards")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_cache_build)
     s = csub.add_parser("info", help="one cache in detail, or every cache in the cache dir (exit 1: torn/corrupt)")

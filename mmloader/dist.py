@@ -16,3 +16,64 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _env_int(env: dict, name: str) -> int | None:
+    """``env[name]`` as an int, None when unset or empty; a ValueError naming the variable when it is not one."""
+    raw = env.get(name, "")
+    if raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def _from_env(env: dict) -> tuple[int, int, str] | None:
+    """The launcher's ``(rank, world_size, source)``: torchrun's ``RANK``/``WORLD_SIZE``, a SLURM array's task
+    (``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), or SLURM's tasks
+    (``SLURM_PROCID`` of ``SLURM_NTASKS``); None when none of them is set."""
+    world = _env_int(env, "WORLD_SIZE")
+    if world is not None:
+        return _env_int(env, "RANK") or 0, world, "torchrun (RANK/WORLD_SIZE)"
+    count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+    if count is not None:
+        task = _env_int(env, "SLURM_ARRAY_TASK_ID")
+        if task is None:
+            raise ValueError("environment variable SLURM_ARRAY_TASK_COUNT is set but SLURM_ARRAY_TASK_ID is not")
+        return task - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0), count, "SLURM array (SLURM_ARRAY_TASK_ID)"
+    ntasks = _env_int(env, "SLURM_NTASKS")
+    if ntasks is not None:
+        return _env_int(env, "SLURM_PROCID") or 0, ntasks, "SLURM tasks (SLURM_PROCID/SLURM_NTASKS)"
+    return None
+
+
+def launch_rank_world(rank: int | None = None, world_size: int | None = None,
+                      env: dict | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in a job spread over processes or machines, from the first of:
+    explicit ``rank``/``world_size`` (e.g. ``--rank/--world-size``; both or neither), an initialised
+    ``torch.distributed`` group, torchrun's environment, a SLURM array, SLURM's tasks; else ``(0, 1)``.
+    ``env`` defaults to ``os.environ``. Raises ValueError naming the argument or variable that is off."""
+    import os
+
+    if (rank is None) != (world_size is None):
+        raise ValueError("rank and world_size: give both or neither")
+    source = "--rank/--world-size"
+    if rank is None:
+        r, w = rank_world()
+        got = (r, w, "torch.distributed") if w > 1 else _from_env(os.environ if env is None else env)
+        rank, world_size, source = got if got is not None else (0, 1, "")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size} (from {source or 'defaults'}): "
+                         f"expected world_size >= 1 and 0 <= rank < world_size")
+    return rank, world_size
+
+
+def part_of(n: int, rank: int, world_size: int) -> range:
+    """The ``rank``-th of ``world_size`` contiguous, balanced slices of ``range(n)`` (sizes differ by at most one,
+    the larger first); deterministic, disjoint, and together they cover ``range(n)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
+    base, extra = divmod(max(n, 0), world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

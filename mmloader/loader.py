@@ -913,32 +913,78 @@ def _indices_only(samples: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {"index": [int(s["index"]) for s in samples]}
 
 
-def fill_cache(cached, num_workers: int = 0, progress: bool = True) -> dict[str, int]:
-    """Build every missing, torn or corrupt shard of ``cached`` (a ``CachedWindows``) now; returns the counts of
-    ``WindowCache.fill`` plus ``filled_by_workers`` (shards).
+class _WindowRange:
+    """Windows ``[start, stop)`` of ``windows`` as a set of their own (``r[i]`` is ``windows[start + i]``, the
+    sample keeping its own ``index``): what one rank of a sharded cache build reads. ``start`` is a multiple of the
+    set's ``run_alignment``, so its workers' runs stay whole shards."""
 
-    ``num_workers=0`` fills in this process (``WindowCache.fill``). With workers, loader workers read the set in
-    index order, each taking contiguous runs of whole shards (batches of ``shard_size`` windows, runs of at least
-    ``RUN_WINDOWS``), so each decodes its recordings forward and publishes the shards it reads; decoder threads are
-    shared out as for any loader. Then this process checks every shard and fills any left over (a worker's write
-    that failed). Other processes building the same cache at the same time are safe: shards are locked.
+    def __init__(self, windows, start: int, stop: int):
+        self.windows, self.start, self.stop = windows, int(start), int(stop)
+        self.run_alignment = int(getattr(windows, "run_alignment", 1))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= int(i) < len(self):
+            raise IndexError(f"window {i} of a range of {len(self)}")
+        return self.windows[self.start + int(i)]
+
+    def will_read(self, indices: Sequence[int] | None) -> None:
+        hint = getattr(self.windows, "will_read", None)
+        if hint is not None:
+            hint(None if indices is None else [self.start + int(i) for i in indices])
+
+
+def _shards_complete(cache, shards: range) -> int:
+    """How many of ``shards`` are complete (commit present and matching; checksums not read)."""
+    return sum(cache.verify_shard(k, deep=False)[0] == "complete" for k in shards)
+
+
+def fill_cache(cached, num_workers: int = 0, progress: bool = True, rank: int | None = None,
+               world_size: int | None = None) -> dict[str, int]:
+    """Build every missing, torn or corrupt shard of ``cached`` (a ``CachedWindows``) that belongs to this rank
+    now; returns the counts of ``WindowCache.fill`` plus ``filled_by_workers`` (shards), ``rank``, ``world_size``
+    and ``first_shard``/``stop_shard`` (this rank's ``[first, stop)``).
+
+    **Ranks.** ``rank``/``world_size`` (both or neither) default to ``mmloader.dist.launch_rank_world()``: a
+    ``torch.distributed`` group, torchrun's or SLURM's environment, else ``(0, 1)``. Rank ``r`` of ``W`` fills the
+    contiguous shards ``mmloader.dist.part_of(n_shards, r, W)`` — disjoint, so no lock is needed, also on object
+    stores — and nothing else; shards are written whole (see ``mmloader.cache.publish``), so a rank that dies
+    leaves shards that a rerun (of that rank, or with any world size) completes, and the cache is the same as a
+    one-process build's. With an initialised process group, every rank returns once all ranks are done.
+
+    **Workers.** ``num_workers=0`` fills in this process (``WindowCache.fill``). With workers, loader workers read
+    this rank's windows in index order, each taking contiguous runs of whole shards (batches of ``shard_size``
+    windows, runs of at least ``RUN_WINDOWS``), so each decodes its recordings forward and publishes the shards it
+    reads; decoder threads are shared out as for any loader. Then this process checks this rank's shards and
+    fills any left over (a worker's write that failed). Other processes building the same shards at the same time
+    are safe on local disks: shards are locked.
     """
     from tqdm.auto import tqdm
 
+    from .dist import launch_rank_world, part_of
+
     num_workers = _integer("num_workers", num_workers, 0, MAX_WORKERS)
+    rank, world_size = launch_rank_world(rank, world_size)
     cache = cached.window_cache
-    before = cache.status(verify=False)["shards_complete"]
-    if num_workers > 0:
-        loader = WindowLoader(cached, batch_size=cache.shard_size, shuffle=False, num_workers=num_workers,
+    shards = part_of(cache.n_shards, rank, world_size)
+    part = _WindowRange(cached, *(min(k * cache.shard_size, len(cached)) for k in (shards.start, shards.stop)))
+    before = _shards_complete(cache, shards)
+    if num_workers > 0 and len(part):
+        loader = WindowLoader(part, batch_size=cache.shard_size, shuffle=False, num_workers=num_workers,
                               collate_fn=_indices_only, rank=0, world_size=1)
         try:
-            with tqdm(total=len(cached), desc="cache", unit="window", disable=not progress) as bar:
+            with tqdm(total=len(part), desc="cache", unit="window", disable=not progress) as bar:
                 for batch in loader:
                     bar.update(len(batch["index"]))
         finally:
             loader.close()
-    by_workers = cache.status(verify=False)["shards_complete"] - before
-    counts = cache.fill(progress=progress and num_workers == 0)
+    by_workers = _shards_complete(cache, shards) - before
+    counts = cache.fill(progress=progress and num_workers == 0, shards=shards)
     counts["already_complete"] -= by_workers
-    counts["filled_by_workers"] = by_workers
+    counts.update(filled_by_workers=by_workers, rank=rank, world_size=world_size, first_shard=shards.start,
+                  stop_shard=shards.stop)
+    if world_size > 1 and rank_world()[1] > 1:
+        torch.distributed.barrier()  # every rank's shards are complete when any rank returns
     return counts

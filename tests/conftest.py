@@ -165,3 +165,25 @@ def sample_store(tmp_path_factory) -> SampleStores:
     stores = SampleStores(tmp_path_factory)
     yield stores
     stores.check()
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """An S3 API on loopback (moto's server mode, started here) with the bucket ``mmtest``; yields the storage
+    options that reach it through s3fs (explicit: never the environment)."""
+    import socket
+
+    import boto3
+    from moto import server as moto_server  # in the dev extra: moto[server], s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="mmtest")
+    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+           "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20}}
+    server.stop()

@@ -289,8 +289,9 @@ class WindowCache:
     def _unlock(lock: str) -> None:
         publish.release_lock(lock)
 
-    def fill(self, progress: bool = True, poll_s: float = 0.1) -> dict[str, int]:
-        """Build every shard that is missing, torn or corrupt (eager fill); returns counts.
+    def fill(self, progress: bool = True, poll_s: float = 0.1, shards: range | None = None) -> dict[str, int]:
+        """Build every shard (of ``shards``, default all) that is missing, torn or corrupt (eager fill); returns
+        counts (``shards``: how many were looked at).
 
         Shards being filled by another process (their lock is held) are skipped first and waited for at
         the end (filled here if their lock goes stale). Existing shards are verified (checksums).
@@ -298,9 +299,12 @@ class WindowCache:
         from tqdm.auto import tqdm
 
         self._source()
-        counts = {"shards": self.n_shards, "filled": 0, "already_complete": 0, "filled_by_others": 0}
+        shards = range(self.n_shards) if shards is None else shards
+        if shards and (shards.start < 0 or shards.stop > self.n_shards or shards.step != 1):
+            raise ValueError(f"{self.url}: shards {shards} is not a contiguous part of range({self.n_shards})")
+        counts = {"shards": len(shards), "filled": 0, "already_complete": 0, "filled_by_others": 0}
         pending = []
-        for k in tqdm(range(self.n_shards), desc="cache", unit="shard", disable=not progress):
+        for k in tqdm(shards, desc="cache", unit="shard", disable=not progress):
             if self.verify_shard(k)[0] == "complete":
                 counts["already_complete"] += 1
             elif not self._fill_if_unlocked(k, counts):
