@@ -8,9 +8,11 @@ float32 channels at ``--hz`` (regular timestamps, Gaussian noise; one recording 
   (``VmRSS``; peak: ``VmHWM`` after resetting it, and ``getrusage``), pickled bytes of the set.
 - ``bound``: the same windows gathered from memory (every recording's IMU loaded into ``(C, N)`` arrays first;
   per batch, each window's ``T`` samples copied into a ``(B, C, T)`` float32 array), per order.
-- ``ordered`` / ``shuffled`` / ``block``: a fresh loader per worker count (``shuffle=False`` / ``True`` /
-  ``"block"``): windows/s over an epoch (or the first ``ceil(K / batch)`` batches with ``--max-windows K``),
-  first-batch latency, ratio to the bound of the same order. ``block`` is skipped, with a note, when the loader
+- ``ordered`` / ``shuffled`` / ``block``: one loader per worker count (``shuffle=False`` / ``True`` /
+  ``"block"``, persistent workers) over ``--loader-epochs`` epochs (of ``K`` windows spread over the index with
+  ``--max-windows K``): the first epoch's windows/s (cold: worker start-up, every chunk decoded once per process),
+  first-batch latency and ratio to the bound of the same order; the later epochs' windows/s (warm) and ratio; the
+  speed-up of each worker count over 0 workers, first and later epochs. ``block`` is skipped, with a note, when the loader
   does not accept ``shuffle="block"``.
 - ``cache``: the windows plus a deterministic 512-float ``video_emb`` (what ``imu2clip train`` reads from its
   embedding cache) cached eagerly (build time), then one shuffled (and block-shuffled) epoch at 0 workers.
@@ -29,6 +31,7 @@ import json
 import pickle
 import resource
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,9 +49,10 @@ WORK_NAME = "mmloader-bench-scale"
 RSS_WORKERS = 2
 EMB_DIM = 512
 DEFAULTS: dict[str, Any] = dict(recordings=1000, seconds=120.0, hz=200.0, channels=6, sec=5.0, stride=1.0,
-                                batch_size=256, workers=[0, 1, 2], epochs_rss=10, seed=0)
-SMOKE: dict[str, Any] = dict(recordings=20, seconds=20.0, batch_size=32, workers=[0, 1], epochs_rss=2)
-SCALE_ONLY = ("recordings", "hz", "channels", "epochs_rss")
+                                batch_size=256, workers=[0, 1, 2], epochs_rss=10, loader_epochs=3, seed=0)
+SMOKE: dict[str, Any] = dict(recordings=20, seconds=20.0, batch_size=32, workers=[0, 1], epochs_rss=2,
+                             loader_epochs=2)
+SCALE_ONLY = ("recordings", "hz", "channels", "epochs_rss", "loader_epochs")
 # options of the video benchmark that --scale does not use (``mmloader bench``'s parser has both)
 VIDEO_ONLY = ("videos", "video_size", "fps", "gop", "preset", "crf", "grain", "profile", "frames", "size",
               "stream", "backend", "orders", "cache_workers")
@@ -71,6 +75,10 @@ def add_scale_options(g: Any) -> None:
     g.add_argument("--channels", type=int, help=_d("channels", "IMU channels (float32)"))
     g.add_argument("--epochs-rss", type=int, help=_d("epochs_rss", f"epochs of the rss case ({RSS_WORKERS} "
                                                                   "persistent workers)"))
+    g.add_argument("--loader-epochs", type=int, help=_d("loader_epochs", "epochs of each loader case, one loader "
+                                                                        "with persistent workers: the first epoch "
+                                                                        "(cold) and the later ones (warm) reported "
+                                                                        "apart"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,8 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--workers", type=int, nargs="+", help=_d("workers", "loader worker counts"))
     w.add_argument("--shard-size", type=int, default=None, help="window cache shard size (default: the cache's)")
     w.add_argument("--max-windows", type=int, default=None,
-                   help="time only the first ceil(K / batch size) batches of each loader case; cache the first K "
-                        "windows; the rss case's epochs run over K windows spread over every recording")
+                   help="the loader and rss cases' epochs run over K windows spread over every recording; the "
+                        "cache case caches the first K windows")
     w.add_argument("--only", default=None, help=f"comma-separated cases among {','.join(CASES)} (default: all; "
                                                 f"the index is always built)")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
@@ -128,6 +136,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError("--workers must be >= 0")
     if args.max_windows is not None and args.max_windows < 1:
         raise BenchError("--max-windows must be >= 1")
+    if args.loader_epochs < 1:
+        raise BenchError("--loader-epochs must be >= 1")
     if "rss" in cases and args.epochs_rss < 2:
         raise BenchError("--epochs-rss must be >= 2 (growth is measured from the first epoch to the last)")
     args.cases = [c for c in CASES if c in cases]
@@ -318,15 +328,51 @@ def block_support(ws: Any) -> str | None:
 
 def loader_case(ws: Any, args: argparse.Namespace, case: str, workers: int, bound: dict | None,
                 log: Log) -> dict[str, Any]:
-    """A fresh loader of ``ws`` in order ``case`` at ``workers``: windows/s, first batch, ratio to the bound. It reads
-    a copy of ``ws`` as a worker gets it (pickled: no decoded chunks), so 0 workers starts as cold as workers do."""
-    log(f"loader: {case}, {workers} workers")
-    todo = None if args.max_windows is None else _batches_todo(len(ws), args)
-    cold = pickle.loads(pickle.dumps(ws, protocol=pickle.HIGHEST_PROTOCOL))
-    r = time_pass(cold, workers=workers, shuffle=ORDERS[case], batch_size=args.batch_size, seed=args.seed,
-                  max_batches=todo)
-    out = {"order": case, **r, "ratio": ratio(r["windows_per_s"], (bound or {}).get(case, {}).get("windows_per_s"))}
-    log(f"  {out['windows_per_s']} windows/s, first batch {out['first_batch_s']} s, ratio {out['ratio']}")
+    """One loader of ``ws`` in order ``case`` at ``workers`` (persistent) over ``--loader-epochs`` whole epochs (of
+    ``--max-windows`` windows spread over the index, when given): the first epoch's windows/s (cold: start-up and
+    every chunk decoded for the first time; ``windows_per_s``, ``first_batch_s``, ``ratio``) and the later epochs'
+    (warm; ``later_windows_per_s``, ``ratio_later``). It reads a copy of ``ws`` as a worker gets it (pickled: no
+    decoded chunks), so 0 workers starts as cold as workers do."""
+    sub = _spread(ws, args.max_windows, args.seed)
+    log(f"loader: {case}, {workers} workers, {args.loader_epochs} epochs of {len(sub)} windows")
+    cold = pickle.loads(pickle.dumps(sub, protocol=pickle.HIGHEST_PROTOCOL))
+    loader = cold.loader(batch_size=args.batch_size, shuffle=ORDERS[case], seed=args.seed, num_workers=workers,
+                         persistent_workers=True)
+    epochs, first = [], None
+    try:
+        for _ in range(args.loader_epochs):
+            n, t0 = 0, time.perf_counter()
+            for batch in loader:
+                first = time.perf_counter() - t0 if first is None else first
+                n += len(batch["index"])
+            epochs.append((n, time.perf_counter() - t0))
+    finally:
+        loader.close()
+    later = epochs[1:]
+    warm = rate(sum(n for n, _ in later), sum(t for _, t in later), rate_digits=1)["windows_per_s"] if later else None
+    b = (bound or {}).get(case, {}).get("windows_per_s")
+    out = {"order": case, "workers": workers, "windows": len(sub), "epochs": len(epochs),
+           **rate(*epochs[0], rate_digits=1), "first_batch_s": round(first or 0.0, 3), "ratio": ratio(
+               rate(*epochs[0])["windows_per_s"], b),
+           "per_epoch_windows_per_s": [rate(n, t, rate_digits=1)["windows_per_s"] for n, t in epochs],
+           "later_windows_per_s": warm, "ratio_later": ratio(warm, b) if warm else None}
+    log(f"  first epoch {out['windows_per_s']} windows/s (first batch {out['first_batch_s']} s, ratio "
+        f"{out['ratio']}); later epochs {warm} windows/s (ratio {out['ratio_later']})")
+    return out
+
+
+def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per order and worker count > 0: its windows/s ÷ 0 workers' (first epoch and later epochs)."""
+    out: dict[str, dict[str, float | None]] = {}
+    base = {r["order"]: r for r in runs if r["workers"] == 0}
+    for r in runs:
+        z = base.get(r["order"])
+        if r["workers"] == 0 or z is None:
+            continue
+        later = (round(r["later_windows_per_s"] / z["later_windows_per_s"], 3)
+                 if r["later_windows_per_s"] and z["later_windows_per_s"] else None)
+        out[f"{r['order']}_w{r['workers']}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
+                                                "later_epochs": later}
     return out
 
 
@@ -483,6 +529,7 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         result["bound"] = bound_case(ws, args, orders, log) if "bound" in args.cases else None
         result["loader"] = [loader_case(ws, args, case, w, result["bound"], log)
                             for case in orders if case in args.cases for w in args.workers]
+        result["speedup_over_0_workers"] = speedups(result["loader"])
         if "cache" in args.cases:
             with tempfile.TemporaryDirectory(prefix="cache-", dir=work) as tmp:
                 cache_orders = {c: s for c, s in orders.items() if c != "ordered"}
@@ -512,7 +559,9 @@ def _rows(result: dict[str, Any]) -> list[str]:
              for r in (result.get("cache") or {}).get("runs", [])]
     for label, r in runs:
         rt = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
-        rows.append(f"{label:<44} {r['windows_per_s']:>11.1f} {r['first_batch_s']:>9.3f} {rt:>8}")
+        warm = r.get("later_windows_per_s")
+        later = f"{warm:>11.1f} {r['ratio_later']:>8.3g}" if warm else f"{'-':>11} {'-':>8}"
+        rows.append(f"{label:<44} {r['windows_per_s']:>11.1f} {r['first_batch_s']:>9.3f} {rt:>8} {later}")
     return rows
 
 
@@ -527,7 +576,11 @@ def format_table(result: dict[str, Any]) -> str:
              f"index    {ix['windows']} windows: {ix['seconds']} s ({ix['us_per_window']} µs/window), RSS "
              f"+{ix['rss_growth_mb']} MB (peak +{ix['peak_growth_mb']} MB), pickled {ix['pickled_bytes'] / 1e6:.1f} MB "
              f"({ix['pickled_bytes_per_window']} B/window)",
-             f"{'case':<44} {'windows/s':>11} {'1st batch':>9} {'ratio':>8}", *_rows(result)]
+             f"{'case (first epoch | later epochs)':<44} {'windows/s':>11} {'1st batch':>9} {'ratio':>8} "
+             f"{'windows/s':>11} {'ratio':>8}", *_rows(result)]
+    for case, sp in (result.get("speedup_over_0_workers") or {}).items():
+        lines.append(f"speedup  {case} over 0 workers: first epoch {sp['first_epoch']}x, later epochs "
+                     f"{sp['later_epochs']}x")
     c = result.get("cache")
     if c:
         lines.append(f"cache    {c['windows']} windows built eagerly in {c['build_s']} s "

@@ -31,6 +31,10 @@ def test_scale_smoke(tmp_path):
     assert all(out["bound"][o]["windows_per_s"] > 0 for o in orders)
     assert [(r["order"], r["workers"]) for r in out["loader"]] == [(o, w) for o in orders for w in SMOKE["workers"]]
     assert all(r["windows"] == st["windows"] and r["windows_per_s"] > 0 for r in out["loader"])
+    assert all(len(r["per_epoch_windows_per_s"]) == SMOKE["loader_epochs"] and r["later_windows_per_s"] > 0
+               and r["ratio_later"] > 0 for r in out["loader"])
+    assert set(out["speedup_over_0_workers"]) == {f"{o}_w{w}" for o in orders for w in SMOKE["workers"] if w}
+    assert all(v["first_epoch"] > 0 and v["later_epochs"] > 0 for v in out["speedup_over_0_workers"].values())
     cache = out["cache"]
     assert cache["windows"] == st["windows"] and cache["build_s"] > 0 and cache["bytes"] > st["windows"] * EMB_DIM * 4
     assert [r["order"] for r in cache["runs"]] == orders[1:] and all(r["windows_per_s"] > 0 for r in cache["runs"])
@@ -44,6 +48,7 @@ def test_scale_smoke(tmp_path):
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in out["ratios"].values()), out["ratios"]
     table = r.stderr[r.stderr.index("machine "):]
     assert "bound shuffled" in table and "loader shuffled, 0 workers" in table and "rss " in table
+    assert "speedup  shuffled_w1 over 0 workers" in table
 
 
 @pytest.mark.parametrize("argv, message", [
