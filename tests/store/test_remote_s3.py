@@ -5,8 +5,6 @@ Nothing is mocked inside fsspec: real HTTP requests go to a real S3 API implemen
 
 from __future__ import annotations
 
-import socket
-
 import fsspec
 import pytest
 import torch
@@ -14,29 +12,11 @@ import torch
 import mmloader
 from mmloader.recipes.ego4d.recipe import Ego4DAdapter
 
-from moto import server as moto_server  # in the dev extra: moto[server], s3fs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="mmtest")
-    # explicit options (never the environment): they travel into loader workers with the store
-    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-           "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20}}
-    server.stop()
+def s3(s3_options):
+    """The loopback S3 server of tests/conftest.py (moto's server mode, in the dev extra)."""
+    return s3_options
 
 
 @pytest.fixture(scope="module")
