@@ -17,6 +17,9 @@ store that cannot be opened). Anything else (a bug) keeps its traceback.
 Each command is one ``cmd_<name>(args) -> exit status`` (:data:`COMMANDS`); ``embed`` and ``evaluate`` share the
 tower options (:func:`add_tower_arguments`) and take mmloader's window options
 (:func:`mmloader.cli.add_window_arguments`) with their own defaults.
+
+``imu2clip index build ENCODER_DIR STORE --out INDEX`` and ``imu2clip search INDEX (--text T | --like REC:T |
+--image FILE)`` build and search a motion index (``docs/search.md``).
 """
 
 from __future__ import annotations
@@ -204,11 +207,144 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """``imu2clip index build``: embed a store's windows into a motion index (``motion_index.build_index``); prints
+    what this run embedded and reused, and whether the manifest was written. Under torchrun (``WORLD_SIZE > 1``
+    and no ``--rank``) the process group is joined first, so rank 0 writes the manifest after a barrier."""
+    import os
+
+    from mmloader.errors import MMLoaderError
+
+    from .motion_index import build_index
+
+    device = args.device
+    if args.rank is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "MASTER_ADDR" in os.environ:
+        from .distributed import init_distributed
+
+        device = str(init_distributed(args.device or "auto")[2])
+    kw = window_kwargs(args, modalities=["video"])
+    kw.pop("modalities")
+    split = kw.pop("split", None)
+    towers = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint, "seed": args.seed,
+              "reduce": args.reduce}
+    try:
+        out = build_index(args.encoder, args.store, args.out, split=split, recordings=args.recording,
+                          targets=args.targets, label_stream=args.label_stream, towers=towers, rank=args.rank,
+                          world_size=args.world_size, batch_size=args.batch_size, device=device,
+                          progress=not args.quiet, **kw)
+    except (MMLoaderError, ValueError, FileNotFoundError) as e:
+        return _fail("index build", e)
+    print(json.dumps(out, indent=2))
+    if not out["complete"]:
+        print(f"imu2clip index build: rank {out['rank']} of {out['world_size']} is done; {len(out['missing'])} "
+              "part(s) of other ranks are not there yet: the run that finds every part writes the manifest (or run "
+              "the same command once more with --rank 0 --world-size 1 to finalise)", file=sys.stderr)
+    return 0
+
+
+def _search_output(args: argparse.Namespace, index, moments, extra: dict[str, Any]) -> None:
+    """Print the moments: a table (default) or one JSON object (``--json``)."""
+    from .search import format_moments
+
+    query = {"text": args.text} if args.text is not None else {"like": args.like} if args.like is not None \
+        else {"image": args.image}
+    method = "faiss" if args.faiss else "exact"
+    if args.json:
+        print(json.dumps({"index": index.url, "query": query, "k": args.k, "method": method, "windows": len(index),
+                          "moments": [m.to_dict() for m in moments], **extra}, indent=2))
+        return
+    what = ", ".join(f"{k} {v!r}" for k, v in query.items())
+    print(f"query: {what}; {method} search over {len(index)} windows; {len(moments)} moment(s)")
+    print(format_moments(moments))
+    if "faiss" in extra:
+        f = extra["faiss"]
+        print(f"faiss: {f['kind']} nlist={f['nlist']} nprobe={f['nprobe']}: recall@{f['k']} against exact search "
+              f"{f['recall_at_k']:.3f} on {f['queries']} queries from the index")
+    if "sheet" in extra:
+        print(f"contact sheet: {extra['sheet']['png']} {extra['sheet']['html']}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """``imu2clip search``: the best moments of a motion index for a text, a moment (``--like``) or an image."""
+    from mmloader.errors import MMLoaderError
+
+    from .motion_index import MotionIndex
+
+    try:
+        index = MotionIndex.open(args.index, device=args.device or "cpu")
+        moments = index.search(text=args.text, like=args.like, image=args.image, k=args.k, split=args.split,
+                               recordings=args.recording, faiss=args.faiss)
+        extra: dict[str, Any] = {}
+        if args.faiss:
+            from .search import faiss_recall
+
+            extra["faiss"] = faiss_recall(index)
+        if args.sheet and moments:
+            from .contact_sheet import write_contact_sheet
+
+            png, page = write_contact_sheet(index, moments, args.sheet, store=args.store, frames=args.sheet_frames,
+                                            title=f"imu2clip search: {args.text or args.like or args.image}")
+            extra["sheet"] = {"png": png, "html": page}
+    except (MMLoaderError, ValueError, ImportError, FileNotFoundError) as e:
+        return _fail("search", e)
+    _search_output(args, index, moments, extra)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "embed": cmd_embed, "evaluate": cmd_evaluate}
+    "train": cmd_train, "embed": cmd_embed, "evaluate": cmd_evaluate, "index": cmd_index, "search": cmd_search}
 
 
 # -- the parser ------------------------------------------------------------------------------------------
+def _add_index_parser(sub: Any) -> None:
+    """``imu2clip index build ENCODER_DIR STORE --out INDEX ...``."""
+    ix = sub.add_parser("index", help="motion indexes: a store's windows embedded by a trained encoder")
+    b = ix.add_subparsers(dest="index_cmd", required=True).add_parser(
+        "build", help="embed every window of a store (or a split) into a motion index (incremental, by recording)")
+    b.add_argument("encoder", help="directory written by save_encoder (run_dir/encoder)")
+    add_window_arguments(b, ("store", "sec", "stride", "anchor", "imu_hz", "frames", "size", "split", "backend"),
+                         defaults={"frames": 1, "size": [64, 64]},
+                         help={"stride": "seconds between window starts (default: sec / 2)"})
+    b.add_argument("--out", required=True, help="the index: a folder or any fsspec URL (s3://...)")
+    b.add_argument("--recording", nargs="+", default=None, metavar="ID", help="index only these recordings")
+    b.add_argument("--targets", nargs="*", default=None, choices=["video", "text"],
+                   help="what the towers embed beside the IMU (default: video and text where the store has them)")
+    b.add_argument("--label-stream", default="activities", help="event stream labelling the windows (if present)")
+    for flag, hlp in (("--model", "open_clip architecture"), ("--pretrained", "open_clip pretrained tag"),
+                      ("--checkpoint", "a local weights file for the towers")):
+        b.add_argument(flag, default=None, help=f"{hlp} of the towers (default: the training run's config.json "
+                                                "beside ENCODER_DIR, else imu2clip-tiny with random weights)")
+    b.add_argument("--reduce", default=None, choices=["center", "mean"], help="a window's video embedding: its "
+                   "centre frame's or the mean of its frames' (default: the run's config, else center)")
+    b.add_argument("--seed", type=int, default=None, help="seeds random-init towers (default: the run's, else 0)")
+    add_rank_arguments(b, "embeds only its contiguous part of the recordings")
+    b.add_argument("--batch-size", type=int, default=64, help="windows per encoder / tower call")
+    b.add_argument("--device", default=None, help="where to embed (default: cuda when available, else cpu)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_search_parser(sub: Any) -> None:
+    """``imu2clip search INDEX (--text T | --like REC:T | --image FILE) ...``."""
+    s = sub.add_parser("search", help="the moments of a motion index that best match a text, a moment or an image")
+    s.add_argument("index", help="a motion index (imu2clip index build --out)")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", default=None, help="text → IMU: windows whose motion matches the text")
+    q.add_argument("--like", default=None, metavar="REC_ID:T_SEC", help="IMU → IMU: windows moving like the window "
+                   "of REC_ID containing T_SEC (that window comes first)")
+    q.add_argument("--image", default=None, metavar="FILE", help="image → IMU: windows whose motion matches the image")
+    s.add_argument("-k", type=int, default=10, help="number of moments (merged windows) to return")
+    s.add_argument("--split", nargs="+", default=None, help="search only these splits")
+    s.add_argument("--recording", nargs="+", default=None, metavar="ID", help="search only these recordings")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--sheet", default=None, metavar="OUT_PREFIX",
+                   help="write a contact sheet: OUT_PREFIX.png and OUT_PREFIX.html (frames and IMU trace per hit)")
+    s.add_argument("--sheet-frames", type=int, default=4, help="frames per hit on the contact sheet")
+    s.add_argument("--store", default=None, help="read the sheet's frames from this store (default: the index's)")
+    s.add_argument("--faiss", action="store_true", help="approximate search with FAISS (IVF, built on first use and "
+                   "cached beside the index); prints its recall@10 against exact search")
+    s.add_argument("--device", default=None, help="where the towers embed the query (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imu2clip", description="IMU2CLIP training on mmloader")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -253,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tower_arguments(v)
     v.add_argument("--fine-tune-epochs", type=int, default=15)
     v.add_argument("--seed", type=int, default=0, help="seeds random-init towers and the baseline encoder")
+    _add_index_parser(sub)
+    _add_search_parser(sub)
     return ap
 
 
