@@ -2,10 +2,11 @@
 before anything is restored.
 
 - :func:`save_checkpoint` / :func:`load_checkpoint`: the file pair ``checkpoint.pt`` + ``checkpoint.pt.sha256.json``
-  (the contract is in :func:`save_checkpoint`'s docstring).
+  (the contract is in :func:`save_checkpoint`'s docstring), in a local folder or at an fsspec URL (``s3://...``).
 - :func:`check_checkpoint`: the structure of a loaded training checkpoint (types, ranges, RNG states, finite values).
-- :func:`restore`: a checked checkpoint put back into a run's model, optimiser, scheduler, scaler, loader and
-  RNGs, checking what needs them (shapes, groups, the loader's window set and position).
+- :func:`restore_checkpoint`: a checked checkpoint put back into a run's model, optimiser, scheduler, scaler, loader
+  and RNGs, checking what needs them (shapes, groups, the loader's window set and position); :func:`restore_best`:
+  the best-so-far state (the validation metric, its epoch and step, the encoder's weights).
 
 Every problem is a :class:`~imu2clip_plugin.errors.CheckpointError` naming the file (and the field).
 """
@@ -30,6 +31,7 @@ from torch import nn
 
 from .distributed import atomic_write, fsync_dir, set_rng_state, write_durable
 from .errors import CheckpointError
+from .rundir import exists_url, is_url, move_url, read_url, remove_url, write_url
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKSUM_SUFFIX = ".sha256.json"     # checkpoint.pt.sha256.json: the checkpoint's size and sha256
@@ -38,13 +40,48 @@ CHECKPOINT_FORMAT_VERSION = 2
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")   # terminal colour/bold codes in torch's messages
 
 
-def checksum_path(path: str | os.PathLike) -> Path:
-    """The checksum record of a checkpoint: ``checkpoint.pt`` → ``checkpoint.pt.sha256.json``."""
+SELECT_METRICS = ("imu_video_r1", "imu_text_r1", "val_loss")   # what a best checkpoint may be selected by
+
+
+def checksum_path(path: str | os.PathLike) -> Path | str:
+    """The checksum record of a checkpoint: ``checkpoint.pt`` → ``checkpoint.pt.sha256.json`` (a URL for a URL)."""
+    if is_url(path):
+        return os.fspath(path) + CHECKSUM_SUFFIX
     p = Path(path)
     return p.with_name(p.name + CHECKSUM_SUFFIX)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+def _partial_path(path: Path | str) -> Path | str:
+    return path + PARTIAL_SUFFIX if isinstance(path, str) else path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _basename(path: Path | str) -> str:
+    return os.path.basename(path) if isinstance(path, str) else path.name
+
+
+def _as_path(path: str | os.PathLike) -> Path | str:
+    """A local checkpoint path as a ``Path``, a URL as its string."""
+    return os.fspath(path) if is_url(path) else Path(path)
+
+
+class _Files:
+    """Reading and moving the files of one checkpoint: local paths, or URLs through fsspec."""
+
+    def __init__(self, path: Path | str, storage_options: dict[str, Any] | None):
+        self.remote, self.so = isinstance(path, str), storage_options
+
+    def read(self, p: Path | str) -> bytes:
+        return read_url(p, self.so) if self.remote else p.read_bytes()
+
+    def move(self, src: Path | str, dst: Path | str) -> None:
+        if self.remote:
+            move_url(src, dst, self.so)
+        else:
+            os.replace(src, dst)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike,
+                    storage_options: dict[str, Any] | None = None) -> Path | str:
     """Write ``state`` to ``path`` with its checksum record ``path.sha256.json``; returns ``path``.
 
     Contract (what :func:`load_checkpoint` accepts):
@@ -58,44 +95,52 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
       between the record and the last rename leaves a record naming ``path.partial``'s bytes, which
       :func:`load_checkpoint` completes (renames) on the next load. A record and data that disagree are never
       accepted.
+    - At a URL (``s3://...``; ``storage_options`` configure its filesystem) the same three steps, each one whole
+      object written in one put (replaced whole, never seen half-written) and the last a server-side move, so the
+      same crash cases hold.
     """
-    path = Path(path)
+    path = _as_path(path)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    write_durable(partial, data)
-    record = {"file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    partial = _partial_path(path)
+    record = {"file": _basename(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
               "step": state.get("step"), "format_version": CHECKPOINT_FORMAT_VERSION}
+    if isinstance(path, str):
+        write_url(partial, data, storage_options)
+        write_url(checksum_path(path), (json.dumps(record, indent=2) + "\n").encode(), storage_options)
+        move_url(partial, path, storage_options)
+        return path
+    write_durable(partial, data)
     atomic_write(checksum_path(path), (json.dumps(record, indent=2) + "\n").encode())
     os.replace(partial, path)
     fsync_dir(path.parent)
     return path
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def _read_record(path: Path | str, files: _Files) -> dict[str, Any]:
     rec_path = checksum_path(path)
     try:
-        rec = json.loads(rec_path.read_text())
+        rec = json.loads(files.read(rec_path).decode())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checksum record {rec_path.name} beside it; refusing an unverified "
+        raise CheckpointError(f"{path}: no checksum record {_basename(rec_path)} beside it; refusing an unverified "
                               "checkpoint (checkpoints written before checksums were added cannot be resumed)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{rec_path}: unreadable checksum record of {path}: {e}") from None
     if (not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("size"), int)
-            or rec.get("file") != path.name):
-        raise CheckpointError(f"{rec_path}: not a checksum record of {path.name}: {rec!r}")
+            or rec.get("file") != _basename(path)):
+        raise CheckpointError(f"{rec_path}: not a checksum record of {_basename(path)}: {rec!r}")
     return rec
 
 
-def _verified_bytes(path: Path, rec: dict[str, Any]) -> bytes:
+def _verified_bytes(path: Path | str, rec: dict[str, Any], files: _Files) -> bytes:
     """The checkpoint's bytes, checked against the record; rolls an interrupted save forward."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial = _partial_path(path)
     found: list[str] = []
     # path, then a save's partial file, then path again (another rank may have rolled it forward meanwhile)
     for cand in (path, partial, path):
         try:
-            data = cand.read_bytes()
+            data = files.read(cand)
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -103,31 +148,34 @@ def _verified_bytes(path: Path, rec: dict[str, Any]) -> bytes:
         if len(data) == rec["size"] and hashlib.sha256(data).hexdigest() == rec["sha256"]:
             if cand is partial:  # the save was interrupted after committing its record: complete it
                 try:
-                    os.replace(partial, path)
+                    files.move(partial, path)
                 except OSError:
                     pass
             return data
         if cand is path and not found:
             found.append(f"{len(data)} bytes" if len(data) != rec["size"] else "a different sha256")
+    rec_name = _basename(checksum_path(path))
     if not found:
-        raise CheckpointError(f"{path}: checkpoint file not found (its checksum record {checksum_path(path).name} "
-                              "exists)")
+        raise CheckpointError(f"{path}: checkpoint file not found (its checksum record {rec_name} exists)")
     what = "truncated or extended" if found[0].endswith("bytes") else "corrupt"
-    raise CheckpointError(f"{path}: checkpoint is {what}: {found[0]}, its record {checksum_path(path).name} says "
+    raise CheckpointError(f"{path}: checkpoint is {what}: {found[0]}, its record {rec_name} says "
                           f"{rec['size']} bytes, sha256 {rec['sha256'][:16]}...; refusing to resume from it")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`: size and sha256 verified against ``path.sha256.json``,
-    then ``torch.load(weights_only=True)`` (no pickled code runs; only tensors and plain values are accepted).
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                    storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (a local path, or a URL with its ``storage_options``):
+    size and sha256 verified against ``path.sha256.json``, then ``torch.load(weights_only=True)`` (no pickled code
+    runs; only tensors and plain values are accepted).
 
     Raises:
         CheckpointError: no record, a record that does not match the file (corrupt, truncated, replaced), or a file
             that is not a plain-values checkpoint. The message names the file.
     """
-    path = Path(path)
-    rec = _read_record(path)
-    data = _verified_bytes(path, rec)
+    path = _as_path(path)
+    files = _Files(path, storage_options)
+    rec = _read_record(path, files)
+    data = _verified_bytes(path, rec, files)
     try:
         ck = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors and plain values; RuntimeError when unreadable
@@ -243,7 +291,7 @@ def check_checkpoint(ck: dict[str, Any], path: str | os.PathLike) -> None:
     ``step >= 0``, every RNG state of the right shape and dtype, finite floating tensors in the model and optimiser
     states. Raises :class:`CheckpointError` naming the file and the field. (What needs the run, such as the model's
     shapes or the loader's position, is checked when :func:`train` restores it.)"""
-    path = Path(path)
+    path = _as_path(path)
     model = _get(path, ck, "model", "dict")
     for k, v in model.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
@@ -292,6 +340,57 @@ def check_checkpoint(ck: dict[str, Any], path: str | os.PathLike) -> None:
                     val = _get(path, item, sub, "int", f"{field}.")
                     if val < 0:
                         raise _bad(path, f"{field}.{sub}", f"must be >= 0, got {val}")
+    _check_best(path, ck, step)
+
+
+def _check_best(path: Path, ck: dict[str, Any], step: int) -> None:
+    """The optional best-so-far fields: ``best`` (None, or the metric, its value, epoch and step, and the encoder's
+    weights then), ``bad_epochs`` (validations since, without improvement) and ``early_stopped`` (patience ran out).
+    A checkpoint without them (written before best-checkpoint selection) resumes with no best yet."""
+    best = ck.get("best")
+    if best is not None:
+        if not isinstance(best, dict):
+            raise _bad(path, "best", f"must be None or a dict, got {type(best).__name__} {_short(best)}")
+        metric = _get(path, best, "metric", "str", "best.")
+        if metric not in SELECT_METRICS:
+            raise _bad(path, "best.metric", f"must be one of {list(SELECT_METRICS)}, got {metric!r}")
+        value = _get(path, best, "value", "number", "best.")
+        if not math.isfinite(value):
+            raise _bad(path, "best.value", f"is {value!r}, not a finite number")
+        if _get(path, best, "epoch", "int", "best.") < 0:
+            raise _bad(path, "best.epoch", f"must be >= 0, got {best['epoch']}")
+        if not 0 <= _get(path, best, "step", "int", "best.") <= step:
+            raise _bad(path, "best.step", f"must be in [0, step={step}], got {best['step']}")
+        enc = _get(path, best, "encoder", "dict", "best.")
+        for k, v in enc.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise _bad(path, f"best.encoder.{k}", f"must map parameter names to tensors, got {type(v).__name__}")
+        _check_finite(path, "best.encoder", enc)
+    if "bad_epochs" in ck and not (_is_int(ck["bad_epochs"]) and ck["bad_epochs"] >= 0):
+        raise _bad(path, "bad_epochs", f"must be an int >= 0, got {_short(ck['bad_epochs'])}")
+    if "early_stopped" in ck and not isinstance(ck["early_stopped"], bool):
+        raise _bad(path, "early_stopped", f"must be true or false, got {_short(ck['early_stopped'])}")
+
+
+def restore_best(ck: dict[str, Any], path: Path | str, encoder: nn.Module, metric: str
+                 ) -> tuple[dict[str, Any] | None, int, bool]:
+    """The best-so-far state of a checked checkpoint, for a run selecting by ``metric`` whose encoder is
+    ``encoder``: ``(best, bad_epochs, early_stopped)``. Raises :class:`CheckpointError` when the checkpoint chose
+    its best by another metric, or its best weights do not fit ``encoder``."""
+    best = ck.get("best")
+    if best is not None:
+        if best["metric"] != metric:
+            raise _bad(path, "best.metric", f"is {best['metric']!r}, this run selects by {metric!r}: resume with the "
+                                            "same select_metric, or start over with overwrite")
+        fresh = encoder.state_dict()
+        saved = best["encoder"]
+        problems = sorted(set(fresh) ^ set(saved)) or [k for k in fresh if saved[k].shape != fresh[k].shape]
+        if problems:
+            raise _bad(path, "best.encoder", f"does not fit this run's encoder ({len(problems)} problem(s), e.g. "
+                                             f"{problems[0]!r})")
+        best = {"metric": best["metric"], "value": float(best["value"]), "epoch": int(best["epoch"]),
+                "step": int(best["step"]), "encoder": {k: v.detach().cpu().clone() for k, v in saved.items()}}
+    return best, int(ck.get("bad_epochs", 0)), bool(ck.get("early_stopped", False))
 
 
 def _like(path: Path, field: str, saved: Any, fresh: Any) -> None:
@@ -435,16 +534,35 @@ def _restore_rng(ck: dict[str, Any], path: Path, rank: int, world: int) -> None:
         raise _bad(path, "rng", f"cannot be restored: {_first_line(e)}") from None
 
 
-def checkpoint_files(run_dir: Path) -> list[Path]:
-    """The checkpoint files in ``run_dir`` (data, checksum record, an interrupted save's partial file)."""
-    path = run_dir / CHECKPOINT_NAME
-    return [p for p in (checksum_path(path), path, path.with_name(path.name + PARTIAL_SUFFIX)) if p.exists()]
+def _in_run(run_dir: str | os.PathLike, name: str) -> Path | str:
+    return os.fspath(run_dir).rstrip("/") + "/" + name if is_url(run_dir) else Path(run_dir) / name
 
 
-def recorded_step(run_dir: Path) -> str:
+def checkpoint_files(run_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[Path | str]:
+    """The checkpoint files in ``run_dir`` (data, checksum record, an interrupted save's partial file), in the order
+    to remove them (the record first: nothing half-valid is left)."""
+    path = _in_run(run_dir, CHECKPOINT_NAME)
+    cands = (checksum_path(path), path, _partial_path(path))
+    if isinstance(path, str):
+        return [p for p in cands if exists_url(p, storage_options)]
+    return [p for p in cands if p.exists()]
+
+
+def remove_checkpoint(run_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove the checkpoint files of ``run_dir`` (its record first)."""
+    for f in checkpoint_files(run_dir, storage_options):
+        if isinstance(f, str):
+            remove_url(f, storage_options)
+        else:
+            f.unlink()
+
+
+def recorded_step(run_dir: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str:
     """The step the checksum record in ``run_dir`` names, as text ("unknown" when it cannot be read)."""
+    rec = checksum_path(_in_run(run_dir, CHECKPOINT_NAME))
     try:
-        step = json.loads(checksum_path(run_dir / CHECKPOINT_NAME).read_text()).get("step")
+        raw = read_url(rec, storage_options) if isinstance(rec, str) else rec.read_bytes()
+        step = json.loads(raw).get("step")
     except (OSError, ValueError, AttributeError):
         return "unknown"
     return str(step) if _is_int(step) else "unknown"

@@ -18,7 +18,8 @@ import torch
 from mmloader.dist import rank_world
 
 __all__ = ["rank_world", "init_distributed", "shutdown_distributed", "is_main", "barrier", "all_gather_objects",
-           "all_reduce_sum", "rng_state", "set_rng_state", "fsync_dir", "write_durable", "atomic_write"]
+           "gather_objects", "broadcast_object", "all_reduce_sum", "rng_state", "set_rng_state", "fsync_dir",
+           "write_durable", "atomic_write"]
 
 
 # -- ranks and collectives -------------------------------------------------------------------------------
@@ -65,6 +66,26 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0 only (None on the others): ``[obj]`` with one
+    process."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None)."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

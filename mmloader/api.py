@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .coordinate import prepare_once
 from .recipes import available, get_adapter
 from .errors import StoreFormatError
 from .fsutil import get_fs, join, probe_exists
@@ -185,6 +186,12 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
 
     ``storage_options`` configure the store's filesystem (fsspec), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
     for an S3-compatible server; they travel with the dataset into loader workers.
+
+    Several processes opening the same name at once (torchrun ranks, SLURM tasks, two shells) prepare it once per
+    folder: one process prepares under a lock while the others wait, then all open it; ranks whose cache folders
+    are node-local (another disk, another ``$MMLOADER_CACHE_DIR``) each get one copy per folder
+    (:func:`mmloader.coordinate.prepare_once`; waits end after ``$MMLOADER_PREPARE_TIMEOUT_S`` with
+    ``PrepareTimeoutError`` naming the folder).
     """
     name = os.fspath(name_or_url)
     if name.startswith("sample:"):
@@ -194,15 +201,22 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mmloader.open(...)
             raise ValueError(f"mmloader.open({name!r}) needs root=<folder of the native {name} data>")
         return Dataset(Store(name, **(storage_options or {})))
     adapter = get_adapter(name)
-    fingerprint = adapter.fingerprint(os.fspath(root))
     base = os.fspath(cache) if cache is not None else str(cache_dir() / "stores")
+    dst = _prepared_url(adapter, name, root, base, options)
+    prepare_once(dst, lambda: _is_store(dst),
+                 lambda: adapter.prepare(os.fspath(root), dst, overwrite=True, progress=progress, **options),
+                 what=f"the {name} store of {os.fspath(root)}", progress=progress)
+    return Dataset(Store(dst))
+
+
+def _prepared_url(adapter: Any, name: str, root: str | os.PathLike, base: str, options: dict[str, Any]) -> str:
+    """Where ``open(name, root=...)`` keeps the store prepared from ``root`` with ``options``: one folder per
+    source fingerprint and options."""
+    fingerprint = adapter.fingerprint(os.fspath(root))
     if options:  # the same source prepared with other options is another store
         key = json.dumps(options, sort_keys=True, default=str)
         fingerprint += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    dst = join(base, f"{name}-{fingerprint}")
-    if not _is_store(dst):
-        adapter.prepare(os.fspath(root), dst, overwrite=True, progress=progress, **options)
-    return Dataset(Store(dst))
+    return join(base, f"{name}-{fingerprint}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -210,21 +224,47 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _open_sample(dataset: str, cache: str | os.PathLike | None, progress: bool, **options: Any) -> Dataset:
+    """The built-in sample: generated (``src/``) and prepared (``stores/``) once into one folder per parameter set,
+    by one process at a time (:func:`mmloader.coordinate.prepare_once`, its lock inside that folder)."""
     if dataset != "ego4d":
         raise ValueError(f"no built-in sample for {dataset!r} (available: ego4d)")
-    from .samples.ego4d import generate_ego4d_sample
-
     params = {"videos": 8, "seconds": 60.0, "seed": 0, **options}
     key = "-".join(f"{k}{params[k]}" for k in sorted(params))
     base = os.fspath(cache) if cache is not None else str(cache_dir() / "samples")
-    src = os.path.join(base, f"ego4d-{key}", "src")
-    if not os.path.exists(os.path.join(src, "DONE")):
-        tmp = f"{src}.partial-{os.getpid()}"
-        generate_ego4d_sample(tmp, progress=progress, **params)
-        with builtins.open(os.path.join(tmp, "DONE"), "w") as f:
-            json.dump(params, f)
-        if os.path.exists(src):
-            shutil.rmtree(src)
-        os.rename(tmp, src)
-    return open("ego4d", root=src, cache=os.path.join(base, f"ego4d-{key}", "stores"), progress=progress)
+    folder = os.path.join(base, f"ego4d-{key}")
+    src, stores = os.path.join(folder, "src"), os.path.join(folder, "stores")
+    adapter = get_adapter("ego4d")
 
+    def store_url() -> str | None:
+        """The prepared store's URL, None while the sample is not generated and prepared."""
+        if not os.path.exists(os.path.join(src, "DONE")):
+            return None
+        dst = _prepared_url(adapter, "ego4d", src, stores, {})
+        return dst if _is_store(dst) else None
+
+    def prepare() -> None:
+        if not os.path.exists(os.path.join(src, "DONE")):
+            _generate_sample(src, params, progress)
+        adapter.prepare(src, _prepared_url(adapter, "ego4d", src, stores, {}), overwrite=True, progress=progress)
+
+    os.makedirs(folder, exist_ok=True)
+    prepare_once(folder, lambda: store_url() is not None, prepare, what=f"the ego4d sample {params}",
+                 lock=os.path.join(folder, ".prepare.lock"), progress=progress)
+    return Dataset(Store(store_url()))
+
+
+def _generate_sample(src: str, params: dict[str, Any], progress: bool) -> None:
+    """Generate the sample tree into ``src`` (a temporary sibling renamed into place, ``DONE`` written last)."""
+    from .samples.ego4d import generate_ego4d_sample
+
+    parent, name = os.path.split(src)
+    for entry in os.listdir(parent):   # a killed generator's leftovers (the caller holds the folder's lock)
+        if entry.startswith(f"{name}.partial-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    tmp = f"{src}.partial-{os.getpid()}"
+    generate_ego4d_sample(tmp, progress=progress, **params)
+    with builtins.open(os.path.join(tmp, "DONE"), "w") as f:
+        json.dump(params, f)
+    if os.path.exists(src):
+        shutil.rmtree(src)
+    os.rename(tmp, src)

@@ -9,7 +9,7 @@ Layers, lowest first (a module may import its own layer's modules and lower laye
     recipes   mmloader.recipes        source layouts -> a store (a sibling of windows: neither imports the other)
     cache     mmloader.cache          the window cache, wrapping any Windows
     loader    mmloader.loader         WindowLoader
-    front     mmloader.{api, cli, samples, __init__} and the deprecated aliases
+    front     mmloader.{api, coordinate, cli, samples, __init__} and the deprecated aliases
     plugin    imu2clip_plugin
 
 Function-level imports of a higher layer are allowed only in the fluent front doors listed in ``FRONT_DOORS``
@@ -53,7 +53,7 @@ def layer_of(module: str) -> str:
         return "core"
     if top in ("video", "store", "windows", "recipes", "cache", "loader"):
         return top
-    if top in ("api", "cli", "samples", "schemas", "bench"):
+    if top in ("api", "coordinate", "cli", "samples", "schemas", "bench"):
         return "front"
     raise AssertionError(f"{module}: not assigned to a layer; add it to tests/test_architecture.py and "
                          f"docs/architecture.md")
