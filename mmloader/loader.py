@@ -70,6 +70,7 @@ MAX_SEED = 2**63  # seeds are non-negative and fit an int64 (states are saved as
 _PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
 _WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
 RUN_WINDOWS = 128  # shuffle=False with workers: a worker's contiguous run holds at least this many windows
+REORDER_SLOTS = 6  # shared-memory slots per worker for batches that wait behind another worker's run
 BLOCK_WINDOWS = 256  # shuffle="block": windows per block when the set has no run_alignment (a cache's shards)
 _NO_RUN = object()
 
@@ -198,13 +199,13 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
                 if not _take_frees(writer, tasks, pending):
                     return
                 if writer.free:  # else the main process still holds every slot's batch: pickle this one
-                    slot = writer.free.popleft()
+                    slot = writer.free.pop()
             try:
                 batch = fetch(indices, run, alloc=writer.arena(slot) if slot is not None else None)
                 out = ("ok", k, batch) if slot is None else ("shm", k, slot, *writer.write(slot, batch))
             except Exception as e:
                 if slot is not None:
-                    writer.free.appendleft(slot)  # type: ignore[union-attr]
+                    writer.free.append(slot)  # type: ignore[union-attr]
                 out = ("err", k, _pack_error(e))
             if not _send_result(results, out, k):
                 return
@@ -339,8 +340,11 @@ class _WorkerPool:
         self.broken = False
         main_pid = os.getpid()
         threads = max(1, cpus_available() // max(1, num_workers))
-        # batches through reused shared-memory slots (mmloader.shm); else pickled (tensors in fresh segments)
-        slots = self.per_worker + 2 if shm.available() else 0
+        # batches through reused shared-memory slots (mmloader.shm); else pickled (tensors in fresh segments).
+        # Beyond the queued ones: the batch the caller holds, one whose "free" is on its way, and REORDER_SLOTS
+        # for batches of a worker's run that wait (in order) behind another worker's run (see _dispatch)
+        self.slots = self.per_worker + 2 + REORDER_SLOTS if shm.available() else 0
+        slots = self.slots
         self._freed: deque = deque()  # (worker, slot) whose batch the caller no longer holds: to hand back
         token = f"{main_pid}-{os.urandom(4).hex()}"  # this pool's slot files: mmloader-<token>-<worker>-...
         self.readers: list[shm.SlotReader] = []
@@ -503,15 +507,23 @@ class _WorkerPool:
                 raise self._late_in_io(i) from None
             raise self._death(i) from None
 
-    def _dispatch(self, todo: deque | list[deque], k: int, block: int) -> None:
+    def _dispatch(self, todo: deque | list[deque], k: int, block: int, buffer: dict | None = None) -> None:
         """Hand out tasks. ``block == 0``: ``todo`` is one queue, each task to the least busy worker. Else ``todo``
         holds one queue per worker (batch j belongs to worker ``(j // block) % workers``); a worker takes its own
-        tasks, none beyond the workers' next round of blocks after the one batch ``k`` (awaited) is in."""
+        tasks, none beyond the round of blocks after the next one from batch ``k`` (awaited; so a worker that is
+        done with its block while batch ``k``'s worker is not can go on with its next one), and (with
+        shared-memory slots) none while its queued and received-but-waiting batches would fill its slots, so its
+        batches never fall back to pickling while they wait for their turn."""
         self._hand_back_slots()
         if block:
-            limit = (k // block + len(self.procs)) * block
+            limit = (k // block + len(self.procs) + 1) * block
+            waiting = [0] * len(self.procs)
+            for j in buffer or ():
+                waiting[(j // block) % len(self.procs)] += 1
+            cap = self.slots - 2 if self.slots else None  # the caller's batch and one "free" on its way
             for i, queue in enumerate(todo):
-                while queue and queue[0][0] < limit and len(self.inflight[i]) < self.per_worker:
+                while queue and queue[0][0] < limit and len(self.inflight[i]) < self.per_worker and \
+                        (cap is None or len(self.inflight[i]) + waiting[i] < cap):
                     self._send(i, queue.popleft())
             return
         while todo:
@@ -537,7 +549,7 @@ class _WorkerPool:
         todo = self._tasks(batches, block)
         buffer: dict[int, Any] = {}
         for k in range(len(batches)):
-            self._dispatch(todo, k, block)
+            self._dispatch(todo, k, block, buffer)
             since = time.monotonic()  # the last time a batch came back (or the wait began)
             while k not in buffer:
                 left = None if self.timeout is None else since + self.timeout - time.monotonic()
@@ -546,7 +558,7 @@ class _WorkerPool:
                 if self._receive(buffer, _WAIT_S if left is None else min(_WAIT_S, left)):
                     since = time.monotonic()
                 if block:
-                    self._dispatch(todo, k, block)  # keep the other workers busy on their runs
+                    self._dispatch(todo, k, block, buffer)  # keep the other workers busy on their runs
             self._receive(buffer, 0)  # a worker that died meanwhile is an error now, not at the end
             out = buffer.pop(k)
             if isinstance(out, _Failure):

@@ -82,7 +82,9 @@ class SlotWriter:
     main process has not mapped yet or None, the batch with each tensor replaced by its ``TensorRef``)."""
 
     def __init__(self, n_slots: int, tag: str):
-        self.free: deque[int] = deque(range(n_slots))
+        # taken and given back at the right end (last in, first out): a slot made once is reused while it is free,
+        # so a worker maps no more slots than it ever has batches out at once
+        self.free: deque[int] = deque(range(n_slots - 1, -1, -1))
         self._maps: dict[int, mmap.mmap] = {}
         self._base: dict[int, int] = {}
         self.new_paths: dict[int, str] = {}  # slot -> its file, made since the main process last heard of it

@@ -560,7 +560,8 @@ def _rows(result: dict[str, Any]) -> list[str]:
     for label, r in runs:
         rt = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
         warm = r.get("later_windows_per_s")
-        later = f"{warm:>11.1f} {r['ratio_later']:>8.3g}" if warm else f"{'-':>11} {'-':>8}"
+        rl = "-" if r.get("ratio_later") is None else f"{r['ratio_later']:.3g}"
+        later = f"{warm:>11.1f} {rl:>8}" if warm else f"{'-':>11} {'-':>8}"
         rows.append(f"{label:<44} {r['windows_per_s']:>11.1f} {r['first_batch_s']:>9.3f} {rt:>8} {later}")
     return rows
 

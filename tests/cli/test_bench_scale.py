@@ -70,3 +70,13 @@ def test_bad_argument_exit_2_through_the_cli():
     r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--hz", "fast"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and "--hz" in r.stderr
+
+
+def test_scale_loader_cases_without_the_bound():
+    """Without the bound case the ratios are None and the table still prints (a dash)."""
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--smoke", "--only", "shuffled",
+                        "--workers", "0"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run, = json.loads(r.stdout)["loader"]
+    assert run["ratio"] is None and run["ratio_later"] is None and run["later_windows_per_s"] > 0
+    assert "loader shuffled, 0 workers" in r.stderr

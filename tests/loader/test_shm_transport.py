@@ -107,6 +107,29 @@ def test_worker_batches_equal_in_process_batches_and_stay_intact(shuffle):
     assert all(_files(tag) == [] for tag in tags)
 
 
+@pytest.mark.parametrize("shuffle", [False, "block"])
+def test_batches_that_wait_behind_another_workers_run_still_go_through_slots(shuffle, monkeypatch):
+    """In index order (and block shuffle) each worker reads contiguous runs; a worker's finished run waits, in order,
+    behind the other worker's. Those waiting batches must not overflow its slots (then they would be pickled): the
+    dispatcher holds a worker back instead, and every batch arrives through shared memory, in order."""
+    from mmloader import loader as loader_mod
+
+    kinds: list[str] = []
+    take = loader_mod._WorkerPool._take
+    monkeypatch.setattr(loader_mod._WorkerPool, "_take", lambda self, i, msg, buf: kinds.append(msg[0]) or
+                        take(self, i, msg, buf))
+    loader = WindowLoader(Numbers(160), batch_size=2, shuffle=shuffle, num_workers=2, prefetch=2,
+                          block_windows=20, buffer_blocks=1)
+    loader.run_batches = 10  # runs of 10 batches: longer than a worker's slots beyond its queue
+    try:
+        got = [b["index"].tolist() for b in loader]
+    finally:
+        loader.close()
+    assert sorted(i for b in got for i in b) == list(range(160))
+    assert got == [x.tolist() for x in np.array_split(loader.order(0), 80)]
+    assert len(kinds) == 80 and set(kinds) == {"shm"}, kinds
+
+
 class Dies(Numbers):
     def __getitem__(self, i: int) -> dict:
         if i == 30:
