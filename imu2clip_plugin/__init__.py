@@ -1,7 +1,8 @@
 """IMU2CLIP on top of mmloader: an IMU encoder trained against frozen CLIP towers.
 
 The encoder, towers, embedding cache, trainer (``from imu2clip_plugin.train import TrainConfig, Trainer, train``) and
-evaluation (``from imu2clip_plugin.evaluate import evaluate_encoder``). This package depends on mmloader, never the
+evaluation (``from imu2clip_plugin.evaluate import evaluate_encoder``), and the motion index searched by text, image
+or moment (``from imu2clip_plugin import MotionIndex, build_index``). This package depends on mmloader, never the
 reverse.
 
 ``encoder`` and ``loss`` need only torch (``safetensors`` to save/load); ``towers`` needs ``open_clip_torch`` and
@@ -16,7 +17,7 @@ from .loss import ContrastiveLoss, gather_with_grad, info_nce
 __version__ = "0.1.0"
 
 _LAZY = {"TrainConfig": "train", "Trainer": "train", "EmbeddedWindows": "embed", "build_embedding_cache": "embed",
-         "towers_fingerprint": "embed"}
+         "towers_fingerprint": "embed", "MotionIndex": "motion_index", "build_index": "motion_index"}
 
 _TOWERS = ("ClipTowers", "WeightsUnavailableError", "TINY_MODEL", "TINY_CONFIG", "register_tiny_config",
            "register_model_config")

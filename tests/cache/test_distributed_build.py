@@ -128,7 +128,7 @@ def test_each_rank_fills_only_its_part_and_together_they_match_one_process(store
     assert cache_files(url) == reference
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_a_killed_rank_is_completed_by_its_rerun(store, reference, tmp_path, where, request):
     opts = request.getfixturevalue("s3_options") if where == "s3" else {}
     url = str(tmp_path / "c") if where == "local" else f"s3://mmtest/caches/killed-{tmp_path.name}"
