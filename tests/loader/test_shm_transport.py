@@ -139,10 +139,11 @@ class Dies(Numbers):
 
 def test_a_killed_worker_leaves_no_file():
     loader = WindowLoader(Dies(), batch_size=4, num_workers=2)
-    tags: list[str] = []
+    # the pool's slot tags, taken before iterating: the worker may die before the first batch is yielded
+    tags = [r.tag for r in loader._get_pool().readers]
     with pytest.raises(WorkerError, match="killed by signal SIGKILL|SIGKILL"):
         for _ in loader:
-            tags = tags or [r.tag for r in loader._pool.readers]
+            pass
     loader.close()
     deadline = time.monotonic() + 5
     while any(_files(tag) for tag in tags) and time.monotonic() < deadline:
