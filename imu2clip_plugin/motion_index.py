@@ -571,7 +571,10 @@ class MotionIndex:
                 raise MotionIndexError(f"{where}: field 'size': the manifest says {e['size']} bytes, the file has "
                                        f"{buf.size} (truncated or replaced)")
             if self.verify and _sha256(buf) != e["sha256"]:
-                raise MotionIndexError(f"{where}: field 'sha256' does not match the manifest (the part is corrupt)")
+                rec = e["file"][:-len(".parquet")] + ".json"
+                raise MotionIndexError(f"{where}: field 'sha256' does not match the manifest (the part is corrupt); "
+                                       f"delete it and its record ({rec}) and run `imu2clip index build` again to "
+                                       "embed that recording anew")
             try:
                 t = pq.read_table(pa.BufferReader(buf))
             except (pa.ArrowInvalid, OSError) as err:

@@ -73,7 +73,9 @@ class RunDir:
     def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None):
         self.remote = is_url(location)
         self.storage_options = dict(storage_options or {})
-        self.location: Path | str = os.fspath(location).rstrip("/") if self.remote else Path(location)
+        local = os.fspath(location)
+        local = local[len("file://"):] if local.startswith("file://") else local
+        self.location: Path | str = os.fspath(location).rstrip("/") if self.remote else Path(local)
 
     def __str__(self) -> str:
         return str(self.location)

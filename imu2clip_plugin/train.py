@@ -492,8 +492,10 @@ class Trainer:
             self.global_step, self.history, self.last_val_step = restore_checkpoint(
                 ck, self.checkpoint_path, model=self.model, opt=self.opt, sched=self.sched, scaler=self.scaler,
                 loader=self.loader, rank=self.rank, world=self.world, total=self.total)
-            self.best, self.bad_epochs, self.stopped_by_patience = restore_best(
-                ck, self.checkpoint_path, self.model.encoder, self.select)
+            self.best, self.bad_epochs, _ = restore_best(ck, self.checkpoint_path, self.model.encoder, self.select)
+            # from this run's config: a resume with more patience (or none) goes on where the last one stopped
+            patience = self.cfg.early_stop_patience
+            self.stopped_by_patience = patience is not None and self.bad_epochs >= patience
             del ck
         if self.rank == 0:
             self.run.makedirs()
@@ -582,6 +584,7 @@ class Trainer:
         states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         if self.rank == 0:
             model = self.model
+            self.metrics.flush()  # first: the records up to this step are never lost behind a saved checkpoint
             save_checkpoint({"format_version": CHECKPOINT_FORMAT_VERSION, "model": model.state_dict(),
                              "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                              "scaler": self.scaler.state_dict(), "logit_scale": float(model.loss.logit_scale.detach()),
@@ -591,7 +594,6 @@ class Trainer:
                              "last_val_step": self.last_val_step, "config": self.cfg.to_dict(),
                              "best": self.best, "bad_epochs": self.bad_epochs,
                              "early_stopped": self.stopped_by_patience}, self.checkpoint_path, **self._so())
-            self.metrics.flush()
         barrier()
 
     def _log_validation(self, epoch: int, candidate: bool = True) -> None:

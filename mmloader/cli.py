@@ -154,15 +154,15 @@ def _count(minimum: int):
 
 
 def add_rank_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--rank R --world-size W`` (both or neither; default: from torchrun's or SLURM's environment, else one
+    """``--rank R --world-size W`` (both or neither; default: from torchrun's or srun's environment, else one
     process): the place of this process in a first pass spread over processes or machines; ``what`` says what a
     rank does (the help text)."""
     parser.add_argument("--rank", type=_count(0), default=None,
-                        help=f"this process's rank, 0 <= R < W (default: torchrun's RANK, SLURM_ARRAY_TASK_ID or "
-                             f"SLURM_PROCID, else 0); each rank {what}")
+                        help=f"this process's rank, 0 <= R < W (default: torchrun's RANK or srun's SLURM_PROCID, "
+                             f"else 0; a SLURM array: --rank $SLURM_ARRAY_TASK_ID); each rank {what}")
     parser.add_argument("--world-size", type=_count(1), default=None,
-                        help="how many ranks share the work (default: WORLD_SIZE, SLURM_ARRAY_TASK_COUNT or "
-                             "SLURM_NTASKS, else 1)")
+                        help="how many ranks share the work (default: WORLD_SIZE or SLURM_STEP_NUM_TASKS, else 1; "
+                             "a SLURM array: --world-size $SLURM_ARRAY_TASK_COUNT)")
 
 
 def rank_arguments(args: argparse.Namespace) -> tuple[int, int]:

@@ -9,8 +9,9 @@ prepares itself (``open(name, root=...)``, ``open("sample:ego4d")``). The contra
   holding it, and removes the lock file when done; every other process waits for the lock, finds ``ready()`` true
   and prepares nothing. So exactly one process writes each folder, whether the ranks share a disk or not: when each
   node (or each rank) has its own folder, one process per folder prepares that folder's copy. The first to try is
-  the launcher's rank 0 and each node's ``LOCAL_RANK`` 0; other ranks first wait ``grace_s`` for the store or a
-  lock to appear (so rank 0 prepares a shared folder), then take the lock themselves (their folder is not shared).
+  the launcher's rank 0; other ranks first wait ``grace_s`` for the store or rank 0's lock to appear (so rank 0
+  prepares a shared folder), then take the lock themselves (their folder is not shared: one process per folder
+  prepares it). Where ``flock`` does not exclude processes on other nodes (NFS mounted ``nolock``), prepare first.
   A lock whose holder died is released by the kernel, never left stale.
 - **A URL** (``s3://...``: every rank sees the same store, and objects cannot be locked): rank 0 (of
   ``mmloader.dist.launch_rank_world``) prepares; the other ranks poll ``ready()``.
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover - not a POSIX system: no locks (rank 0 p
 __all__ = ["prepare_once", "PrepareTimeoutError", "lock_path", "TIMEOUT_ENV", "GRACE_ENV"]
 
 TIMEOUT_ENV = "MMLOADER_PREPARE_TIMEOUT_S"   # seconds a process waits for another's preparation
-GRACE_ENV = "MMLOADER_PREPARE_GRACE_S"       # seconds a rank other than 0 / LOCAL_RANK 0 lets rank 0 go first
+GRACE_ENV = "MMLOADER_PREPARE_GRACE_S"       # seconds a rank other than 0 lets rank 0 go first
 DEFAULT_TIMEOUT_S = 3 * 3600.0
 DEFAULT_GRACE_S = 10.0
 POLL_S = 0.2
@@ -80,11 +81,11 @@ def _seconds(env: str, default: float) -> float:
 
 
 def _place() -> tuple[int, int, bool]:
-    """``(rank, world_size, first)``: ``first`` for a process that tries the lock at once (one process alone, rank
-    0, or a node's first process: ``LOCAL_RANK`` / ``SLURM_LOCALID`` 0)."""
+    """``(rank, world_size, first)``: ``first`` for a process that tries the lock at once (one process alone, or
+    rank 0). Every other process first waits a grace period for rank 0's lock or the store, so that a folder shared
+    by several nodes is prepared by rank 0 and not by each node's first process."""
     rank, world = launch_rank_world()
-    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "")).strip()
-    return rank, world, world == 1 or rank == 0 or local == "0"
+    return rank, world, world == 1 or rank == 0
 
 
 def _me(rank: int, world: int) -> str:
@@ -192,8 +193,8 @@ def prepare_once(dst: str, ready: Callable[[], bool], prepare: Callable[[], obje
 
     ``dst``: the folder or URL ``prepare`` publishes (its messages name it). ``lock``: the lock file (default
     ``.NAME.lock`` beside a local ``dst``). ``timeout_s`` (default ``$MMLOADER_PREPARE_TIMEOUT_S`` or 3 h) bounds
-    every wait; ``grace_s`` (``$MMLOADER_PREPARE_GRACE_S`` or 10 s) is how long a rank other than rank 0 and its
-    node's ``LOCAL_RANK`` 0 waits before preparing its own copy. ``progress``: a line on stderr when this process
+    every wait; ``grace_s`` (``$MMLOADER_PREPARE_GRACE_S`` or 10 s) is how long a rank other than rank 0 waits for
+    rank 0's lock file or the store before preparing its own copy. ``progress``: a line on stderr when this process
     prepares or waits. Raises :class:`PrepareTimeoutError` naming ``dst`` when a wait runs out; what ``prepare``
     raises propagates (the lock is released first, so a waiting process tries in its turn)."""
     if ready():
@@ -229,7 +230,7 @@ def _prepare_shared(dst: str, ready, prepare, what: str, rank: int, me: str, pro
 def _prepare_locked(folder: _FolderLock, dst: str, ready, prepare, what: str, place: tuple, progress: bool,
                     timeout: float, grace: float) -> bool:
     rank, world, first, me = place
-    if not first:   # let rank 0 (or this node's first process) start: it may share this folder
+    if not first:   # let rank 0 start: it may share this folder
         end = time.monotonic() + grace
         while time.monotonic() < end and not folder.held_by_other():
             if ready():

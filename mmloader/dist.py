@@ -30,21 +30,20 @@ def _env_int(env: dict, name: str) -> int | None:
 
 
 def _from_env(env: dict) -> tuple[int, int, str] | None:
-    """The launcher's ``(rank, world_size, source)``: torchrun's ``RANK``/``WORLD_SIZE``, a SLURM array's task
-    (``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), or SLURM's tasks
-    (``SLURM_PROCID`` of ``SLURM_NTASKS``); None when none of them is set."""
+    """The launcher's ``(rank, world_size, source)``: torchrun's ``RANK`` of ``WORLD_SIZE``, or the tasks of one
+    ``srun`` step (``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``: ``srun`` sets it, a batch script or ``salloc`` shell
+    alone does not, so a single command there is not mistaken for one of several); None when neither is set. A SLURM
+    array is not read: its tasks are often a sweep, not one job's parts (pass ``--rank $SLURM_ARRAY_TASK_ID
+    --world-size $SLURM_ARRAY_TASK_COUNT`` to split one job over an array)."""
     world = _env_int(env, "WORLD_SIZE")
     if world is not None:
-        return _env_int(env, "RANK") or 0, world, "torchrun (RANK/WORLD_SIZE)"
-    count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
-    if count is not None:
-        task = _env_int(env, "SLURM_ARRAY_TASK_ID")
-        if task is None:
-            raise ValueError("environment variable SLURM_ARRAY_TASK_COUNT is set but SLURM_ARRAY_TASK_ID is not")
-        return task - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0), count, "SLURM array (SLURM_ARRAY_TASK_ID)"
-    ntasks = _env_int(env, "SLURM_NTASKS")
+        rank = _env_int(env, "RANK")
+        if rank is None and world > 1:
+            raise ValueError(f"environment variable WORLD_SIZE={world} is set but RANK is not (torchrun sets both)")
+        return rank or 0, world, "torchrun (RANK/WORLD_SIZE)"
+    ntasks = _env_int(env, "SLURM_STEP_NUM_TASKS")
     if ntasks is not None:
-        return _env_int(env, "SLURM_PROCID") or 0, ntasks, "SLURM tasks (SLURM_PROCID/SLURM_NTASKS)"
+        return _env_int(env, "SLURM_PROCID") or 0, ntasks, "srun (SLURM_PROCID/SLURM_STEP_NUM_TASKS)"
     return None
 
 
@@ -52,7 +51,7 @@ def launch_rank_world(rank: int | None = None, world_size: int | None = None,
                       env: dict | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process in a job spread over processes or machines, from the first of:
     explicit ``rank``/``world_size`` (e.g. ``--rank/--world-size``; both or neither), an initialised
-    ``torch.distributed`` group, torchrun's environment, a SLURM array, SLURM's tasks; else ``(0, 1)``.
+    ``torch.distributed`` group, torchrun's environment, an ``srun`` step's tasks; else ``(0, 1)``.
     ``env`` defaults to ``os.environ``. Raises ValueError naming the argument or variable that is off."""
     import os
 

@@ -60,7 +60,7 @@ import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
 from . import shm
-from .dist import rank_world
+from .dist import part_of, rank_world
 from .video.backends import cpus_available, set_decoder_threads
 from .windows.collate import collate
 
@@ -70,7 +70,7 @@ MAX_SEED = 2**63  # seeds are non-negative and fit an int64 (states are saved as
 _PARENT_POLL_S = 0.2  # how often a worker checks that its parent is still there
 _WAIT_S = 5.0  # the longest the loop sleeps before looking at its workers again
 RUN_WINDOWS = 128  # shuffle=False with workers: a worker's contiguous run holds at least this many windows
-REORDER_SLOTS = 6  # shared-memory slots per worker for batches that wait behind another worker's run
+REORDER_SLOTS = 6  # shared-memory slots per worker for batches that wait behind another worker's run (at least)
 BLOCK_WINDOWS = 256  # shuffle="block": windows per block when the set has no run_alignment (a cache's shards)
 _NO_RUN = object()
 
@@ -177,7 +177,7 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     ``threads``: decoder threads of this worker's video readers. ``slots > 0``: batches go through that many
     shared-memory slots (``mmloader.shm``, files tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the
     main process hands a slot back with ``("free", slot)`` on ``tasks`` once the batch's tensors are gone (no slot
-    free: the batch is pickled)."""
+    free: the batch is pickled), and ``("slots", n)`` gives it ``n`` slots for longer runs."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
@@ -192,6 +192,9 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
                 return
             if msg[0] == "free":
                 writer.free.append(msg[1])  # type: ignore[union-attr]
+                continue
+            if msg[0] == "slots":
+                writer.grow(msg[1])  # type: ignore[union-attr]
                 continue
             k, indices, run = msg
             slot = None
@@ -231,6 +234,8 @@ def _take_frees(writer: "shm.SlotWriter", tasks, pending: deque) -> bool:
                 return False
             if msg[0] == "free":
                 writer.free.append(msg[1])
+            elif msg[0] == "slots":
+                writer.grow(msg[1])
             else:
                 pending.append(msg)
     except (EOFError, OSError):
@@ -459,10 +464,7 @@ class _WorkerPool:
         while self._freed:
             i, slot = self._freed.popleft()
             if i < len(self.tasks):
-                try:
-                    self.tasks[i].send(("free", slot))
-                except (OSError, EOFError, ValueError):  # that worker is gone: its slots with it
-                    pass
+                self._send_control(i, ("free", slot))  # a worker that is gone took its slots with it
 
     def _receive(self, buffer: dict, timeout: float) -> int:
         """Waits up to ``timeout`` s; takes what has come back; returns how many messages that was."""
@@ -543,9 +545,28 @@ class _WorkerPool:
                 queues[(start // block) % len(self.procs)].append((k, batches[k], run))
         return queues
 
+    def _slots_for(self, block: int) -> None:
+        """With runs of ``block`` batches, give every worker room (slots) for two of its runs waiting in order behind
+        the others' — so the cap in ``_dispatch`` never holds a worker back before the old lookahead would — besides
+        its queue. Slots are made on first use and reused last-in first-out: unused ones cost nothing."""
+        want = self.per_worker + 2 + max(REORDER_SLOTS, 2 * block)
+        if not self.slots or want <= self.slots:
+            return
+        for i in range(len(self.procs)):
+            self._send_control(i, ("slots", want))
+        self.slots = want
+
+    def _send_control(self, i: int, msg: tuple) -> None:
+        try:
+            self.tasks[i].send(msg)
+        except (OSError, EOFError, ValueError):  # that worker is gone: the next receive reports it
+            pass
+
     def run(self, batches: Sequence[list[int]], block: int = 0) -> Iterator[dict[str, Any]]:
         """The batches' results, in order. ``block > 0``: contiguous runs of ``block`` batches, dealt to the
         workers in turn, each worker told its run (for index-order reading); 0: the least busy worker, no run."""
+        if block:
+            self._slots_for(block)
         todo = self._tasks(batches, block)
         buffer: dict[int, Any] = {}
         for k in range(len(batches)):
@@ -953,14 +974,14 @@ def _shards_complete(cache, shards: range) -> int:
     return sum(cache.verify_shard(k, deep=False)[0] == "complete" for k in shards)
 
 
-def fill_cache(cached, num_workers: int = 0, progress: bool = True, rank: int | None = None,
-               world_size: int | None = None) -> dict[str, int]:
+def fill_cache(cached, num_workers: int = 0, progress: bool = True, rank: int = 0,
+               world_size: int = 1) -> dict[str, int]:
     """Build every missing, torn or corrupt shard of ``cached`` (a ``CachedWindows``) that belongs to this rank
     now; returns the counts of ``WindowCache.fill`` plus ``filled_by_workers`` (shards), ``rank``, ``world_size``
     and ``first_shard``/``stop_shard`` (this rank's ``[first, stop)``).
 
-    **Ranks.** ``rank``/``world_size`` (both or neither) default to ``mmloader.dist.launch_rank_world()``: a
-    ``torch.distributed`` group, torchrun's or SLURM's environment, else ``(0, 1)``. Rank ``r`` of ``W`` fills the
+    **Ranks.** ``rank``/``world_size`` default to ``(0, 1)``: this process builds everything (the CLI takes them from
+    ``--rank/--world-size`` or the launcher, ``mmloader.dist.launch_rank_world``). Rank ``r`` of ``W`` fills the
     contiguous shards ``mmloader.dist.part_of(n_shards, r, W)`` — disjoint, so no lock is needed, also on object
     stores — and nothing else; shards are written whole (see ``mmloader.cache.publish``), so a rank that dies
     leaves shards that a rerun (of that rank, or with any world size) completes, and the cache is the same as a
@@ -975,10 +996,10 @@ def fill_cache(cached, num_workers: int = 0, progress: bool = True, rank: int | 
     """
     from tqdm.auto import tqdm
 
-    from .dist import launch_rank_world, part_of
-
     num_workers = _integer("num_workers", num_workers, 0, MAX_WORKERS)
-    rank, world_size = launch_rank_world(rank, world_size)
+    rank, world_size = _integer("rank", rank, 0), _integer("world_size", world_size, 1)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
     cache = cached.window_cache
     shards = part_of(cache.n_shards, rank, world_size)
     part = _WindowRange(cached, *(min(k * cache.shard_size, len(cached)) for k in (shards.start, shards.stop)))

@@ -85,12 +85,18 @@ class SlotWriter:
         # taken and given back at the right end (last in, first out): a slot made once is reused while it is free,
         # so a worker maps no more slots than it ever has batches out at once
         self.free: deque[int] = deque(range(n_slots - 1, -1, -1))
+        self.n_slots = n_slots
         self._maps: dict[int, mmap.mmap] = {}
         self._base: dict[int, int] = {}
         self.new_paths: dict[int, str] = {}  # slot -> its file, made since the main process last heard of it
         self._made: list[str] = []
         self._tag = tag
         self._gen = itertools.count()
+
+    def grow(self, n_slots: int) -> None:
+        """Have ``n_slots`` slots (never fewer than now); the new ones are taken after every free old one."""
+        self.free.extendleft(range(self.n_slots, n_slots))
+        self.n_slots = max(self.n_slots, n_slots)
 
     def _map(self, slot: int, size: int) -> None:
         """Make ``slot`` at least ``size`` bytes (a new file, in ``new_paths`` until ``write`` reports it)."""

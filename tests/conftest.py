@@ -187,3 +187,12 @@ def s3_options():
     yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20}}
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_environment(monkeypatch):
+    """Tests start as one process of one: a CI job launched by torchrun or srun must not make the commands under test
+    build only a part of what they build (tests that need ranks set them)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
+                 "SLURM_LOCALID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)

@@ -86,13 +86,16 @@ def test_parts_are_contiguous_disjoint_and_cover_everything():
         part_of(10, 2, 2)
 
 
-def test_rank_and_world_come_from_flags_torchrun_or_slurm():
+def test_rank_and_world_come_from_flags_torchrun_or_srun():
     assert launch_rank_world(env={}) == (0, 1)
     assert launch_rank_world(1, 3, env={"WORLD_SIZE": "8", "RANK": "5"}) == (1, 3)
     assert launch_rank_world(env={"WORLD_SIZE": "4", "RANK": "3"}) == (3, 4)
-    array = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert launch_rank_world(env=array) == (2, 4)
-    assert launch_rank_world(env={"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
+    assert launch_rank_world(env={"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "8"}) == (1, 2)
+    # a batch script (SLURM_NTASKS without an srun step) and an array task (often a sweep) are one whole job each
+    assert launch_rank_world(env={"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) == (0, 1)
+    assert launch_rank_world(env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (0, 1)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but RANK is not"):
+        launch_rank_world(env={"WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="RANK='x'"):
         launch_rank_world(env={"WORLD_SIZE": "2", "RANK": "x"})
     with pytest.raises(ValueError, match="rank 4 of world size 4"):

@@ -208,3 +208,47 @@ def test_imu_batches_from_workers_equal_in_process_batches(tmp_path):
                     assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (shuffle, key)
                 else:
                     assert a[key] == b[key]
+
+
+def _dispatch_time(workers: int, n_batches: int, block: int, per_worker: int = 2) -> float:
+    """Time the real ``_WorkerPool`` dispatcher (``_slots_for``, ``_tasks``, ``_dispatch``) needs for ``n_batches`` in
+    index-order runs of ``block`` batches, in a discrete-event model: each worker takes 1 time unit a batch, one at a
+    time; the consumer takes batches in order, instantly. No processes: fake pipes record what is sent."""
+    import collections
+    import heapq
+
+    from mmloader import loader as loader_mod
+
+    pool = loader_mod._WorkerPool.__new__(loader_mod._WorkerPool)
+    pool.procs, pool.per_worker, pool._freed = [None] * workers, per_worker, collections.deque()
+    pool.inflight = [collections.deque() for _ in range(workers)]
+    pool.slots = per_worker + 2 + loader_mod.REORDER_SLOTS
+    pool.tasks = [type("Pipe", (), {"send": lambda self, msg: None})() for _ in range(workers)]
+    free_at, events, now = [0.0] * workers, [], [0.0]
+
+    def send(i, task):
+        pool.inflight[i].append(task[:2])
+        free_at[i] = max(now[0], free_at[i]) + 1.0
+        heapq.heappush(events, (free_at[i], i, task[0]))
+
+    pool._send = send
+    pool._slots_for(block)
+    todo, buffer = pool._tasks([[j] for j in range(n_batches)], block), {}
+    for k in range(n_batches):
+        pool._dispatch(todo, k, block, buffer)
+        while k not in buffer:
+            now[0], i, j = heapq.heappop(events)
+            pool.inflight[i].popleft()
+            buffer[j] = True
+            pool._dispatch(todo, k, block, buffer)
+        buffer.pop(k)
+    return now[0]
+
+
+@pytest.mark.parametrize("workers,block", [(2, 8), (2, 10), (4, 16), (8, 64)])
+def test_runs_waiting_for_their_turn_do_not_hold_workers_back(workers, block):
+    """Whatever the run length, the slot cap leaves every worker busy: an epoch of 6 rounds of runs takes about
+    n / workers time units (one unit a batch), not the time of workers taking turns."""
+    n = workers * block * 6
+    took = _dispatch_time(workers, n, block)
+    assert took <= n / workers + block, (took, n / workers)

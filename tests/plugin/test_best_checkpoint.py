@@ -105,7 +105,7 @@ def test_the_best_epoch_by_r1_is_exported_and_summarised(windows, tmp_path, monk
 
 
 def test_early_stopping_after_patience_epochs_without_improvement(windows, tmp_path, monkeypatch, spe):
-    _script(monkeypatch, {0: 0.0, spe: 0.3, 2 * spe: 0.2, 3 * spe: 0.25})
+    _script(monkeypatch, {0: 0.0, spe: 0.3, 2 * spe: 0.2, 3 * spe: 0.25, 4 * spe: 0.1})
     d = tmp_path / "run"
     out = train(_cfg(d, epochs=6, early_stop_patience=2), windows=windows)
     assert out["stopped_by_patience"] and out["step"] == 3 * spe and not out["stopped_early"]
@@ -114,6 +114,9 @@ def test_early_stopping_after_patience_epochs_without_improvement(windows, tmp_p
     # the finished run resumed: nothing more is trained
     again = train(_cfg(d, epochs=6, early_stop_patience=2, resume=True), windows=windows)
     assert again["step"] == 3 * spe and again["stopped_by_patience"] and again["best"] == out["best"]
+    # resumed with more patience: training goes on from where it stopped (one more epoch, then patience 3 runs out)
+    more = train(_cfg(d, epochs=6, early_stop_patience=3, resume=True), windows=windows)
+    assert more["step"] == 4 * spe and more["stopped_by_patience"] and more["best"] == out["best"]
 
 
 def test_resume_keeps_the_best_so_far(windows, tmp_path, monkeypatch, spe):

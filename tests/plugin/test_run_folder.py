@@ -158,3 +158,10 @@ def test_ranks_that_do_not_share_the_run_folder_are_told_so(windows, tmp_path):
         assert "rank 1 sees no checkpoint" in resume and "stores and caches may be node-local" in resume.lower()
         assert "rank(s) [1] do not see the config.json rank 0 just wrote" in fresh, fresh
     assert not (tmp_path / "n1" / "run").exists()          # nothing was written on the refused resume
+
+
+def test_a_file_url_is_the_local_folder(tmp_path):
+    from imu2clip_plugin.rundir import RunDir
+
+    run = RunDir(f"file://{tmp_path}/run")
+    assert not run.remote and run.location == tmp_path / "run"
