@@ -8,7 +8,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,9 @@ import mmloader
 from mmloader import coordinate
 from mmloader.coordinate import PrepareTimeoutError, prepare_once
 
+from conftest import free_port
+
 SAMPLE = dict(videos=3, seconds=10, defect_fraction=0.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _counting(log_path: str, rank: int) -> None:
@@ -71,7 +66,7 @@ def _run_two(tmp_path, env: dict, use_group: bool) -> tuple[list[dict], list[dic
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(2)
     log_path, out_path = str(tmp_path / "calls.jsonl"), str(tmp_path / "opened.jsonl")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, env, log_path, out_path, start, use_group, port))
              for r in range(2)]
     for p in procs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import fsspec
 import pytest
 import torch
 import torch.multiprocessing as tmp
+from conftest import free_port
 
 import mmloader
 from mmloader.cache import PAUSE_ENV, WindowCache
@@ -27,12 +27,6 @@ from mmloader.loader import fill_cache
 
 CLI_SPEC = ["--sec", "1", "--stride", "0.5", "--modalities", "imu", "video", "--frames", "2", "--size", "32", "40"]
 K = 8  # windows per shard
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +183,7 @@ def run_gloo(argv: list[str], tmp_path: Path, module: str = "mmloader.cli") -> N
     errors = tmp_path / "errors"
     errors.mkdir(exist_ok=True)
     try:
-        tmp.spawn(_gloo_worker, args=(2, _free_port(), argv, module, str(errors)), nprocs=2, join=True)
+        tmp.spawn(_gloo_worker, args=(2, free_port(), argv, module, str(errors)), nprocs=2, join=True)
     except Exception as e:
         details = {p.name: p.read_text() for p in errors.iterdir()}
         raise AssertionError(f"the gloo run failed: {details or e}") from None

@@ -28,13 +28,7 @@ WIN = dict(sec=2.0, frames=1, size=(32, 32))          # stride: sec / 2 = 1 s
 WIN_ARGS = ["--sec", "2", "--frames", "1", "--size", "32", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's 2 threads make the tiny GRU ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 
 import pytest
 import torch
 
 import mmloader
+from conftest import free_port
 
 pytest.importorskip("open_clip")
 
@@ -24,28 +24,10 @@ TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, 
                     dropout=0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """Storage options reaching a bucket ``mmtest`` on an S3 API served on loopback for this module."""
-    import boto3
-    from moto import server as moto_server
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="mmtest")
-    yield {"key": "testing", "secret": "testing",
-           "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-           "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20}}
-    server.stop()
+def s3(s3_options):
+    """Storage options reaching the bucket ``mmtest`` of the loopback S3 server of tests/conftest.py."""
+    return s3_options
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +131,7 @@ def test_ranks_that_do_not_share_the_run_folder_are_told_so(windows, tmp_path):
     dirs = {"resume": [str(tmp_path / "n0" / "run"), str(tmp_path / "n1" / "run")],
             "fresh": [str(tmp_path / "n0" / "new"), str(tmp_path / "n1" / "new")]}
     shutil.copytree(cut, dirs["resume"][0])
-    mp.spawn(_worker, args=(2, _free_port(), windows, dirs, str(tmp_path / "said")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), windows, dirs, str(tmp_path / "said")), nprocs=2, join=True)
     said = [json.loads((tmp_path / f"said.{r}").read_text()) for r in range(2)]
     for r in range(2):
         resume, fresh = said[r]

@@ -24,13 +24,7 @@ from imu2clip_plugin.search import (FaissIVF, exact_topk, merge_moments, parse_l
 NS = 1_000_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's 2 threads make the tiny GRU ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
