@@ -130,6 +130,12 @@ class EmbeddedWindows(WrappedWindows):
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.windows.index_fields(i)
 
+    def index_fields_batch(self, indices: Any) -> dict[str, Any]:
+        """``collate`` of ``index_fields`` over ``indices`` (column by column when the wrapped set can)."""
+        from mmloader.windows.collate import batch_index_fields
+
+        return batch_index_fields(self.windows, indices)
+
     def fingerprint_components(self) -> dict[str, Any]:
         """The wrapped set's components (the towers and ``reduce`` go in the cache's ``transforms``)."""
         return self.windows.fingerprint_components()

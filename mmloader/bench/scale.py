@@ -403,6 +403,11 @@ class EmbeddedImu:
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.windows.index_fields(i)
 
+    def index_fields_batch(self, indices: Any) -> dict[str, Any]:
+        from ..windows.collate import batch_index_fields
+
+        return batch_index_fields(self.windows, indices)
+
     def fingerprint_components(self) -> dict[str, Any]:
         return {**self.windows.fingerprint_components(), "bench_video_emb": {"dim": EMB_DIM, "seed": self.seed}}
 

@@ -1,19 +1,22 @@
 """One shard: samples → (commit record, stacked arrays) → a small Zarr group, and back, checked by CRC-32.
 
 A shard holds windows ``[start, stop)``: one Zarr array per tensor key (windows stacked, zero-padded where shapes
-vary, one raw chunk per window) and ``COMMIT.json``: the sample's keys in order (``tensor`` or ``index``, the latter
+vary, one raw chunk holding every row: a shuffled read of window ``j`` is one ``pread`` of its row's bytes at
+``j * row_bytes``; shards written before hold one chunk per row and are read as well) and ``COMMIT.json``: the sample's keys in order (``tensor`` or ``index``, the latter
 rebuilt from ``Windows.index_fields``), and per tensor key its array, dtype, per-window shapes and CRC-32s.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import socket
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -21,6 +24,7 @@ import zarr
 
 from .._version import __version__
 from ..fsutil import get_fs, is_local, join
+from .files import OpenFiles
 from .layout import CACHE_FORMAT, CACHE_VERSION, COMMIT, CacheError, Place, shard_rel
 
 if TYPE_CHECKING:
@@ -29,16 +33,52 @@ if TYPE_CHECKING:
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+@dataclass(frozen=True)
+class RawArray:
+    """A tensor key's array stored raw (the little-endian ``bytes`` codec alone): read without Zarr.
+
+    ``path``: the array's folder; ``dtype`` (little endian), ``row_shape`` (one window's), ``rows`` (windows in the
+    shard), ``sep``: the chunk key separator; ``whole``: one chunk holds every row (row ``j`` at byte
+    ``j * row_bytes``), else one chunk per row (caches written before)."""
+
+    path: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    rows: int
+    sep: str
+    whole: bool
+    row_bytes: int = field(init=False)  # bytes of one row
+    file_bytes: int = field(init=False)  # the length of each chunk file
+    _zeros: tuple[str, ...] = field(init=False, repr=False)
+    _chunk: str = field(init=False, repr=False)  # the one chunk file, when ``whole``
+
+    def __post_init__(self) -> None:
+        row = math.prod(self.row_shape) * self.dtype.itemsize
+        zeros = ("0",) * len(self.row_shape)
+        for name, value in (("row_bytes", row), ("file_bytes", row * (self.rows if self.whole else 1)),
+                            ("_zeros", zeros), ("_chunk", join(self.path, self.sep.join(["c", "0", *zeros])))):
+            object.__setattr__(self, name, value)
+
+    def locate(self, j: int) -> tuple[str, int]:
+        """(chunk file, byte offset in it) of row ``j``."""
+        if self.whole:
+            return self._chunk, j * self.row_bytes
+        return join(self.path, self.sep.join(["c", str(j), *self._zeros])), 0
+
+
 @dataclass
 class OpenShard:
     """An opened, committed shard: its commit record and, per tensor key whose chunks are stored raw (the ``bytes``
-    codec alone, as this module writes them), ``(path of the array, dtype, row shape)`` for reading a window's chunk
-    file directly; ``array(name)`` opens a key's Zarr array (the other layouts, and deep checks) when first asked."""
+    codec alone, as this module writes them), a ``RawArray`` for reading a window's bytes directly; ``array(name)``
+    opens a key's Zarr array (the other layouts, and deep checks) when first asked."""
 
     commit: dict[str, Any]
-    raw: dict[str, tuple[str, np.dtype, tuple[int, ...], str]]
+    raw: dict[str, RawArray]
     group_url: str
     group_options: dict[str, Any] | None
+    # raw keys whose every row has the array's row shape (none padded): (dtype, row shape, the commit's dtype); a
+    # batch reads straight from the shards whose entries for its keys are all equal
+    batchable: dict[str, tuple[str, tuple[int, ...], str]] = field(default_factory=dict)
     _arrays: dict[str, Any] | None = None
 
     def array(self, name: str) -> Any:
@@ -150,11 +190,12 @@ def encode_shard(samples: list[dict[str, Any]], k: int, start: int, fingerprint:
 
 
 def write_group(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any] | None) -> None:
-    """A Zarr group at ``url`` with one uncompressed array per entry, one chunk per window (row).
+    """A Zarr group at ``url`` with one uncompressed array per entry, all of it in one chunk.
 
     The metadata is Zarr's own (``_zarr_json``: made once per dtype and shape by Zarr in a scratch folder); the chunk
-    files, each a row's little-endian bytes named with ``.``-separated chunk keys (``c.7.0.0``: no folder per row),
-    are written directly: Zarr's event loop costs ~30 ms per array, a folder per row ~1 ms on some disks."""
+    file, the rows' little-endian bytes one after the other (``c.0.0.0``: ``.``-separated chunk keys), is written
+    directly: Zarr's event loop costs ~30 ms per array. One file per array, not one per row: a shuffled epoch opens
+    one file per window and key instead of paying a path lookup per row on every read of it."""
     fs, path = get_fs(url, **(storage_options or {}))
     files: dict[str, bytes] = {"zarr.json": _zarr_json(None, ())}
     for name, a in arrays.items():
@@ -166,9 +207,7 @@ def write_group(url: str, arrays: dict[str, np.ndarray], storage_options: dict[s
             continue
         rows = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype)
         files[f"{name}/zarr.json"] = _zarr_json(a.dtype, a.shape)
-        zeros = ".0" * (a.ndim - 1)
-        for j in range(a.shape[0]):
-            files[f"{name}/c.{j}{zeros}"] = rows[j].tobytes()  # "." keys: no folder per row
+        files[f"{name}/c" + ".0" * a.ndim] = rows.tobytes()
     if is_local(fs):
         made: set[str] = set()
         for rel, data in files.items():
@@ -196,7 +235,7 @@ def _zarr_json(dtype: np.dtype | None, shape: tuple[int, ...]) -> bytes:
             group = zarr.open_group(tmp, mode="w")
             rel = "zarr.json"
             if dtype is not None:
-                group.create_array("a", shape=shape, chunks=(1, *shape[1:]), dtype=dtype, compressors=None,
+                group.create_array("a", shape=shape, chunks=shape, dtype=dtype, compressors=None,
                                    fill_value=np.zeros((), dtype).item(), config={"write_empty_chunks": True},
                                    chunk_key_encoding={"name": "default", "separator": "."})
                 rel = "a/zarr.json"
@@ -212,8 +251,7 @@ def read_commit(place: Place, k: int, expected: dict[str, Any]) -> dict[str, Any
     ``InvalidShard("corrupt")``."""
     rel = shard_rel(k)
     try:
-        with place.fs.open(place.at(rel, COMMIT), "rb") as f:
-            raw = f.read()
+        raw = _cat(place, place.at(rel, COMMIT))
     except FileNotFoundError:
         if place.fs.exists(place.at(rel)):
             raise InvalidShard("torn", f"{place.where(rel)}: data without {COMMIT}") from None
@@ -228,10 +266,12 @@ def read_commit(place: Place, k: int, expected: dict[str, Any]) -> dict[str, Any
     return commit
 
 
-def _raw_layout(meta: bytes) -> tuple[np.dtype, tuple[int, ...], str] | None:
-    """(dtype, row shape, chunk key separator) of an array ``zarr.json`` stored as this module writes it —
-    little-endian ``bytes`` codec alone, one chunk per row, default chunk keys (``.``, or ``/`` as caches written
-    before), no empty dimension — else None (read through Zarr)."""
+@functools.lru_cache(maxsize=1024)  # shards of one cache share a few distinct zarr.json files
+def _raw_layout(meta: bytes) -> tuple[np.dtype, tuple[int, ...], int, str, bool] | None:
+    """(dtype, row shape, rows, chunk key separator, one chunk for every row) of an array ``zarr.json`` stored as
+    this module writes it — little-endian ``bytes`` codec alone, default chunk keys (``.``, or ``/`` as caches
+    written before), one chunk holding every row (or one per row, as caches written before), no empty dimension —
+    else None (read through Zarr)."""
     try:
         m = json.loads(meta)
         codecs = m["codecs"]
@@ -242,14 +282,28 @@ def _raw_layout(meta: bytes) -> tuple[np.dtype, tuple[int, ...], str] | None:
               and codecs[0].get("name") == "bytes"
               and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
               and keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator", "/") in ("/", ".")
-              and chunks == (1, *shape[1:]) and 0 not in shape and not m.get("storage_transformers"))
+              and chunks in (shape, (1, *shape[1:])) and len(shape) >= 1 and 0 not in shape
+              and not m.get("storage_transformers"))
         dtype = np.dtype(m["data_type"]) if ok and m["data_type"] != "bool" else np.dtype(bool) if ok else None
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
     if dtype is None:
         return None
     sep = (keys.get("configuration") or {}).get("separator", "/")
-    return (dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype), shape[1:], sep
+    return (dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype), shape[1:], shape[0], sep, chunks == shape
+
+
+def _cat(place: Place, path: str) -> bytes:
+    """A small file's bytes (a plain ``open`` on a local disk: fsspec's path handling costs more than the read)."""
+    if place.local:
+        with open(path, "rb") as f:
+            return f.read()
+    return place.fs.cat_file(path)
+
+
+def _all_rows_full(shapes: list[list[int]] | None, raw: RawArray) -> bool:
+    """Whether every row's recorded shape is the array's row shape (no row padded)."""
+    return shapes is not None and len(shapes) == raw.rows and all(tuple(s) == raw.row_shape for s in shapes)
 
 
 def open_shard(place: Place, k: int, expected: dict[str, Any]) -> OpenShard:
@@ -260,83 +314,119 @@ def open_shard(place: Place, k: int, expected: dict[str, Any]) -> OpenShard:
     raw = {}
     for name, t in commit["tensors"].items():
         try:
-            meta = place.fs.cat_file(place.at(rel, t["array"], "zarr.json"))
+            meta = _cat(place, place.at(rel, t["array"], "zarr.json"))
         except FileNotFoundError:
             raise InvalidShard("torn", f"{place.where(rel, t['array'])}: missing") from None
         layout = _raw_layout(meta)
         if layout is not None:
-            raw[name] = (place.at(rel, t["array"]), *layout)
-    return OpenShard(commit, raw, place.zarr_url(rel), place.zarr_options())
+            raw[name] = RawArray(place.at(rel, t["array"]), *layout)
+    batchable = {name: (r.dtype.str, r.row_shape, commit["tensors"][name]["dtype"]) for name, r in raw.items()
+                 if _all_rows_full(commit["tensors"][name].get("shapes"), r)}
+    return OpenShard(commit, raw, place.zarr_url(rel), place.zarr_options(), batchable)
 
 
 def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
-    """Row ``j`` of a tensor key: its chunk file read straight into memory when stored raw (one small read, no
-    event loop: a Zarr v3 chunk with only the ``bytes`` codec is the row's little-endian C-order bytes), else
-    through Zarr. A chunk of the wrong length raises."""
+    """Row ``j`` of a tensor key: its bytes read straight into memory when stored raw (one small read, no event
+    loop: a Zarr v3 chunk with only the ``bytes`` codec is its rows' little-endian C-order bytes), else through
+    Zarr. A chunk file of the wrong length raises."""
     raw = shard.raw.get(name)
     if raw is None:
         return np.asarray(shard.array(name)[j])
-    path, dtype, shape = _row_path(raw, j), raw[1], raw[2]
-    out = np.empty(shape, dtype=dtype)
+    out = np.empty(raw.row_shape, dtype=raw.dtype)
+    path, offset = raw.locate(j)
     if place.local:
-        n = _read_into(path, out)
-        if n != out.nbytes:
-            raise ValueError(f"{path}: {n}+ bytes, expected {out.nbytes}")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _check_length(fd, path, raw)
+            n = os.preadv(fd, [_bytes_of(out)], offset)
+        finally:
+            os.close(fd)
     else:
-        data = place.fs.cat_file(path)
-        if len(data) != out.nbytes:
-            raise ValueError(f"{path}: {len(data)} bytes, expected {out.nbytes}")
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
+        # a row's byte range of the shard's chunk, or (caches written before) its whole one-row chunk
+        data = place.fs.cat_file(path, start=offset, end=offset + raw.row_bytes) if raw.whole else place.fs.cat_file(path)
+        n = len(data)
+        if n == raw.row_bytes:
+            _bytes_of(out)[:] = np.frombuffer(data, dtype=np.uint8)
+    if n != raw.row_bytes:
+        raise ValueError(f"{path}: row {j} is {n} bytes, expected {raw.row_bytes}")
+    return out if raw.dtype.isnative else out.astype(raw.dtype.newbyteorder("="))
 
 
-def _row_path(raw: tuple[str, np.dtype, tuple[int, ...], str], j: int) -> str:
-    """The chunk file of row ``j`` of a raw array ``(path, dtype, row shape, key separator)``: ``c.j.0.0``."""
-    base, _, shape, sep = raw
-    return join(base, sep.join(["c", str(j)] + ["0"] * len(shape)))
+def _bytes_of(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's bytes as a flat uint8 view."""
+    return a.reshape(-1).view(np.uint8)
 
 
-def _read_into(path: str, out: np.ndarray) -> int:
-    """Read the local file at ``path`` into ``out`` (C-contiguous); the bytes read, ``out.nbytes + 1`` for a
-    longer file (so anything but ``out.nbytes`` means the file has another length)."""
-    fd = os.open(path, os.O_RDONLY)
+def _check_length(fd: int, path: str, raw: RawArray) -> None:
+    """ValueError unless the open chunk file ``fd`` is exactly as long as ``raw`` says."""
+    size = os.fstat(fd).st_size
+    if size != raw.file_bytes:
+        raise ValueError(f"{path}: {size} bytes, expected {raw.file_bytes}")
+
+
+def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crc32: list[int],
+               files: OpenFiles) -> bool:
+    """Rows ``(b, j)`` of a local raw array into ``flat[b]`` (a batch's bytes, one row per window), each checked
+    against ``crc32[j]``; False as soon as a file is missing or short or a row does not match its CRC. An array in
+    one chunk is read through ``files`` (its descriptor kept open); one written a chunk per row opens each."""
+    size, preadv, crc = raw.row_bytes, os.preadv, zlib.crc32
     try:
-        return os.readv(fd, [memoryview(out.reshape(-1).view(np.uint8)), bytearray(1)])
-    finally:
-        os.close(fd)
+        if raw.whole:
+            with files.lock:
+                fd, kept = files.fd(raw.locate(0)[0])
+                try:
+                    for b, j in rows:
+                        row = flat[b]
+                        if preadv(fd, [row], j * size) != size or crc(row) != crc32[j]:
+                            return False
+                finally:
+                    if not kept:
+                        os.close(fd)
+            return True
+        for b, j in rows:  # one chunk file per row
+            fd = os.open(raw.locate(j)[0], os.O_RDONLY)
+            try:
+                row = flat[b]
+                if os.readv(fd, [row, bytearray(1)]) != size or zlib.crc32(row) != crc32[j]:
+                    return False  # short, longer (size + 1) or damaged
+            finally:
+                os.close(fd)
+        return True
+    except OSError:
+        return False
 
 
 def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]],
-                    alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any] | None:
+                    alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None,
+                    files: OpenFiles | None = None) -> dict[str, Any] | None:
     """The tensor keys of windows ``rows`` (opened shard, row) stacked: ``{key: (B, *shape) tensor}``, each row read
-    straight into the batch array (made by ``alloc(shape, dtype)`` when given) and checked against its CRC-32. None
-    when this cannot serve them all exactly (a remote cache, rows of other shapes or encodings, a missing, short or
-    damaged chunk): the caller then reads window by window, which rebuilds what is damaged."""
+    straight into the batch array (made by ``alloc(shape, dtype)`` when given) and checked against its CRC-32; the
+    rows of one shard are read together (its chunk file opened once per key, or kept open in ``files``). None when
+    this cannot serve them
+    all exactly (a remote cache, rows of other shapes or encodings, a missing, short or damaged chunk): the caller
+    then reads window by window, which rebuilds what is damaged."""
     if not place.local:
         return None
+    files = files if files is not None else OpenFiles(0)
+    by_shard: dict[int, tuple[OpenShard, list[tuple[int, int]]]] = {}
+    for b, (shard, j) in enumerate(rows):
+        by_shard.setdefault(id(shard), (shard, []))[1].append((b, j))
+    first = rows[0][0]
+    sigs = first.batchable
+    names = [name for name, kind in keys if kind == "tensor"]
+    if any(name not in sigs for name in names) or any(s.batchable != sigs for s, _ in by_shard.values()):
+        return None
     out: dict[str, Any] = {}
-    for name, kind in keys:
-        if kind != "tensor":
-            continue
-        first = rows[0][0]
-        raw, t0 = first.raw.get(name), first.commit["tensors"][name]
-        if raw is None:
-            return None
-        dtype, shape = raw[1], raw[2]
+    for name in names:
+        raw = first.raw[name]
+        dtype, shape = raw.dtype, raw.row_shape
         batch = (alloc if alloc is not None and dtype.isnative else np.empty)((len(rows), *shape), dtype)
-        for b, (shard, j) in enumerate(rows):
-            r, t = shard.raw.get(name), shard.commit["tensors"][name]
-            if r is None or r[1] != dtype or r[2] != shape or tuple(t["shapes"][j]) != shape or t["dtype"] != t0["dtype"]:
-                return None
-            try:
-                if _read_into(_row_path(r, j), batch[b]) != batch[b].nbytes:
-                    return None
-            except OSError:
-                return None
-            if zlib.crc32(batch[b]) != t["crc32"][j]:
+        flat = batch.reshape(len(rows), -1).view(np.uint8)
+        for shard, items in by_shard.values():
+            if not _read_rows(shard.raw[name], items, flat, shard.commit["tensors"][name]["crc32"], files):
                 return None
         native = batch if dtype.isnative else batch.astype(dtype.newbyteorder("="))
-        out[name] = to_torch(native, t0["dtype"])
+        out[name] = to_torch(native, sigs[name][2])
     return out
 
 

@@ -66,6 +66,12 @@ class CachedWindows(WrappedWindows):
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.source.index_fields(i)
 
+    def index_fields_batch(self, indices: Any) -> dict[str, Any]:
+        """``collate`` of ``index_fields`` over ``indices`` (column by column when the source can)."""
+        from ..windows.collate import batch_index_fields
+
+        return batch_index_fields(self.source, indices)
+
     def fingerprint_components(self) -> dict[str, Any]:
         return self.source.fingerprint_components()
 

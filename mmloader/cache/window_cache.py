@@ -28,6 +28,7 @@ from ..fsutil import join, normalize_url
 from ..lru import LRU
 from ..windows.protocol import Windows
 from . import publish
+from .files import shared_files
 from .fingerprint import fingerprint_components, fingerprint_of
 from .layout import CACHE_FORMAT, CACHE_VERSION, DEFAULT_SHARD_SIZE, LOCKS, META, SHARDS, TMP, CacheError, Place
 from .layout import read_json, shard_rel
@@ -66,6 +67,7 @@ class WindowCache:
         self.place = Place.of(self.url, self.storage_options)
         self.fs, self.path, self.local = self.place.fs, self.place.path, self.place.local
         self._handles: LRU[OpenShard] = LRU(HANDLE_CACHE)
+        self._files = shared_files()  # chunk files kept open for batched reads (local caches)
         self._recent: LRU[list[dict[str, Any]]] = LRU(RECENT_SHARDS)
         self._mutex = threading.Lock()
         self._warned = False
@@ -203,7 +205,7 @@ class WindowCache:
         """``collate([self.get(i) for i in indices])`` when every window's shard is complete here and its rows read
         cleanly (``read_batch_rows``): the rows go straight into the batch tensors. None otherwise (then the caller
         reads window by window: misses filled, damage rebuilt)."""
-        from ..windows.collate import collate
+        from ..windows.collate import batch_index_fields
 
         rows = []
         for i in indices:
@@ -213,14 +215,14 @@ class WindowCache:
                 return None
             rows.append((shard, j))
         keys = rows[0][0].commit["keys"]
-        if any(shard.commit["keys"] != keys for shard, _ in rows):
+        if any(shard.commit["keys"] != keys for shard in {id(s): s for s, _ in rows}.values()):
             return None
-        tensors = read_batch_rows(self.place, rows, keys, alloc)
-        if tensors is None:
+        tensors = read_batch_rows(self.place, rows, keys, alloc, self._files)
+        if tensors is None:  # read window by window (misses filled, damage rebuilt), from freshly opened files
+            for k in {int(i) // self.shard_size for i in indices}:
+                self._forget_files(k)
             return None
-        source = self._source()
-        fields = [source.index_fields(int(i)) for i in indices]
-        rest = collate([{name: f[name] for name, kind in keys if kind != "tensor"} for f in fields])
+        rest = batch_index_fields(self._source(), indices)
         return {name: tensors[name] if kind == "tensor" else rest[name] for name, kind in keys}
 
     def _try_read(self, k: int, j: int, i: int) -> dict[str, Any] | None:
@@ -233,7 +235,13 @@ class WindowCache:
         except Exception:  # checksum mismatch, unreadable or vanished chunk: a miss, never served
             with self._mutex:
                 self._handles.pop(k)
+            self._forget_files(k)
             return None
+
+    def _forget_files(self, k: int) -> None:
+        """Close the chunk files of shard ``k`` kept open (it is being replaced, or a read of it failed)."""
+        if self.local:
+            self._files.forget(self.place.at(shard_rel(k)))
 
     def _handle(self, k: int) -> OpenShard | None:
         """Shard ``k`` opened (kept open per process), or None if it is absent, torn or unreadable."""
@@ -263,6 +271,7 @@ class WindowCache:
         commit, arrays = encode_shard(samples, k, start, self.fingerprint, source.index_fields)
         with self._mutex:
             self._handles.pop(k)
+        self._forget_files(k)
         try:
             self._publish(k, commit, arrays)
         except OSError as e:

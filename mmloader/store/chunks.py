@@ -92,8 +92,9 @@ _CODEC: list[Any] = []
 
 
 def decode_chunk(raw: bytes, layout: ArrayLayout, idx: tuple[int, ...]) -> np.ndarray:
-    """Chunk ``idx`` of an array from its file's bytes: crc32c checked, decompressed, cut to the array's edge.
-    Raises ChunkDecodeError (with the reason) when the bytes do not decode to a whole chunk."""
+    """Chunk ``idx`` of an array from its file's bytes: crc32c checked, decompressed, cut to the array's edge
+    (read-only unless cut). Raises ChunkDecodeError (with the reason) when the bytes do not decode to a whole
+    chunk."""
     if len(raw) < 4 or _crc32c(raw[:-4]) != raw[-4:]:
         raise ChunkDecodeError("crc32c checksum mismatch")
     body = raw[:-4]
@@ -111,4 +112,21 @@ def decode_chunk(raw: bytes, layout: ArrayLayout, idx: tuple[int, ...]) -> np.nd
     full = np.frombuffer(body, dtype=layout.dtype).reshape(layout.chunks)
     region = layout.region(idx)
     cut = tuple(slice(0, r.stop - r.start) for r in region)
-    return full[cut].copy()  # writable, and not a view of a whole edge chunk
+    if all(r.stop - r.start == c for r, c in zip(region, layout.chunks)):
+        return full  # read-only: a view of the decoded bytes, no copy
+    return full[cut].copy()  # an edge chunk: not a view holding the whole chunk's bytes
+
+
+def chunk_periods(t_ns: np.ndarray, rows: int) -> np.ndarray:
+    """Per chunk of ``rows`` times: the exact interval (ns) between its samples when they are all equal, 0 when
+    they differ, -1 for a chunk of one sample (``t_period``: a regular chunk's times are ``t_coarse[c] + k *
+    t_period[c]``, so reading it needs no decode of ``t_ns``)."""
+    out = np.empty(-(-len(t_ns) // rows), dtype=np.int64)
+    for c in range(len(out)):
+        t = t_ns[c * rows:(c + 1) * rows]
+        if len(t) < 2:
+            out[c] = -1
+            continue
+        d = np.diff(t)
+        out[c] = int(d[0]) if (d == d[0]).all() else 0
+    return out

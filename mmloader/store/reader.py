@@ -588,21 +588,28 @@ class Store:
     def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Chunk ``c`` of a time series: ``(t_ns, data, period)`` (``_period`` of its times), cached."""
         def load() -> tuple[np.ndarray, np.ndarray, int]:
-            t_arr, data_arr, rows, rel = self._timeseries_handle(recording_id, stream)[3:7]
+            coarse, _, t_arr, data_arr, rows, rel, periods = self._timeseries_handle(recording_id, stream)[1:8]
             # a chunk deleted since the handle was opened raises (_VerifiedStore), never reads as fill values
-            t = self._read_chunk(rel, "t_ns", t_arr, (c,))
             x = self._read_chunk(rel, "data", data_arr, (c, 0))
+            per = int(periods[c]) if periods is not None else 0
+            if per > 0:  # regular: its times are t_coarse[c] + k * period, exactly what t_ns holds
+                t = int(coarse[c]) + np.arange(x.shape[0], dtype=np.int64) * per
+            else:
+                t = self._read_chunk(rel, "t_ns", t_arr, (c,))
+                per = _period(t)
             self._check_not_replaced()  # local: the store was not replaced underneath (root renamed) meanwhile
             t.flags.writeable = False  # shared by every later read in this process: never changed in place
             x.flags.writeable = False
-            return t, x, _period(t)
+            return t, x, per
 
         return self._chunks.get((recording_id, stream, c), load)
 
     def _timeseries_handle(self, recording_id: str, stream: str):
-        """(group attributes, t_coarse, number of chunks, t_ns array, data array, rows per chunk, group path),
-        cached. The arrays are ``ArrayLayout``s (read directly, ``mmloader.store.chunks``) when the store's own
-        codec pipeline is found, else Zarr arrays."""
+        """(group attributes, t_coarse, number of chunks, t_ns array, data array, rows per chunk, group path,
+        t_period or None), cached. The arrays are ``ArrayLayout``s (read directly, ``mmloader.store.chunks``) when
+        the store's own codec pipeline is found, else Zarr arrays. ``t_period`` (per chunk: its exact sample
+        interval, 0 or -1 when it has none) is read when the store has it (written since mmloader 0.1) and its
+        arrays are read directly."""
         def load():
             rel = self.stream_row(recording_id, stream)["uri"]
             fast = self._fast_group(rel, TIMESERIES_ARRAYS)
@@ -614,9 +621,24 @@ class Store:
                 g, arrays = self._open_group(rel, TIMESERIES_ARRAYS, ("t_coarse",) if self._local else None)
                 attrs = dict(g.attrs)
             coarse = self._read_whole(rel, "t_coarse", arrays["t_coarse"])
-            return (attrs, coarse, len(coarse), arrays["t_ns"], arrays["data"], int(attrs["chunk_rows"]), rel)
+            periods = self._chunk_periods(rel, len(coarse)) if fast is not None else None
+            return (attrs, coarse, len(coarse), arrays["t_ns"], arrays["data"], int(attrs["chunk_rows"]), rel,
+                    periods)
 
         return self._handles.get((recording_id, stream), load)
+
+    def _chunk_periods(self, rel: str, n_chunks: int) -> np.ndarray | None:
+        """The group's ``t_period`` (one entry per chunk), None when the store has none (written before it)."""
+        if f"{rel}/t_period/zarr.json" not in self.manifest["files"]:
+            return None
+        layout = ArrayLayout.parse(self._checked_file(f"{rel}/t_period/zarr.json") or b"")
+        if layout is None:
+            return None
+        periods = self._read_whole(rel, "t_period", layout)
+        if periods.shape != (n_chunks,):
+            raise StoreFormatError(f"{join(self.url, rel, 't_period')}: {periods.shape[0]} entries, expected one "
+                                   f"per chunk ({n_chunks})")
+        return periods
 
     def video_index(self, recording_id: str, stream: str = "video") -> tuple[np.ndarray, np.ndarray]:
         """``(pts_ns, keyframe)`` of a video stream."""

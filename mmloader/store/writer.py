@@ -50,6 +50,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from .._version import __version__
 from ..errors import StoreFormatError
 from ..fsutil import get_fs, is_local, join, normalize_url, pid_alive, probe_exists
+from .chunks import chunk_periods
 from .schema import FORMAT, FORMAT_VERSION, MANIFEST, conform, load_schema, table_file
 
 
@@ -326,6 +327,7 @@ class StoreWriter:
         rows = min(chunk_rows, n)
         self._create_array(group, "t_ns", t_ns, chunks=(rows,))
         self._create_array(group, "t_coarse", t_ns[::rows].copy())
+        self._create_array(group, "t_period", chunk_periods(t_ns, rows))
         self._create_array(group, "data", data.astype(np.float32, copy=False), chunks=(rows, data.shape[1]))
         group.attrs.update(
             {"channels": list(channels), "units": list(units), "rate_hz": float(rate_hz), "chunk_rows": rows,

@@ -12,17 +12,27 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     int64); strings and lists (``recording_id``, ``text``) stay Python lists of length B."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    out: dict[str, Any] = {}
-    for key, first in samples[0].items():
-        values = [s[key] for s in samples]
-        if isinstance(first, torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(first, bool):
-            out[key] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(first, int):
-            out[key] = torch.tensor(values, dtype=torch.int64)
-        elif isinstance(first, float):
-            out[key] = torch.tensor(values, dtype=torch.float64)
-        else:
-            out[key] = values
-    return out
+    return {key: collate_values([s[key] for s in samples]) for key in samples[0]}
+
+
+def collate_values(values: list[Any]) -> Any:
+    """One key's values of a batch, as ``collate`` makes them (by the type of the first)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(values)
+    if isinstance(first, bool):
+        return torch.tensor(values, dtype=torch.bool)
+    if isinstance(first, int):
+        return torch.tensor(values, dtype=torch.int64)
+    if isinstance(first, float):
+        return torch.tensor(values, dtype=torch.float64)
+    return values
+
+
+def batch_index_fields(windows: Any, indices: Any) -> dict[str, Any]:
+    """``collate([windows.index_fields(i) for i in indices])``: through ``windows.index_fields_batch(indices)``
+    (column by column, the same values and types) when the set has it."""
+    fast = getattr(windows, "index_fields_batch", None)
+    if fast is not None:
+        return fast(indices)
+    return collate([windows.index_fields(int(i)) for i in indices])

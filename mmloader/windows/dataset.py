@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import torch
 
 from ..lru import LRU
-from .collate import collate
+from .collate import collate, collate_values
 from .resample import DOWNSAMPLE_RATIO, filter_support_ns, resample
 from ..store import Store
 from ..video.probe import MediaIdentity, media_storage_options, media_url
@@ -181,16 +181,13 @@ class WindowSet:
         if self.modalities.video or len(indices) == 0:
             return None
         idx = [position(int(i), len(self)) for i in indices]
-        c = self._columns
-        fields = [self._index_fields(i) for i in idx]
-        head = ("recording_id", "t0", "t1", "index")
-        out = collate([{k: f.pop(k) for k in head} for f in fields])
+        fields = self._fields_batch(np.asarray(idx, dtype=np.int64))
+        out = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
+        t0s = self._columns.t0.take(np.asarray(idx, dtype=np.int64)).tolist()
         for m in self.modalities.timeseries:
-            data, mask = self._batch_timeseries(m, [c.recording_id[i] for i in idx], [int(c.t0[i]) for i in idx],
-                                                alloc or np.empty)
+            data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty)
             out[m], out[f"{m}_mask"] = data, mask
-        if fields[0]:
-            out.update(collate(fields))  # text, label: after the tensors
+        out.update(fields)  # text, label: after the tensors
         return out
 
     def _batch_timeseries(self, m: str, rids: list[str], t0s: list[int],
@@ -219,6 +216,21 @@ class WindowSet:
         """Window ``i``'s non-tensor sample values, from the index alone: ``recording_id``, ``t0``, ``t1``
         (float seconds on the recording clock), ``index`` (int), then ``text`` and ``label`` when samples carry them."""
         return self._index_fields(position(i, len(self)))
+
+    def index_fields_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """``collate([self.index_fields(i) for i in indices])``, gathered column by column: the same values, types
+        and key order."""
+        return self._fields_batch(np.asarray([position(int(i), len(self)) for i in indices], dtype=np.int64))
+
+    def _fields_batch(self, idx: np.ndarray) -> dict[str, Any]:
+        c = self._columns
+        out: dict[str, Any] = {"recording_id": c.recording_id.take(idx), "t0": _seconds(c.t0.take(idx)),
+                               "t1": _seconds(c.t1.take(idx)), "index": torch.from_numpy(idx.copy())}
+        if self.modalities.text:
+            out["text"] = collate_values(c.text.take(idx))
+        if c.label is not None:
+            out["label"] = collate_values(c.label.take(idx))
+        return out
 
     def _index_fields(self, i: int) -> dict[str, Any]:
         c = self._columns
@@ -500,6 +512,14 @@ class WindowSet:
 _PER_PROCESS = ("_readers", "_video_index", "_plan", "_lock")  # state a pickled or derived set starts afresh
 
 
+def _seconds(ns: np.ndarray) -> torch.Tensor:
+    """float64 seconds of int64 nanoseconds, each exactly ``int(v) / NS`` (one rounding: numpy divides in float64
+    where every value is below 2**53, where Python's int division does the same)."""
+    if ns.size == 0 or int(np.abs(ns).max()) < 2**53:
+        return torch.from_numpy(ns.astype(np.float64) / NS)
+    return torch.tensor([v / NS for v in ns.tolist()], dtype=torch.float64)
+
+
 class _Picked:
     """One index column as a window set sees it: entry ``i`` is the column's entry ``rows[i]`` (``rows`` None:
     entry ``i``). Sets derived from one set share ``values`` and differ in ``rows``; writing an entry first gives
@@ -533,6 +553,17 @@ class _Picked:
         if kind == "list":
             return np.asarray(v.values.to_numpy(zero_copy_only=False), dtype=np.int64)
         return v.as_py() if kind == "arrow" else v
+
+    def take(self, idx: np.ndarray) -> Any:
+        """Entries ``idx`` at once: int64 numpy for ``ints`` / ``shift``, else a list of what ``self[i]`` gives."""
+        kind = self.kind
+        if kind in ("ints", "shift", "codes"):
+            v = self.values[idx if self.rows is None else self.rows[idx]]
+            if kind == "codes":
+                aux = self.aux
+                return [aux[k] for k in v.tolist()]
+            return v + self.aux if kind == "shift" else v
+        return [self[int(i)] for i in idx]
 
     def __setitem__(self, i: int, value: Any) -> None:
         if self.kind not in ("ints", "frames"):

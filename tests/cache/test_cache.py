@@ -85,6 +85,23 @@ class TinyWindows:
         return {"kind": "tiny", "n": self.n}
 
 
+def row_bytes(array_dir: Path, row: int) -> tuple[Path, slice]:
+    """The chunk file of a cached array (one chunk holds every row) and the byte range of ``row`` in it."""
+    rows = json.loads((array_dir / "zarr.json").read_text())["shape"][0]
+    (chunk,) = array_dir.glob("c.*")
+    n = chunk.stat().st_size // rows
+    return chunk, slice(row * n, (row + 1) * n)
+
+
+def flip(array_dir: Path, row: int, at: int, bit: int = 0x01) -> Path:
+    """Flip ``bit`` of byte ``at`` of row ``row`` of a cached array; returns its chunk file."""
+    chunk, where = row_bytes(array_dir, row)
+    raw = bytearray(chunk.read_bytes())
+    raw[where.start + at] ^= bit
+    chunk.write_bytes(bytes(raw))
+    return chunk
+
+
 def cli_build(url, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mmloader.cli", "cache", "build", *extra, *CLI_SPEC, "--url", str(url),
             "--shard-size", str(K), "-q"]
@@ -265,11 +282,9 @@ def test_flipped_byte_is_detected_and_rebuilt_never_served(sample, tmp_path):
     cached = windows.cache(str(tmp_path / "c"), fill="eager", progress=False, shard_size=K)
     cache = cached.window_cache
     assert_same(cached[K + 3], ref[K + 3])  # the shard is open in this process
-    chunk = tmp_path / "c" / "shards" / "000001" / "video" / "c.3.0.0.0.0"
+    chunk, _ = row_bytes(tmp_path / "c" / "shards" / "000001" / "video", 3)
     good = chunk.read_bytes()
-    bad = bytearray(good)
-    bad[100] ^= 0x01
-    chunk.write_bytes(bytes(bad))
+    flip(tmp_path / "c" / "shards" / "000001" / "video", 3, 100)
     st = cache.status()
     assert st["corrupt"] == [1] and "checksum" in st["problems"][0]
     assert_same(cached[K + 3], ref[K + 3])  # the mismatch is a miss: read from the store, shard rebuilt
@@ -277,10 +292,7 @@ def test_flipped_byte_is_detected_and_rebuilt_never_served(sample, tmp_path):
     assert cache.validate() == []
 
     # a flip in another key and shard, found and repaired by the next eager fill
-    chunk = tmp_path / "c" / "shards" / "000002" / "imu" / "c.5.0.0"
-    raw = bytearray(chunk.read_bytes())
-    raw[7] ^= 0x80
-    chunk.write_bytes(bytes(raw))
+    chunk = flip(tmp_path / "c" / "shards" / "000002" / "imu", 5, 7, 0x80)
     assert cache.status()["corrupt"] == [2]
     assert cache.fill(progress=False)["filled"] == 1
     assert cache.validate() == []
@@ -323,8 +335,10 @@ def test_publishing_over_a_published_or_corrupt_shard(sample, tmp_path):
     a._fill_shard(0)
     b._fill_shard(0)
     assert a.verify_shard(0) == ("complete", "")
-    chunk = tmp_path / "c" / "shards" / "000000" / "imu_mask" / "c.1.0"
-    chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
+    chunk, row = row_bytes(tmp_path / "c" / "shards" / "000000" / "imu_mask", 1)
+    raw = bytearray(chunk.read_bytes())
+    raw[row] = b"\x00" * (row.stop - row.start)
+    chunk.write_bytes(bytes(raw))
     assert b.verify_shard(0)[0] == "corrupt"
     b._fill_shard(0)
     assert a.verify_shard(0) == ("complete", "") and a.status()["leftovers"] == []
@@ -499,11 +513,14 @@ def test_batches_read_straight_from_shards_are_exact_and_damage_falls_back(sampl
     cached = windows.cache(str(tmp_path / "c"), fill="eager", progress=False, shard_size=K)
     idx = [int(i) for i in torch.randperm(len(windows), generator=torch.Generator().manual_seed(5))[:23]]
     assert_same(cached.read_batch(idx), collate([ref[i] for i in idx]))
-    chunk = tmp_path / "c" / "shards" / "000001" / "imu" / "c.2.0.0"
-    raw = bytearray(chunk.read_bytes())
-    raw[5] ^= 0x10
-    chunk.write_bytes(bytes(raw))
-    assert cached.read_batch([K + 1, K + 2]) is None and cached.read_batch([K + 1]) is not None
+    assert_same(cached.read_batch([K + 3, 0]), collate([ref[K + 3], ref[0]]))
+    files = cached.window_cache._files  # the chunk files of shards 0 and 1 are kept open now
+    shard1 = str(tmp_path / "c" / "shards" / "000001") + "/"
+    assert any(p.startswith(shard1) for p in files._paths())
+    flip(tmp_path / "c" / "shards" / "000001" / "imu", 2, 5, 0x10)
+    assert cached.read_batch([K + 1, K + 2]) is None
+    assert not any(p.startswith(shard1) for p in files._paths())  # forgotten: the next reads open it afresh
+    assert cached.read_batch([K + 1]) is not None
     batches = list(cached.loader(batch_size=2 * K, shuffle=False))
     for batch in batches:
         assert_same(batch, collate([ref[i] for i in batch["index"].tolist()]))

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 import mmloader
 from mmloader.windows import protocol
@@ -278,3 +279,31 @@ def test_the_index_digest_is_made_in_batches_and_unchanged(monkeypatch):
     for batch in (1, 3, 7, 1 << 16):
         monkeypatch.setattr(protocol, "DIGEST_BATCH", batch)
         assert protocol.index_digest(t) == whole(t) and protocol.index_digest(t.slice(0, 0)) == whole(t.slice(0, 0))
+
+
+def test_index_fields_of_a_batch_are_collated_index_fields(store):
+    """``index_fields_batch`` (what batched reads use) is ``collate`` of ``index_fields`` window by window: the same
+    values, dtypes and key order, on derived sets, with negative positions, and through the fallback to Python's
+    division for times of 2**53 ns and beyond."""
+    from mmloader.windows.collate import batch_index_fields, collate
+    from mmloader.windows.dataset import _seconds
+
+    ws = mmloader.open(store.url).windows(sec=2, stride=0.5, modalities=["imu", "text"], imu_hz=4.0,
+                                          label_stream="activities")
+    rng = np.random.default_rng(0)
+    for sub in (ws, ws.split("val").filter(np.arange(len(ws.split("val"))) % 2 == 0),
+                ws.recordings(["r0041", "r0016"])):
+        assert len(sub) > 0
+        idx = [int(i) for i in rng.integers(-len(sub), len(sub), 40)]
+        want = collate([sub.index_fields(i) for i in idx])
+        got = batch_index_fields(sub, idx)
+        assert list(got) == list(want) == ["recording_id", "t0", "t1", "index", "text", "label"]
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            else:
+                assert got[key] == value, key
+    big = np.array([2**53 + 1, 2**62 + 12345, -(2**60) - 7, 1_700_000_000_123_456_789], dtype=np.int64)
+    assert _seconds(big).tolist() == [int(v) / 1_000_000_000 for v in big]
+    small = np.array([0, 1, 999_999_999, 2**53 - 1, -5], dtype=np.int64)
+    assert _seconds(small).tolist() == [int(v) / 1_000_000_000 for v in small]

@@ -133,3 +133,65 @@ def test_read_batch_with_text_and_the_loader_uses_it(sample_store, monkeypatch):
     monkeypatch.setattr(type(ws), "read_batch", lambda self, i: None)  # the per-window path
     for a, b in zip(got, ws.loader(batch_size=4, shuffle=True, seed=1)):
         _same_batch(a, b)
+
+
+def _without_periods(monkeypatch, tmp_path):
+    """The same recordings written as stores were before ``t_period`` (the array left out)."""
+    from mmloader.store.writer import StoreWriter
+
+    real = StoreWriter._create_array
+
+    def create(group, name, *a, **k):
+        if name != "t_period":
+            return real(group, name, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "_create_array", staticmethod(create))
+        return mmloader.write_store(tmp_path / "old", _recordings())
+
+
+def _decodes(store_obj) -> dict:
+    counts: dict = {}
+    real = store_obj._decode_chunk
+
+    def counting(rel, name, layout, idx):
+        counts[name] = counts.get(name, 0) + 1
+        return real(rel, name, layout, idx)
+
+    store_obj._decode_chunk = counting
+    return counts
+
+
+def test_chunk_periods_spare_decoding_regular_times(store, monkeypatch, tmp_path):
+    """``t_period`` (per chunk: its exact interval, 0 irregular, -1 one sample) is what the chunk's times say; with
+    it a regular chunk's times are made, not decoded, and every window is bit-identical to a store without it,
+    which still reads (as stores written before)."""
+    from mmloader.store.reader import _period
+
+    new = mmloader.open(store).store
+    for rid in ("regular", "gap", "jitter", "slow"):
+        h = new._timeseries_handle(rid, "imu")
+        t = new.read_timeseries(rid, "imu").t_ns
+        rows = h[5]
+        assert h[7].tolist() == [_period(t[c * rows:(c + 1) * rows]) for c in range(h[2])], rid
+    assert new._timeseries_handle("jitter", "imu")[7].tolist()[1] == 0  # the irregular stretch is in chunk 1
+
+    old_url = _without_periods(monkeypatch, tmp_path)
+    old = mmloader.open(old_url).store
+    assert old._timeseries_handle("regular", "imu")[7] is None and old.validate() == [] and new.validate() == []
+    spec = dict(sec=2.0, stride=0.5, modalities=["imu"])
+    ws_new, ws_old = mmloader.open(store).windows(**spec), mmloader.open(old_url).windows(**spec)
+    seen_new, seen_old = _decodes(ws_new.store), _decodes(ws_old.store)
+    assert len(ws_new) == len(ws_old) > 0
+    for i in range(len(ws_new)):
+        a, b = ws_new[i], ws_old[i]
+        for key in ("imu", "imu_mask"):
+            assert a[key].numpy().tobytes() == b[key].numpy().tobytes(), (i, key)
+    batch_new = ws_new.read_batch(list(range(len(ws_new))))
+    assert torch_equal(batch_new["imu"], ws_old.read_batch(list(range(len(ws_old))))["imu"])
+    # times decoded only for the irregular chunks (jitter's chunk 1, gap's chunk 0); the store before: every chunk
+    assert seen_old["t_ns"] == seen_old["data"] and 0 < seen_new["t_ns"] <= 3 < seen_new["data"]
+
+
+def torch_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()

@@ -1,0 +1,92 @@
+"""Chunk files kept open per process, so that a shuffled epoch over a local cache does not open one per read.
+
+A full shuffle visits each shard's chunk files once per window it holds, in random order: an ``open`` and a
+``close`` per window and key cost about as much as the read. ``shared_files()`` is the process's ``OpenFiles``,
+shared by every cache it reads: up to ``capacity`` read-only descriptors, least recently used closed first
+(``default_capacity()``: half the process's open-file limit, at most 16,384, or ``MMLOADER_CACHE_OPEN_FILES``; 0
+turns it off; raise ``ulimit -n`` for caches of many shards). Reads are positional (``pread``), so descriptors are
+shared safely by a forked child. A descriptor outlives a shard replaced on disk (it reads the old file): callers
+``forget`` a shard's files when a read of it fails its checks, and every row is checked against its CRC-32 anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from typing import Iterator
+
+from ..lru import LRU
+
+OPEN_FILES_ENV = "MMLOADER_CACHE_OPEN_FILES"
+MAX_OPEN_FILES = 16384
+
+
+def default_capacity() -> int:
+    """``MMLOADER_CACHE_OPEN_FILES`` when set, else half of ``RLIMIT_NOFILE``'s soft limit (per process), at most
+    16,384."""
+    env = os.environ.get(OPEN_FILES_ENV)
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"{OPEN_FILES_ENV}={env!r}: expected a whole number of files") from None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 2 * MAX_OPEN_FILES
+    return max(0, min(MAX_OPEN_FILES, soft // 2))
+
+
+class OpenFiles:
+    """Read-only descriptors by path, at most ``capacity`` open. ``lock`` must be held while a descriptor from
+    ``fd`` is used (another thread could otherwise close it, and its number be reused)."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = default_capacity() if capacity is None else max(0, int(capacity))
+        self.lock = threading.RLock()
+        self._fds: LRU[int] = LRU(max(1, self.capacity), on_evict=lambda _, fd: os.close(fd))
+
+    def fd(self, path: str) -> tuple[int, bool]:
+        """``(descriptor, kept)`` of ``path`` opened read-only; ``kept`` False: the caller closes it (no capacity).
+        Raises OSError (FileNotFoundError...) as ``os.open`` does."""
+        if self.capacity == 0:
+            return os.open(path, os.O_RDONLY), False
+        return self._fds.get(path, lambda: os.open(path, os.O_RDONLY)), True
+
+    def forget(self, prefix: str) -> None:
+        """Close the kept descriptors of the paths under folder ``prefix`` (a shard replaced or found damaged)."""
+        with self.lock:
+            for path in [p for p in self._paths() if p.startswith(prefix.rstrip("/") + "/")]:
+                fd = self._fds.pop(path)
+                if fd is not None:
+                    os.close(fd)
+
+    def close(self) -> None:
+        """Close every kept descriptor."""
+        with self.lock:
+            for path in list(self._paths()):
+                fd = self._fds.pop(path)
+                if fd is not None:
+                    os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def _paths(self) -> Iterator[str]:
+        return iter(list(self._fds))  # type: ignore[arg-type]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may be gone
+            pass
+
+
+_SHARED: list[OpenFiles] = []
+
+
+def shared_files() -> OpenFiles:
+    """The process's ``OpenFiles`` (one for every cache it reads, so that together they stay under the limit)."""
+    if not _SHARED:
+        _SHARED.append(OpenFiles())
+    return _SHARED[0]
