@@ -2,8 +2,9 @@
 
 A shard holds windows ``[start, stop)``: one Zarr array per tensor key (windows stacked, zero-padded where shapes
 vary, one raw chunk holding every row: a shuffled read of window ``j`` is one ``pread`` of its row's bytes at
-``j * row_bytes``; shards written before hold one chunk per row and are read as well) and ``COMMIT.json``: the sample's keys in order (``tensor`` or ``index``, the latter
-rebuilt from ``Windows.index_fields``), and per tensor key its array, dtype, per-window shapes and CRC-32s.
+``j * row_bytes``; shards written before hold one chunk per row and are read as well) and ``COMMIT.json``: the
+sample's keys in order (``tensor`` or ``index``, the latter rebuilt from ``Windows.index_fields``), and per tensor
+key its array, dtype, per-window shapes and CRC-32s.
 """
 
 from __future__ import annotations
@@ -343,7 +344,10 @@ def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
             os.close(fd)
     else:
         # a row's byte range of the shard's chunk, or (caches written before) its whole one-row chunk
-        data = place.fs.cat_file(path, start=offset, end=offset + raw.row_bytes) if raw.whole else place.fs.cat_file(path)
+        if raw.whole:
+            data = place.fs.cat_file(path, start=offset, end=offset + raw.row_bytes)
+        else:
+            data = place.fs.cat_file(path)
         n = len(data)
         if n == raw.row_bytes:
             _bytes_of(out)[:] = np.frombuffer(data, dtype=np.uint8)
