@@ -10,6 +10,7 @@ sha256 against the manifest, ``decode_chunk`` the crc32c.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,12 @@ class ArrayLayout:
 
     @classmethod
     def parse(cls, raw: bytes) -> "ArrayLayout | None":
-        """The layout of an array ``zarr.json``, or None when it is not one this module decodes."""
+        """The layout of an array ``zarr.json``, or None when it is not one this module decodes (memoized: the
+        arrays of a store's recordings share a few distinct ``zarr.json``)."""
+        return _parse(cls, raw)
+
+    @classmethod
+    def _parse(cls, raw: bytes) -> "ArrayLayout | None":
         try:
             meta = json.loads(raw)
             if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
@@ -74,6 +80,11 @@ class ArrayLayout:
     def region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
         """The part of the array chunk ``idx`` holds."""
         return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(cls: type, raw: bytes) -> ArrayLayout | None:
+    return cls._parse(raw)
 
 
 def _crc32c(data: bytes) -> bytes:

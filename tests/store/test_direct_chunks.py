@@ -29,7 +29,8 @@ def test_every_chunk_decodes_as_zarr_reads_it(tmp_path):
     for name, expected in (("t_ns", t), ("data", x)):
         raw_meta = open(f"{url}/timeseries/r/imu.zarr/{name}/zarr.json", "rb").read()
         layout = ArrayLayout.parse(raw_meta)
-        assert layout is not None and layout.zstd and layout.shape == expected.shape
+        assert layout is not None and layout.shape == expected.shape
+        assert layout.zstd == (name == "t_ns")  # noise data: stored raw (zstd would not pay)
         assert layout.grid_shape[0] == -(-expected.shape[0] // layout.chunks[0]) >= 3  # an edge chunk too
         for idx in np.ndindex(*layout.grid_shape):
             raw = open(f"{url}/timeseries/r/imu.zarr/{name}/{layout.key(idx)}", "rb").read()
@@ -109,3 +110,37 @@ def test_cached_chunks_cannot_be_changed_through_a_slice(tmp_path):
         xs[0, 0] = 1.0
     again = store.timeseries_slice("r", "imu", int(t[10]), int(t[20]))[1]
     assert np.array_equal(again, x[9:22])
+
+
+def test_data_zstd_does_not_shrink_is_stored_raw_and_still_checked(tmp_path):
+    """A series whose first chunk zstd shrinks by under 10 % (sensor noise) is stored ``bytes -> crc32c`` and read
+    without decompression; one that compresses (quantized steps) keeps zstd; both read back exactly, through Zarr
+    too, validate, and a flipped byte in a raw chunk is refused, never served."""
+    from mmloader.errors import StoreFormatError
+
+    rng = np.random.default_rng(4)
+    n = 9000
+    t = 1_000_000_000 + np.arange(n, dtype=np.int64) * 5_000_000
+    series = {"noise": rng.standard_normal((n, 6)).astype(np.float32),
+              "steps": (rng.integers(-40, 40, (n, 6)) * 0.05).astype(np.float32)}
+    recs = [mmloader.Recording(id=rid, timeseries={"imu": mmloader.TimeSeriesInput(t, x, list("abcdef"), ["u"] * 6)})
+            for rid, x in series.items()]
+    url = mmloader.write_store(tmp_path / "s", recs)
+    store = mmloader.open(url).store
+    for rid, x in series.items():
+        folder = f"{url}/timeseries/{rid}/imu.zarr"
+        raw_meta = open(f"{folder}/data/zarr.json", "rb").read()
+        names = [c["name"] for c in json.loads(raw_meta)["codecs"]]
+        compressed = rid == "steps"
+        assert names == (["bytes", "zstd", "crc32c"] if compressed else ["bytes", "crc32c"]), rid
+        assert ArrayLayout.parse(raw_meta).zstd == compressed
+        assert np.array_equal(store.read_timeseries(rid, "imu").data, x)
+        assert np.array_equal(zarr.open_group(folder, mode="r")["data"][...], x)
+    assert store.validate() == []
+    chunk = tmp_path / "s" / "timeseries" / "noise" / "imu.zarr" / "data" / "c" / "1" / "0"
+    bad = bytearray(chunk.read_bytes())
+    bad[1000] ^= 0x08
+    chunk.write_bytes(bytes(bad))
+    fresh = mmloader.open(url).store
+    with pytest.raises(StoreFormatError, match="imu.zarr/data/c/1/0"):
+        fresh.timeseries_slice("noise", "imu", int(t[5000]), int(t[5100]))
