@@ -8,6 +8,8 @@ float32 channels at ``--hz`` (regular timestamps, Gaussian noise; one recording 
   (``VmRSS``; peak: ``VmHWM`` after resetting it, and ``getrusage``), pickled bytes of the set.
 - ``bound``: the same windows gathered from memory (every recording's IMU loaded into ``(C, N)`` arrays first;
   per batch, each window's ``T`` samples copied into a ``(B, C, T)`` float32 array), per order.
+- ``worker_start``: the forkserver's start (once per process: it imports torch and mmloader) and one batch read by
+  one worker, before any loader case, so that no case carries it alone.
 - ``ordered`` / ``shuffled`` / ``block``: one loader per worker count (``shuffle=False`` / ``True`` /
   ``"block"``, persistent workers) over ``--loader-epochs`` epochs (of ``K`` windows spread over the index with
   ``--max-windows K``): the first epoch's windows/s (cold: worker start-up, every chunk decoded once per process),
@@ -15,7 +17,8 @@ float32 channels at ``--hz`` (regular timestamps, Gaussian noise; one recording 
   speed-up of each worker count over 0 workers, first and later epochs. ``block`` is skipped, with a note, when the loader
   does not accept ``shuffle="block"``.
 - ``cache``: the windows plus a deterministic 512-float ``video_emb`` (what ``imu2clip train`` reads from its
-  embedding cache) cached eagerly (build time), then one shuffled (and block-shuffled) epoch at 0 workers.
+  embedding cache) cached eagerly (build time), then ``--loader-epochs`` shuffled (and block-shuffled) epochs at
+  0 workers: the first (every shard and chunk file opened for the first time in the process) and the later ones.
 - ``rss``: one loader with 2 persistent workers, shuffled, over ``--epochs-rss`` epochs: each worker's ``VmRSS``
   after each epoch and its growth from the first epoch to the last (%).
 
@@ -38,7 +41,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .measure import time_pass
 from .run import BenchError
 from .util import Progress, Timer, built_once, emit, machine, rate, work_folder
 
@@ -338,27 +340,30 @@ def loader_case(ws: Any, args: argparse.Namespace, case: str, workers: int, boun
     cold = pickle.loads(pickle.dumps(sub, protocol=pickle.HIGHEST_PROTOCOL))
     loader = cold.loader(batch_size=args.batch_size, shuffle=ORDERS[case], seed=args.seed, num_workers=workers,
                          persistent_workers=True)
-    epochs, first = [], None
-    try:
-        for _ in range(args.loader_epochs):
-            n, t0 = 0, time.perf_counter()
-            for batch in loader:
-                first = time.perf_counter() - t0 if first is None else first
-                n += len(batch["index"])
-            epochs.append((n, time.perf_counter() - t0))
-    finally:
-        loader.close()
+    epochs, first = _epochs(loader, args.loader_epochs)
     later = epochs[1:]
     warm = rate(sum(n for n, _ in later), sum(t for _, t in later), rate_digits=1)["windows_per_s"] if later else None
     b = (bound or {}).get(case, {}).get("windows_per_s")
     out = {"order": case, "workers": workers, "windows": len(sub), "epochs": len(epochs),
-           **rate(*epochs[0], rate_digits=1), "first_batch_s": round(first or 0.0, 3), "ratio": ratio(
+           **rate(*epochs[0], rate_digits=1), "first_batch_s": first, "ratio": ratio(
                rate(*epochs[0])["windows_per_s"], b),
            "per_epoch_windows_per_s": [rate(n, t, rate_digits=1)["windows_per_s"] for n, t in epochs],
            "later_windows_per_s": warm, "ratio_later": ratio(warm, b) if warm else None}
     log(f"  first epoch {out['windows_per_s']} windows/s (first batch {out['first_batch_s']} s, ratio "
         f"{out['ratio']}); later epochs {warm} windows/s (ratio {out['ratio_later']})")
     return out
+
+
+def worker_start_case(ws: Any, args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    """The loader's process-wide start-up, paid once by whichever loader first starts workers: the ``forkserver``
+    (it imports torch and mmloader) and one worker reading one batch. Measured before the loader cases, so that
+    none of them carries it alone; each still starts its own workers from the running server in its first epoch."""
+    sub = ws.filter(np.arange(len(ws)) < min(len(ws), args.batch_size))
+    with Timer() as t:
+        loader = sub.loader(batch_size=args.batch_size, num_workers=1)
+        _epochs(loader, 1)
+    log(f"workers: forkserver started and one batch read by one worker in {t.seconds:.2f} s (once per process)")
+    return {"forkserver_and_first_batch_s": round(t.seconds, 3)}
 
 
 def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -435,13 +440,35 @@ def cache_case(ws: Any, args: argparse.Namespace, orders: dict[str, Any], bound:
                            "runs": []}
     log(f"  built in {out['build_s']} s ({out['build_windows_per_s']} windows/s), {out['bytes'] / 1e6:.0f} MB")
     for case, shuffle in orders.items():
-        log(f"cache: {case} epoch, 0 workers")
-        r = time_pass(cached, workers=0, shuffle=shuffle, batch_size=args.batch_size, seed=args.seed,
-                      max_batches=None)
-        r = {"order": case, **r, "ratio": ratio(r["windows_per_s"], (bound or {}).get(case, {}).get("windows_per_s"))}
-        log(f"  {r['windows_per_s']} windows/s, ratio {r['ratio']} (to the bound of IMU alone)")
+        log(f"cache: {case}, 0 workers, {args.loader_epochs} epochs")
+        loader = cached.loader(batch_size=args.batch_size, shuffle=shuffle, seed=args.seed, num_workers=0)
+        epochs, first = _epochs(loader, args.loader_epochs)
+        b = (bound or {}).get(case, {}).get("windows_per_s")
+        later = epochs[1:]
+        warm = rate(sum(n for n, _ in later), sum(t for _, t in later), rate_digits=1)["windows_per_s"] if later else None
+        r = {"order": case, "workers": 0, "windows": k, **rate(*epochs[0], rate_digits=1), "first_batch_s": first,
+             "ratio": ratio(rate(*epochs[0])["windows_per_s"], b),
+             "per_epoch_windows_per_s": [rate(n, t, rate_digits=1)["windows_per_s"] for n, t in epochs],
+             "later_windows_per_s": warm, "ratio_later": ratio(warm, b) if warm else None}
+        log(f"  first epoch {r['windows_per_s']} windows/s (shards opened, chunk files opened for the first time in "
+            f"this process), later epochs {warm} windows/s; ratio {r['ratio']} (to the bound of IMU alone)")
         out["runs"].append(r)
     return out
+
+
+def _epochs(loader: Any, n: int) -> tuple[list[tuple[int, float]], float]:
+    """``n`` whole epochs of ``loader``: (windows, seconds) each, and the first batch's latency (s)."""
+    epochs, first = [], None
+    try:
+        for _ in range(n):
+            count, t0 = 0, time.perf_counter()
+            for batch in loader:
+                first = time.perf_counter() - t0 if first is None else first
+                count += len(batch["index"])
+            epochs.append((count, time.perf_counter() - t0))
+    finally:
+        loader.close()
+    return epochs, round(first or 0.0, 3)
 
 
 # -- worker RSS over epochs ------------------------------------------------------------------------------------------
@@ -531,6 +558,7 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         if len(ws) == 0:
             raise BenchError(f"no windows of {args.sec:g} s in the generated store ({ws.report()['dropped']})")
         orders = _orders(ws, args, result["notes"], log)
+        result["worker_start"] = worker_start_case(ws, args, log) if any(w > 0 for w in args.workers) else None
         result["bound"] = bound_case(ws, args, orders, log) if "bound" in args.cases else None
         result["loader"] = [loader_case(ws, args, case, w, result["bound"], log)
                             for case in orders if case in args.cases for w in args.workers]
