@@ -139,6 +139,8 @@ def test_scale_smoke(smoke_runs):
     assert all(r["windows_per_s"] > 0 for r in out["loader"] + out["cache"]["runs"])
     assert all(len(r["per_epoch_windows_per_s"]) == out["setup"]["loader_epochs"] for r in out["cache"]["runs"])
     assert out["worker_start"]["forkserver_and_first_batch_s"] > 0  # measured before the cases (smoke: 0 and 1)
+    assert {(r["order"], r["processes"]) for r in out["parallel_bound"]} == {(o, 1) for o in orders}
+    assert all(r["windows_per_s"] > 0 for r in out["parallel_bound"])
     assert len(out["rss"]["per_epoch"]) == out["setup"]["epochs_rss"] and out["rss"]["same_workers"] is True
     assert out["ratios"] and all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in out["ratios"].values())
 

@@ -16,6 +16,10 @@ float32 channels at ``--hz`` (regular timestamps, Gaussian noise; one recording 
   first-batch latency and ratio to the bound of the same order; the later epochs' windows/s (warm) and ratio; the
   speed-up of each worker count over 0 workers, first and later epochs. ``block`` is skipped, with a note, when the loader
   does not accept ``shuffle="block"``.
+- ``parallel``: the bound for workers, per order and worker count ``W`` of ``--workers`` (and 1): ``W``
+  independent processes, each reading its own contiguous ``1/W`` of the windows at 0 workers, started together
+  (``parallel_bound``); ``parallel_speedup``: ``W`` processes' windows/s ÷ one process's, the most ``W`` workers
+  could give here (shared memory bandwidth and caches), to set beside ``speedup_over_0_workers``.
 - ``cache``: the windows plus a deterministic 512-float ``video_emb`` (what ``imu2clip train`` reads from its
   embedding cache) cached eagerly (build time), then ``--loader-epochs`` shuffled (and block-shuffled) epochs at
   0 workers: the first (every shard and chunk file opened for the first time in the process) and the later ones.
@@ -45,7 +49,7 @@ from .run import BenchError
 from .util import Progress, Timer, built_once, emit, machine, rate, work_folder
 
 Log = Callable[[str], None]
-CASES = ("index", "bound", "ordered", "shuffled", "block", "cache", "rss")
+CASES = ("index", "bound", "ordered", "shuffled", "block", "parallel", "cache", "rss")
 ORDERS: dict[str, Any] = {"ordered": False, "shuffled": True, "block": "block"}  # case → the loader's shuffle=
 WORK_NAME = "mmloader-bench-scale"
 RSS_WORKERS = 2
@@ -354,6 +358,20 @@ def loader_case(ws: Any, args: argparse.Namespace, case: str, workers: int, boun
     return out
 
 
+def parallel_speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per order and process count > 1: its windows/s ÷ one process's (first and later epochs): the most workers
+    could give on this machine."""
+    one = {r["order"]: r for r in runs if r["processes"] == 1}
+    out: dict[str, dict[str, float | None]] = {}
+    for r in runs:
+        z = one.get(r["order"])
+        if r["processes"] > 1 and z:
+            later = r["later_windows_per_s"] / z["later_windows_per_s"] if z["later_windows_per_s"] else None
+            out[f"{r['order']}_p{r['processes']}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
+                                                       "later_epochs": round(later, 3) if later else None}
+    return out
+
+
 def worker_start_case(ws: Any, args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """The loader's process-wide start-up, paid once by whichever loader first starts workers: the ``forkserver``
     (it imports torch and mmloader) and one worker reading one batch. Measured before the loader cases, so that
@@ -364,6 +382,45 @@ def worker_start_case(ws: Any, args: argparse.Namespace, log: Log) -> dict[str, 
         _epochs(loader, 1)
     log(f"workers: forkserver started and one batch read by one worker in {t.seconds:.2f} s (once per process)")
     return {"forkserver_and_first_batch_s": round(t.seconds, 3)}
+
+
+def _read_part(part: Any, args: dict[str, Any], barrier: Any, out: Any) -> None:
+    """In a process of its own: ``epochs`` epochs of ``part`` at 0 workers, started with the others (``barrier``);
+    puts ``[(windows, seconds), ...]`` on ``out``."""
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+    loader = part.loader(batch_size=args["batch_size"], shuffle=args["shuffle"], seed=args["seed"], num_workers=0)
+    barrier.wait()
+    out.put(_epochs(loader, args["epochs"])[0])
+
+
+def parallel_case(ws: Any, args: argparse.Namespace, case: str, procs: int, log: Log) -> dict[str, Any]:
+    """The bound for ``procs`` workers: ``procs`` independent processes, each reading its own contiguous
+    ``1/procs`` of the windows at 0 workers (no loader between them: no dispatch, no shared memory, no main
+    process), all started together; per epoch, all their windows over the slowest one's seconds. What the machine
+    gives ``procs`` processes doing this work side by side (memory bandwidth and caches are shared)."""
+    import multiprocessing as mp
+
+    sub = _spread(ws, args.max_windows, args.seed)
+    ctx = mp.get_context("forkserver")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    spec = {"batch_size": args.batch_size, "shuffle": ORDERS[case], "seed": args.seed, "epochs": args.loader_epochs}
+    bounds = np.linspace(0, len(sub), procs + 1).astype(int)
+    ps = [ctx.Process(target=_read_part, args=(sub.filter((np.arange(len(sub)) >= a) & (np.arange(len(sub)) < b)),
+                                               spec, barrier, out)) for a, b in zip(bounds[:-1], bounds[1:])]
+    for p in ps:
+        p.start()
+    parts = [out.get(timeout=3600) for _ in ps]
+    for p in ps:
+        p.join()
+    per_epoch = [round(sum(p[e][0] for p in parts) / max(p[e][1] for p in parts), 1) for e in range(len(parts[0]))]
+    later = per_epoch[1:]
+    r = {"order": case, "processes": procs, "per_epoch_windows_per_s": per_epoch, "windows_per_s": per_epoch[0],
+         "later_windows_per_s": round(float(np.mean(later)), 1) if later else None}
+    log(f"parallel bound: {case}, {procs} independent processes: first epoch {r['windows_per_s']} windows/s, later "
+        f"{r['later_windows_per_s']}")
+    return r
 
 
 def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -563,6 +620,10 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         result["loader"] = [loader_case(ws, args, case, w, result["bound"], log)
                             for case in orders if case in args.cases for w in args.workers]
         result["speedup_over_0_workers"] = speedups(result["loader"])
+        if "parallel" in args.cases:
+            result["parallel_bound"] = [parallel_case(ws, args, case, p, log) for case in orders
+                                        if case in args.cases for p in sorted({1, *args.workers} - {0})]
+            result["parallel_speedup"] = parallel_speedups(result["parallel_bound"])
         if "cache" in args.cases:
             with tempfile.TemporaryDirectory(prefix="cache-", dir=work) as tmp:
                 cache_orders = {c: s for c, s in orders.items() if c != "ordered"}
@@ -588,14 +649,16 @@ def _rows(result: dict[str, Any]) -> list[str]:
             rows.append(f"{'bound ' + case + ' (numpy gather from memory)':<44} {bound[case]['windows_per_s']:>11.1f}"
                         f" {'-':>9} {1.0:>8.3g}")
     runs = [(f"loader {r['order']}, {r['workers']} workers", r) for r in result["loader"]]
+    runs += [(f"parallel bound {r['order']}, {r['processes']} processes", r) for r in result.get("parallel_bound") or []]
     runs += [(f"cache {r['order']}, 0 workers (imu + video_emb)", r)
              for r in (result.get("cache") or {}).get("runs", [])]
     for label, r in runs:
-        rt = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
+        rt = "-" if r.get("ratio") is None else f"{r['ratio']:.3g}"
         warm = r.get("later_windows_per_s")
         rl = "-" if r.get("ratio_later") is None else f"{r['ratio_later']:.3g}"
         later = f"{warm:>11.1f} {rl:>8}" if warm else f"{'-':>11} {'-':>8}"
-        rows.append(f"{label:<44} {r['windows_per_s']:>11.1f} {r['first_batch_s']:>9.3f} {rt:>8} {later}")
+        fb = f"{r['first_batch_s']:>9.3f}" if "first_batch_s" in r else f"{'-':>9}"
+        rows.append(f"{label:<44} {r['windows_per_s']:>11.1f} {fb} {rt:>8} {later}")
     return rows
 
 
@@ -615,6 +678,9 @@ def format_table(result: dict[str, Any]) -> str:
     for case, sp in (result.get("speedup_over_0_workers") or {}).items():
         lines.append(f"speedup  {case} over 0 workers: first epoch {sp['first_epoch']}x, later epochs "
                      f"{sp['later_epochs']}x")
+    for case, sp in (result.get("parallel_speedup") or {}).items():
+        lines.append(f"bound    {case} independent processes over one: first epoch {sp['first_epoch']}x, later "
+                     f"epochs {sp['later_epochs']}x")
     c = result.get("cache")
     if c:
         lines.append(f"cache    {c['windows']} windows built eagerly in {c['build_s']} s "
