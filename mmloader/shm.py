@@ -15,7 +15,9 @@ that is still there. Where ``/dev/shm`` is missing (not Linux), ``available()`` 
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 import mmap
 import os
 import weakref
@@ -55,7 +57,7 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(obj, dict):
         return {k: _walk(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list):
-        if not any(isinstance(v, _CONTAINERS) for v in obj):  # e.g. a batch's recording ids: nothing to do
+        if not any(issubclass(t, _CONTAINERS) for t in set(map(type, obj))):  # e.g. a batch's ids: nothing to do
             return obj
         return [_walk(v, leaf) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
@@ -75,6 +77,12 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"not a torch dtype: {name!r}")
     return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(name: str) -> int:
+    """Bytes per element of the torch dtype called ``name``."""
+    return torch.empty((), dtype=_dtype(name)).element_size()
 
 
 class SlotWriter:
@@ -222,8 +230,7 @@ class SlotReader:
         mm = self._mapped(slot, path)
         refs: list[TensorRef] = []
         _walk(tree, lambda r: refs.append(r) or r)
-        sizes = [int(np.prod(r.shape, dtype=np.int64)) * torch.empty((), dtype=_dtype(r.dtype)).element_size()
-                 for r in refs]
+        sizes = [math.prod(r.shape) * _itemsize(r.dtype) for r in refs]
         used = max((r.offset + n for r, n in zip(refs, sizes)), default=0)
         if used == 0:
             release()

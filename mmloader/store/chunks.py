@@ -106,9 +106,9 @@ def decode_chunk(raw: bytes, layout: ArrayLayout, idx: tuple[int, ...]) -> np.nd
     """Chunk ``idx`` of an array from its file's bytes: crc32c checked, decompressed, cut to the array's edge
     (read-only unless cut). Raises ChunkDecodeError (with the reason) when the bytes do not decode to a whole
     chunk."""
-    if len(raw) < 4 or _crc32c(raw[:-4]) != raw[-4:]:
+    body = raw[:-4]  # one copy, checked and then decoded (or, uncompressed, viewed)
+    if len(raw) < 4 or _crc32c(body) != raw[-4:]:
         raise ChunkDecodeError("crc32c checksum mismatch")
-    body = raw[:-4]
     if layout.zstd:
         if not _CODEC:
             _CODEC.append(_zstd())
