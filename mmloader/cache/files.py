@@ -11,6 +11,7 @@ shared safely by a forked child. A descriptor outlives a shard replaced on disk 
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import threading
@@ -51,7 +52,24 @@ class OpenFiles:
         Raises OSError (FileNotFoundError...) as ``os.open`` does."""
         if self.capacity == 0:
             return os.open(path, os.O_RDONLY), False
-        return self._fds.get(path, lambda: os.open(path, os.O_RDONLY)), True
+        return self._fds.get(path, lambda: self._open(path)), True
+
+    def _open(self, path: str) -> int:
+        """``os.open``; when the process is out of descriptors, the older half of those kept are closed (and the
+        capacity halved) first, then it tries once more."""
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or len(self._fds) == 0:
+                raise
+        keep = len(self._fds) // 2
+        for old in list(self._paths())[: len(self._fds) - keep]:  # least recently used first
+            fd = self._fds.pop(old)
+            if fd is not None:
+                os.close(fd)
+        self.capacity = max(1, keep)
+        self._fds.capacity = self.capacity
+        return os.open(path, os.O_RDONLY)
 
     def forget(self, prefix: str) -> None:
         """Close the kept descriptors of the paths under folder ``prefix`` (a shard replaced or found damaged)."""
@@ -90,3 +108,13 @@ def shared_files() -> OpenFiles:
     if not _SHARED:
         _SHARED.append(OpenFiles())
     return _SHARED[0]
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread held the lock must not inherit it held: a fresh lock (the descriptors
+    stay valid in the child, and reads are positional)."""
+    for files in _SHARED:
+        files.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -12,6 +12,7 @@ from .._version import __version__
 from ..fsutil import get_fs, is_local, join, normalize_url
 from ..paths import cache_dir
 from .fingerprint import fingerprint_of, sha256_json
+from .files import shared_files
 from .layout import CACHE_FORMAT, CACHE_VERSION, META, CacheError, read_json
 
 
@@ -82,6 +83,7 @@ def clear(url: str, force: bool = False, **storage_options: Any) -> bool:
     if not force and not fs.exists(join(path, META)):
         raise CacheError(f"{url}: not an mmloader window cache (no {META}); refusing to delete it")
     if is_local(fs):
+        shared_files().forget(path)  # this process's kept chunk files of it: closed, their space freed
         parent, name = os.path.split(path.rstrip("/"))
         trash = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex[:8]}")
         os.rename(path, trash)

@@ -396,19 +396,20 @@ def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crc
             finally:
                 os.close(fd)
         return True
-    except OSError:
+    except (OSError, IndexError):  # unreadable, or a commit with fewer CRCs than rows
         return False
 
 
 def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[list[str]],
                     alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None,
-                    files: OpenFiles | None = None) -> dict[str, Any] | None:
+                    files: OpenFiles | None = None, damaged: list[OpenShard] | None = None) -> dict[str, Any] | None:
     """The tensor keys of windows ``rows`` (opened shard, row) stacked: ``{key: (B, *shape) tensor}``, each row read
     straight into the batch array (made by ``alloc(shape, dtype)`` when given) and checked against its CRC-32; the
     rows of one shard are read together (its chunk file opened once per key, or kept open in ``files``). None when
     this cannot serve them
     all exactly (a remote cache, rows of other shapes or encodings, a missing, short or damaged chunk): the caller
-    then reads window by window, which rebuilds what is damaged."""
+    then reads window by window, which rebuilds what is damaged. A shard whose rows failed to read is appended to
+    ``damaged``."""
     if not place.local:
         return None
     files = files if files is not None else OpenFiles(0)
@@ -428,6 +429,8 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
         flat = batch.reshape(len(rows), -1).view(np.uint8)
         for shard, items in by_shard.values():
             if not _read_rows(shard.raw[name], items, flat, shard.commit["tensors"][name]["crc32"], files):
+                if damaged is not None:
+                    damaged.append(shard)
                 return None
         native = batch if dtype.isnative else batch.astype(dtype.newbyteorder("="))
         out[name] = to_torch(native, sigs[name][2])

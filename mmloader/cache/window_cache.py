@@ -217,12 +217,13 @@ class WindowCache:
         keys = rows[0][0].commit["keys"]
         if any(shard.commit["keys"] != keys for shard in {id(s): s for s, _ in rows}.values()):
             return None
-        tensors = read_batch_rows(self.place, rows, keys, alloc, self._files)
+        damaged: list[OpenShard] = []
+        tensors = read_batch_rows(self.place, rows, keys, alloc, self._files, damaged)
         if tensors is None:  # read window by window (misses filled, damage rebuilt), from freshly opened files
-            for k in {int(i) // self.shard_size for i in indices}:
-                self._forget_files(k)
+            for shard in damaged:
+                self._forget_files(int(shard.commit["shard"]))
             return None
-        rest = batch_index_fields(self._source(), indices)
+        rest = batch_index_fields(self._source(), indices, [name for name, kind in keys if kind != "tensor"])
         return {name: tensors[name] if kind == "tensor" else rest[name] for name, kind in keys}
 
     def _try_read(self, k: int, j: int, i: int) -> dict[str, Any] | None:

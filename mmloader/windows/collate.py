@@ -29,10 +29,12 @@ def collate_values(values: list[Any]) -> Any:
     return values
 
 
-def batch_index_fields(windows: Any, indices: Any) -> dict[str, Any]:
-    """``collate([windows.index_fields(i) for i in indices])``: through ``windows.index_fields_batch(indices)``
-    (column by column, the same values and types) when the set has it."""
+def batch_index_fields(windows: Any, indices: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """``collate([windows.index_fields(i) for i in indices])`` (only the keys ``names``, when given): through
+    ``windows.index_fields_batch(indices)`` (column by column, the same values and types) when the set has it."""
     fast = getattr(windows, "index_fields_batch", None)
     if fast is not None:
-        return fast(indices)
-    return collate([windows.index_fields(int(i)) for i in indices])
+        out = fast(indices)
+        return out if names is None else {k: out[k] for k in names}
+    fields = [windows.index_fields(int(i)) for i in indices]
+    return collate(fields if names is None else [{k: f[k] for k in names} for f in fields])

@@ -155,7 +155,9 @@ class WindowSet:
         sample: dict[str, Any] = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
         for m in self.modalities.timeseries:
             y, mask = self._read_timeseries(rid, m, t0)
-            sample[m] = torch.from_numpy(np.ascontiguousarray(y.T))
+            a = np.ascontiguousarray(y.T)
+            # never a view of the process's decoded-chunk cache (one channel: y.T is contiguous already)
+            sample[m] = torch.from_numpy(a if a.flags.writeable else a.copy())
             sample[f"{m}_mask"] = torch.from_numpy(mask)
         ahead = self._ahead(i) if self.modalities.video else None
         for v in self.modalities.video:
@@ -183,7 +185,7 @@ class WindowSet:
         idx = [position(int(i), len(self)) for i in indices]
         fields = self._fields_batch(np.asarray(idx, dtype=np.int64))
         out = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
-        t0s = self._columns.t0.take(np.asarray(idx, dtype=np.int64)).tolist()
+        t0s = [int(v) for v in self._columns.t0.take(np.asarray(idx, dtype=np.int64))]
         for m in self.modalities.timeseries:
             data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty)
             out[m], out[f"{m}_mask"] = data, mask
@@ -227,9 +229,9 @@ class WindowSet:
         out: dict[str, Any] = {"recording_id": c.recording_id.take(idx), "t0": _seconds(c.t0.take(idx)),
                                "t1": _seconds(c.t1.take(idx)), "index": torch.from_numpy(idx.copy())}
         if self.modalities.text:
-            out["text"] = collate_values(c.text.take(idx))
-        if c.label is not None:
-            out["label"] = collate_values(c.label.take(idx))
+            out["text"] = collate_values(list(c.text.take(idx)))
+        if c.label is not None:  # as collate makes them of index_fields' values (numpy ints stay a list)
+            out["label"] = collate_values(list(c.label.take(idx)))
         return out
 
     def _index_fields(self, i: int) -> dict[str, Any]:
@@ -512,12 +514,14 @@ class WindowSet:
 _PER_PROCESS = ("_readers", "_video_index", "_plan", "_lock")  # state a pickled or derived set starts afresh
 
 
-def _seconds(ns: np.ndarray) -> torch.Tensor:
-    """float64 seconds of int64 nanoseconds, each exactly ``int(v) / NS`` (one rounding: numpy divides in float64
-    where every value is below 2**53, where Python's int division does the same)."""
-    if ns.size == 0 or int(np.abs(ns).max()) < 2**53:
+def _seconds(ns: Any) -> torch.Tensor:
+    """float64 seconds of nanoseconds (an int64 array, or a list of ints from an index column of another type),
+    each exactly ``int(v) / NS`` (one rounding: numpy divides in float64 where every value is below 2**53, where
+    Python's int division does the same)."""
+    if isinstance(ns, np.ndarray) and ns.dtype == np.int64 and (ns.size == 0 or int(np.abs(ns).max()) < 2**53):
         return torch.from_numpy(ns.astype(np.float64) / NS)
-    return torch.tensor([v / NS for v in ns.tolist()], dtype=torch.float64)
+    return torch.tensor([int(v) / NS for v in (ns.tolist() if isinstance(ns, np.ndarray) else ns)],
+                        dtype=torch.float64)
 
 
 class _Picked:

@@ -54,3 +54,70 @@ def test_the_capacity_follows_the_limit_or_the_environment(monkeypatch):
     monkeypatch.setenv(OPEN_FILES_ENV, "lots")
     with pytest.raises(ValueError, match=OPEN_FILES_ENV):
         default_capacity()
+
+
+def test_out_of_descriptors_closes_the_older_half_and_goes_on(tmp_path):
+    """With the process's open-file limit reached, the older half of the kept descriptors is closed and the open
+    tried again (run in a child: it lowers its own limit)."""
+    import subprocess
+    import sys
+
+    for k in range(40):
+        (tmp_path / f"f{k}").write_bytes(bytes([k]))
+    code = f"""
+import os, resource
+from mmloader.cache.files import OpenFiles
+n = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+files = OpenFiles(100)
+for k in range(40):
+    fd, kept = files.fd(os.path.join({str(tmp_path)!r}, f"f{{k}}"))
+    assert kept and os.pread(fd, 1, 0) == bytes([k])
+assert files.capacity < 12 and len(files) <= files.capacity
+print("ok", files.capacity)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+
+
+def test_clearing_a_cache_closes_its_kept_files(tmp_path):
+    from mmloader.cache import clear
+    from mmloader.cache.files import shared_files
+
+    (tmp_path / "c" / "shards").mkdir(parents=True)
+    chunk = tmp_path / "c" / "shards" / "c.0"
+    chunk.write_bytes(b"x")
+    files = shared_files()
+    files.fd(str(chunk))
+    assert str(chunk) in list(files._paths())
+    assert clear(str(tmp_path / "c"), force=True)
+    assert str(chunk) not in list(files._paths()) and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_free_lock():
+    """A child forked while another thread holds the shared lock can still read (the lock is made afresh)."""
+    import threading
+
+    from mmloader.cache.files import shared_files
+
+    files = shared_files()
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with files.lock:
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the lock can be taken
+            os._exit(0 if shared_files().lock.acquire(timeout=2) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        done.set()
+        t.join()

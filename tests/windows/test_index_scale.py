@@ -307,3 +307,47 @@ def test_index_fields_of_a_batch_are_collated_index_fields(store):
     assert _seconds(big).tolist() == [int(v) / 1_000_000_000 for v in big]
     small = np.array([0, 1, 999_999_999, 2**53 - 1, -5], dtype=np.int64)
     assert _seconds(small).tolist() == [int(v) / 1_000_000_000 for v in small]
+
+
+def test_index_fields_of_a_batch_from_a_hand_made_index(store):
+    """An index whose times are not int64 (uint64 here) and whose labels are int64: the batch's fields are still
+    collate of the window-by-window fields (times as float64 seconds, labels a list of numpy ints), and
+    ``read_batch`` reads it."""
+    import pyarrow.compute as pc
+
+    from mmloader.windows.collate import collate
+
+    spec = WindowSpec(sec=2, stride=1, imu_hz=4.0)
+    index, _ = build_index(store, spec)
+    n = index.num_rows
+    custom = index.set_column(index.schema.get_field_index("t0_ns"), "t0_ns", pc.cast(index["t0_ns"], pa.uint64()))
+    custom = custom.append_column("label", pa.array(np.arange(n) % 5, pa.int64()))
+    ws = WindowSet(store, spec, custom)
+    idx = [0, n - 1, 3, -2, 5]
+    want = collate([ws.index_fields(i) for i in idx])
+    got = ws.index_fields_batch(idx)
+    assert list(got) == list(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value and [type(v) for v in got[key]] == [type(v) for v in value], key
+    batch = ws.read_batch(idx)
+    assert torch.equal(batch["t0"], want["t0"]) and batch["label"] == want["label"]
+    for b, i in enumerate(idx):
+        assert torch.equal(batch["imu"][b], ws[i]["imu"])
+
+
+def test_a_sample_never_shares_memory_with_the_chunk_cache(store):
+    """One channel: the window's rows are contiguous either way round; changing a sample in place must not change
+    what the next read of it (from the process's decoded-chunk cache) returns."""
+    import warnings
+
+    ws = mmloader.open(store.url).windows(sec=2, stride=1, modalities=["imu"], imu_hz=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        for i in (0, 3, len(ws) - 1):
+            a = ws[i]["imu"]
+            before = a.clone()
+            a += 1000.0
+            assert torch.equal(ws[i]["imu"], before), i
