@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -213,3 +214,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- the tiny IMU2CLIP runs of the plugin's training tests ------------------------------------------------------------
+TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
+                    dropout=0.1)
+
+
+def tiny_train_config(run_dir: Any, **kw: Any) -> Any:
+    """A ``TrainConfig`` for a tiny, fast run into ``run_dir`` on 1-s windows of 32×32 frames (``TINY_ENCODER``,
+    batch 8, CPU, no progress bar); ``kw`` overrides any field."""
+    from imu2clip_plugin.train import TrainConfig
+
+    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
+                warmup_steps=2, run_dir=str(run_dir), progress=False)
+    return TrainConfig(**{**base, **kw})

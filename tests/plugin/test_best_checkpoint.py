@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_train_config
 import torch
 
 import mmloader
@@ -21,8 +22,6 @@ from imu2clip_plugin.metrics import retrieval_ranks  # noqa: E402
 from imu2clip_plugin.train import (  # noqa: E402
     SUMMARY_NAME, Trainer, TrainConfig, TrainSetupError, recall_at_1, resolve_select_metric, split_train_val, train)
 
-TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
-                    dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +31,7 @@ def windows(sample_store):
 
 
 def _cfg(run_dir, **kw):
-    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
-                warmup_steps=2, run_dir=str(run_dir), progress=False, use_cache=False, device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(run_dir, **{"use_cache": False, "device": "cpu", **kw})
 
 
 @pytest.fixture(scope="module")

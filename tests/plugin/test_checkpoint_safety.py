@@ -9,6 +9,7 @@ import shutil
 import zipfile
 
 import pytest
+from conftest import tiny_train_config
 import torch
 
 import mmloader
@@ -22,8 +23,6 @@ from imu2clip_plugin.train import (  # noqa: E402
     CHECKPOINT_NAME, METRICS_NAME, CheckpointError, RunDirInUseError, TrainConfig, TrainSetupError, checksum_path,
     load_checkpoint, save_checkpoint, train)
 
-TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
-                    dropout=0.1)
 
 
 class _Killed(Exception):
@@ -51,10 +50,7 @@ def windows(store):
 
 
 def _cfg(run_dir, **kw):
-    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
-                warmup_steps=2, run_dir=str(run_dir), progress=False, use_cache=False, device="cpu", max_steps=8)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(run_dir, **{"use_cache": False, "device": "cpu", "max_steps": 8, **kw})
 
 
 @pytest.fixture(scope="module")

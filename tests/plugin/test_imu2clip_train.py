@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_ENCODER, tiny_train_config
 import torch
 
 import mmloader
@@ -16,8 +17,6 @@ from mmloader.windows.dataset import WindowSet  # noqa: E402
 from imu2clip_plugin.encoder import load_encoder  # noqa: E402
 from imu2clip_plugin.train import TrainConfig, lr_lambda, split_train_val, train  # noqa: E402
 
-TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
-                    dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,7 @@ def _cache_dir(tmp_path, monkeypatch):
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
-                warmup_steps=2, run_dir=str(tmp_path / name), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path / name, **kw)
 
 
 def _params(model):

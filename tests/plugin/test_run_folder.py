@@ -11,17 +11,15 @@ import pytest
 import torch
 
 import mmloader
-from conftest import free_port
+from conftest import free_port, tiny_train_config
 
 pytest.importorskip("open_clip")
 
 from imu2clip_plugin import checkpoint as checkpoint_mod  # noqa: E402
 from imu2clip_plugin.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from imu2clip_plugin.encoder import load_encoder  # noqa: E402
-from imu2clip_plugin.train import CheckpointError, RunDirInUseError, TrainConfig, TrainSetupError, train  # noqa: E402
+from imu2clip_plugin.train import CheckpointError, RunDirInUseError, TrainSetupError, train  # noqa: E402
 
-TINY_ENCODER = dict(conv_channels=[16, 16], kernel_sizes=[5, 5], norm_groups=4, gru_hidden=16, gru_layers=1,
-                    dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +42,7 @@ def windows(sample_store):
 
 
 def _cfg(run_dir, **kw):
-    base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
-                warmup_steps=2, run_dir=str(run_dir), progress=False, use_cache=False, device="cpu", max_steps=8)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(run_dir, **{"use_cache": False, "device": "cpu", "max_steps": 8, **kw})
 
 
 def test_a_run_on_s3_resumes_exactly_and_keeps_its_files_there(windows, s3, fs, tmp_path):
