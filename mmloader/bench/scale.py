@@ -358,20 +358,6 @@ def loader_case(ws: Any, args: argparse.Namespace, case: str, workers: int, boun
     return out
 
 
-def parallel_speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per order and process count > 1: its windows/s ÷ one process's (first and later epochs): the most workers
-    could give on this machine."""
-    one = {r["order"]: r for r in runs if r["processes"] == 1}
-    out: dict[str, dict[str, float | None]] = {}
-    for r in runs:
-        z = one.get(r["order"])
-        if r["processes"] > 1 and z:
-            later = r["later_windows_per_s"] / z["later_windows_per_s"] if z["later_windows_per_s"] else None
-            out[f"{r['order']}_p{r['processes']}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
-                                                       "later_epochs": round(later, 3) if later else None}
-    return out
-
-
 def worker_start_case(ws: Any, args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """The loader's process-wide start-up, paid once by whichever loader first starts workers: the ``forkserver``
     (it imports torch and mmloader) and one worker reading one batch. Measured before the loader cases, so that
@@ -423,18 +409,20 @@ def parallel_case(ws: Any, args: argparse.Namespace, case: str, procs: int, log:
     return r
 
 
-def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per order and worker count > 0: its windows/s ÷ 0 workers' (first epoch and later epochs)."""
+def speedups(runs: list[dict[str, Any]], count: str = "workers", base: int = 0,
+             tag: str = "w") -> dict[str, dict[str, float | None]]:
+    """Per order and ``count`` (worker count; ``"processes"`` for the parallel bound) other than ``base``: its
+    windows/s ÷ those of ``base`` (0 workers; one process), first epoch and later epochs."""
     out: dict[str, dict[str, float | None]] = {}
-    base = {r["order"]: r for r in runs if r["workers"] == 0}
+    ref = {r["order"]: r for r in runs if r[count] == base}
     for r in runs:
-        z = base.get(r["order"])
-        if r["workers"] == 0 or z is None:
+        z = ref.get(r["order"])
+        if r[count] == base or z is None:
             continue
         later = (round(r["later_windows_per_s"] / z["later_windows_per_s"], 3)
                  if r["later_windows_per_s"] and z["later_windows_per_s"] else None)
-        out[f"{r['order']}_w{r['workers']}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
-                                                "later_epochs": later}
+        out[f"{r['order']}_{tag}{r[count]}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
+                                               "later_epochs": later}
     return out
 
 
@@ -623,7 +611,7 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         if "parallel" in args.cases:
             result["parallel_bound"] = [parallel_case(ws, args, case, p, log) for case in orders
                                         if case in args.cases for p in sorted({1, *args.workers} - {0})]
-            result["parallel_speedup"] = parallel_speedups(result["parallel_bound"])
+            result["parallel_speedup"] = speedups(result["parallel_bound"], "processes", 1, "p")
         if "cache" in args.cases:
             with tempfile.TemporaryDirectory(prefix="cache-", dir=work) as tmp:
                 cache_orders = {c: s for c, s in orders.items() if c != "ordered"}

@@ -63,35 +63,34 @@ class OpenFiles:
             if e.errno not in (errno.EMFILE, errno.ENFILE) or len(self._fds) == 0:
                 raise
         keep = len(self._fds) // 2
-        for old in list(self._paths())[: len(self._fds) - keep]:  # least recently used first
-            fd = self._fds.pop(old)
-            if fd is not None:
-                os.close(fd)
+        self._drop(list(self._fds)[: len(self._fds) - keep])  # least recently used first
         self.capacity = max(1, keep)
         self._fds.capacity = self.capacity
         return os.open(path, os.O_RDONLY)
 
     def forget(self, prefix: str) -> None:
         """Close the kept descriptors of the paths under folder ``prefix`` (a shard replaced or found damaged)."""
+        folder = prefix.rstrip("/") + "/"
         with self.lock:
-            for path in [p for p in self._paths() if p.startswith(prefix.rstrip("/") + "/")]:
-                fd = self._fds.pop(path)
-                if fd is not None:
-                    os.close(fd)
+            self._drop([p for p in self._paths() if p.startswith(folder)])
 
     def close(self) -> None:
         """Close every kept descriptor."""
         with self.lock:
-            for path in list(self._paths()):
-                fd = self._fds.pop(path)
-                if fd is not None:
-                    os.close(fd)
+            self._drop(list(self._paths()))
+
+    def _drop(self, paths: list[str]) -> None:
+        """Forget and close the kept descriptors of ``paths``."""
+        for path in paths:
+            fd = self._fds.pop(path)
+            if fd is not None:
+                os.close(fd)
 
     def __len__(self) -> int:
         return len(self._fds)
 
     def _paths(self) -> Iterator[str]:
-        return iter(list(self._fds))  # type: ignore[arg-type]
+        return iter(self._fds)  # type: ignore[arg-type]  (LRU iterates over a copy of its keys)
 
     def __del__(self) -> None:
         try:

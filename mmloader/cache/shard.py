@@ -406,10 +406,9 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
     """The tensor keys of windows ``rows`` (opened shard, row) stacked: ``{key: (B, *shape) tensor}``, each row read
     straight into the batch array (made by ``alloc(shape, dtype)`` when given) and checked against its CRC-32; the
     rows of one shard are read together (its chunk file opened once per key, or kept open in ``files``). None when
-    this cannot serve them
-    all exactly (a remote cache, rows of other shapes or encodings, a missing, short or damaged chunk): the caller
-    then reads window by window, which rebuilds what is damaged. A shard whose rows failed to read is appended to
-    ``damaged``."""
+    this cannot serve them all exactly (a remote cache, shards of other keys, rows of other shapes or encodings, a
+    missing, short or damaged chunk): the caller then reads window by window, which rebuilds what is damaged. A
+    shard whose rows failed to read is appended to ``damaged``."""
     if not place.local:
         return None
     files = files if files is not None else OpenFiles(0)
@@ -419,7 +418,8 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
     first = rows[0][0]
     sigs = first.batchable
     names = [name for name, kind in keys if kind == "tensor"]
-    if any(name not in sigs for name in names) or any(s.batchable != sigs for s, _ in by_shard.values()):
+    if any(name not in sigs for name in names) or any(s.batchable != sigs or s.commit["keys"] != keys
+                                                       for s, _ in by_shard.values()):
         return None
     out: dict[str, Any] = {}
     for name in names:

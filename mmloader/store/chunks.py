@@ -39,13 +39,9 @@ class ArrayLayout:
     zstd: bool
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)  # the arrays of a store's recordings share a few distinct zarr.json
     def parse(cls, raw: bytes) -> "ArrayLayout | None":
-        """The layout of an array ``zarr.json``, or None when it is not one this module decodes (memoized: the
-        arrays of a store's recordings share a few distinct ``zarr.json``)."""
-        return _parse(cls, raw)
-
-    @classmethod
-    def _parse(cls, raw: bytes) -> "ArrayLayout | None":
+        """The layout of an array ``zarr.json``, or None when it is not one this module decodes (memoized)."""
         try:
             meta = json.loads(raw)
             if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
@@ -80,11 +76,6 @@ class ArrayLayout:
     def region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
         """The part of the array chunk ``idx`` holds."""
         return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse(cls: type, raw: bytes) -> ArrayLayout | None:
-    return cls._parse(raw)
 
 
 def _crc32c(data: bytes) -> bytes:

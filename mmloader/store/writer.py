@@ -61,6 +61,8 @@ MAX_ID_LENGTH = 200
 ZARR_COMPRESSORS = (ZstdCodec(level=0), Crc32cCodec())
 ZARR_CHECKSUM_ONLY = (Crc32cCodec(),)  # samples zstd barely shrinks (sensor noise): stored raw, still checksummed
 ZSTD_MIN_SAVING = 0.10
+ZARR_ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk is stored: an absent one is damage, not fill
+_CHUNK_KEY = re.compile(r"\.zarr/[^/]+/c(/|$)")
 
 
 def zstd_pays(sample: np.ndarray) -> bool:
@@ -70,8 +72,6 @@ def zstd_pays(sample: np.ndarray) -> bool:
 
     raw = np.ascontiguousarray(sample).tobytes()
     return not raw or len(Zstd(level=0).encode(raw)) <= (1 - ZSTD_MIN_SAVING) * len(raw)
-ZARR_ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk is stored: an absent one is damage, not fill
-_CHUNK_KEY = re.compile(r"\.zarr/[^/]+/c(/|$)")
 
 
 def is_chunk_file(rel: str) -> bool:

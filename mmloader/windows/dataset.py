@@ -182,10 +182,10 @@ class WindowSet:
         window) or an empty batch."""
         if self.modalities.video or len(indices) == 0:
             return None
-        idx = [position(int(i), len(self)) for i in indices]
-        fields = self._fields_batch(np.asarray(idx, dtype=np.int64))
+        idx = np.asarray([position(int(i), len(self)) for i in indices], dtype=np.int64)
+        fields = self._fields_batch(idx)
         out = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
-        t0s = [int(v) for v in self._columns.t0.take(np.asarray(idx, dtype=np.int64))]
+        t0s = [int(v) for v in self._columns.t0.take(idx)]
         for m in self.modalities.timeseries:
             data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty)
             out[m], out[f"{m}_mask"] = data, mask
