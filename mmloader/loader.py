@@ -46,6 +46,7 @@ import multiprocessing.connection as mpc
 import numbers
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
-from . import shm
+from . import shared_batch, shm
 from .dist import part_of, rank_world
 from .video.backends import cpus_available, set_decoder_threads
 from .windows.collate import collate
@@ -88,7 +89,9 @@ class _FetchBatch:
         self.collate_fn = collate_fn
         self._run: Any = _NO_RUN
         self._batched = callable(getattr(windows, "read_batch", None))
-        self._alloc = self._batched and "alloc" in inspect.signature(windows.read_batch).parameters
+        params = inspect.signature(windows.read_batch).parameters if self._batched else {}
+        self._alloc = "alloc" in params
+        self._rows = "rows" in params and "size" in params
 
     def announce(self, run: Sequence[int] | None) -> None:
         """Tell the windows (when they listen: ``will_read``) the run of windows this process reads next."""
@@ -98,6 +101,18 @@ class _FetchBatch:
         hint = getattr(self.windows, "will_read", None)
         if hint is not None:
             hint(run)
+
+    def part(self, indices: list[int], rows: np.ndarray, size: int,
+             alloc: Callable[[tuple[int, ...], Any], np.ndarray]) -> dict[str, Any]:
+        """Windows ``indices``, part of a batch of ``size`` split across workers (``mmloader.shared_batch``): read
+        straight into rows ``rows`` of ``alloc``'s arrays when the set can (``read_batch(rows=, size=)``), else
+        the part collated on its own."""
+        self.announce(None)
+        if self.collate_fn is collate and self._rows:
+            out = self.windows.read_batch(indices, alloc=alloc, rows=rows, size=size)
+            if out is not None:
+                return out
+        return self(indices)
 
     def __call__(self, indices: list[int], run: Sequence[int] | None | object = _NO_RUN,
                  alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any]:
@@ -177,13 +192,17 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     ``threads``: decoder threads of this worker's video readers. ``slots > 0``: batches go through that many
     shared-memory slots (``mmloader.shm``, files tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the
     main process hands a slot back with ``("free", slot)`` on ``tasks`` once the batch's tensors are gone (no slot
-    free: the batch is pickled), and ``("slots", n)`` gives it ``n`` slots for longer runs."""
+    free: the batch is pickled), and ``("slots", n)`` gives it ``n`` slots for longer runs. Split batches
+    (``mmloader.shared_batch``): ``("map", slot, gen, path)`` maps a slot of the main process (answered with
+    ``("mapped", slot, gen, error or None)``); ``("part", k, indices, positions, size, slot, gen, placed)`` reads
+    this worker's part of batch ``k`` into it, answered with ``("part", k, rest of the part)``."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
     set_decoder_threads(threads)
     fetch = _FetchBatch(windows, collate_fn)
     writer = shm.SlotWriter(slots, shm_tag) if slots else None
+    parts = shared_batch.PartWriter()
     pending: deque = deque()  # tasks that came while waiting for a free slot
     try:
         while True:
@@ -196,25 +215,50 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
             if msg[0] == "slots":
                 writer.grow(msg[1])  # type: ignore[union-attr]
                 continue
-            k, indices, run = msg
-            slot = None
-            if writer is not None:
-                if not _take_frees(writer, tasks, pending):
+            if msg[0] in ("map", "part"):
+                out = _serve_split(fetch, parts, msg)
+                if not _send_result(results, out, msg[1] if msg[0] == "part" else -1):
                     return
-                if writer.free:  # else the main process still holds every slot's batch: pickle this one
-                    slot = writer.free.pop()
-            try:
-                batch = fetch(indices, run, alloc=writer.arena(slot) if slot is not None else None)
-                out = ("ok", k, batch) if slot is None else ("shm", k, slot, *writer.write(slot, batch))
-            except Exception as e:
-                if slot is not None:
-                    writer.free.append(slot)  # type: ignore[union-attr]
-                out = ("err", k, _pack_error(e))
-            if not _send_result(results, out, k):
+                continue
+            if writer is not None and not _take_frees(writer, tasks, pending):
+                return
+            if not _send_result(results, _serve_batch(fetch, writer, msg), msg[0]):
                 return
     finally:
+        parts.close()
         if writer is not None:
             writer.close()
+
+
+def _serve_batch(fetch: _FetchBatch, writer: "shm.SlotWriter | None", msg: tuple) -> tuple:
+    """The answer to task ``(k, indices, run)``: the batch through a free slot of ``writer`` (when there is one),
+    else pickled; or the packed error."""
+    k, indices, run = msg
+    slot = writer.free.pop() if writer is not None and writer.free else None  # none: the caller holds them all
+    try:
+        batch = fetch(indices, run, alloc=writer.arena(slot) if slot is not None else None)  # type: ignore[union-attr]
+        return ("ok", k, batch) if slot is None else ("shm", k, slot, *writer.write(slot, batch))  # type: ignore[union-attr]
+    except Exception as e:
+        if slot is not None:
+            writer.free.append(slot)  # type: ignore[union-attr]
+        return ("err", k, _pack_error(e))
+
+
+def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tuple) -> tuple:
+    """The answer to a ``map`` or ``part`` message (see ``_worker_loop``)."""
+    if msg[0] == "map":
+        _, slot, gen, path = msg
+        try:
+            parts.map(slot, gen, path)
+        except Exception as e:  # the next part that needs this slot fails, naming it
+            return ("mapped", slot, gen, _pack_error(e))
+        return ("mapped", slot, gen, None)
+    _, k, indices, positions, size, slot, gen, placed = msg
+    try:
+        batch = fetch.part(indices, positions, size, parts.alloc(slot, gen, placed))
+        return ("part", k, parts.write(batch, positions, size, slot, gen, placed))
+    except Exception as e:
+        return ("err", k, _pack_error(e))
 
 
 def _recv(tasks) -> Any:
@@ -325,6 +369,15 @@ class _Failure:
         self.exc = exc
 
 
+class _Assembly:
+    """A split batch on its way: ``n`` windows, its shared slot and arrays' places, each worker's batch positions,
+    and the parts received so far ``(positions, part)``."""
+
+    def __init__(self, n: int, slot: int, placed: list, positions: dict[int, np.ndarray]):
+        self.n, self.slot, self.placed, self.positions = n, slot, placed, positions
+        self.got: list[tuple[np.ndarray, dict]] = []
+
+
 class _WorkerPool:
     """``num_workers`` processes, each with its own task pipe and result pipe. Batches are handed out to the
     least busy worker (at most ``per_worker`` queued each) and yielded in batch order, so what comes out does
@@ -353,6 +406,18 @@ class _WorkerPool:
         self._freed: deque = deque()  # (worker, slot) whose batch the caller no longer holds: to hand back
         token = f"{main_pid}-{os.urandom(4).hex()}"  # this pool's slot files: mmloader-<token>-<worker>-...
         self.readers: list[shm.SlotReader] = []
+        # shuffled batches split by storage affinity across the workers (mmloader.shared_batch), when the set says
+        # where its windows lie and batches are read whole (read_batch) and collated the default way
+        self.windows = windows
+        self.layout: shared_batch.Layout | None = None
+        self.assembling: dict[int, _Assembly] = {}
+        self._poller: Any = None  # (see _wait)
+        self._by_fd: dict[int, Any] = {}
+        self.shared = (shared_batch.SharedSlots(f"{token}-s", num_workers,
+                                                self.per_worker * num_workers + 2 + REORDER_SLOTS)
+                       if num_workers >= 2 and self.slots and collate_fn is collate
+                       and callable(getattr(windows, "affinity", None)) and callable(getattr(windows, "read_batch", None))
+                       else None)
         try:
             for i in range(num_workers):
                 task_r, task_w = ctx.Pipe(duplex=False)
@@ -448,6 +513,9 @@ class _WorkerPool:
 
     def _take(self, i: int, msg: tuple, buffer: dict) -> None:
         kind, k = msg[0], msg[1]
+        if kind == "mapped":  # a worker mapped a slot for split batches
+            self.shared.acked(msg[1], msg[2])  # type: ignore[union-attr]
+            return
         q = self.inflight[i]
         idx = q.popleft()[1] if q and q[0][0] == k else None
         if kind == "ok":
@@ -455,9 +523,34 @@ class _WorkerPool:
         elif kind == "shm":  # the batch's tensors view the worker's slot; it goes back when they are gone
             _, _, slot, path, layout = msg
             buffer[k] = self.readers[i].read(slot, path, layout, functools.partial(self._freed.append, (i, slot)))
+        elif kind == "part":
+            self._take_part(i, k, msg[2], buffer)
+            return
         else:
             where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
+            self.assembling.pop(k, None)  # a split batch fails with its first failed part
             buffer[k] = _Failure(_unpack_error(msg[2], where))
+            return
+        if self.shared is not None and self.layout is None:  # the first batch read whole: learn its layout
+            self.layout = shared_batch.Layout.from_batch(buffer[k])
+            if self.layout is None:
+                self.shared.close()
+                self.shared = None
+
+    def _take_part(self, i: int, k: int, part: dict, buffer: dict) -> None:
+        """Worker ``i``'s part of split batch ``k``; the batch, once every part is in."""
+        a = self.assembling.get(k)
+        if a is None:  # another part of this batch failed already
+            return
+        a.got.append((a.positions[i], part))
+        if len(a.got) < len(a.positions):
+            return
+        del self.assembling[k]
+        a.got.sort(key=lambda g: int(g[0][0]))
+        try:
+            buffer[k] = shared_batch.merge(a.got, a.n, self.shared.views(a.slot, a.placed))  # type: ignore[union-attr]
+        except Exception as e:
+            buffer[k] = _Failure(e)
 
     def _hand_back_slots(self) -> None:
         """Tell the workers which of their slots are free again (the batches there are no longer referenced)."""
@@ -471,7 +564,7 @@ class _WorkerPool:
         self._hand_back_slots()
         by_conn = {c: i for i, c in enumerate(self.results)}
         by_sentinel = {p.sentinel: i for i, p in enumerate(self.procs)}
-        ready = mpc.wait(list(by_conn) + list(by_sentinel), timeout=timeout)
+        ready = self._wait(by_conn, by_sentinel, timeout)
         dead = []
         got = 0
         for r in ready:
@@ -499,9 +592,25 @@ class _WorkerPool:
             raise self._death(i, detail)
         return got
 
-    def _send(self, i: int, task: tuple) -> None:
-        """Hand ``task`` = (batch number, indices, run) to worker ``i``."""
-        self.inflight[i].append(task[:2])
+    def _wait(self, by_conn: dict, by_sentinel: dict, timeout: float) -> list:
+        """The result pipes and process sentinels that are ready within ``timeout`` s: through one ``poll`` object
+        kept for the pool where the platform has it (registering every pipe anew for each wait cost more than
+        handing a batch over), else ``multiprocessing.connection.wait``."""
+        if not hasattr(select, "poll"):
+            return mpc.wait(list(by_conn) + list(by_sentinel), timeout=timeout)
+        if self._poller is None:
+            self._poller, self._by_fd = select.poll(), {}
+            for obj in [*by_conn, *by_sentinel]:
+                fd = obj if isinstance(obj, int) else obj.fileno()
+                self._poller.register(fd, select.POLLIN)
+                self._by_fd[fd] = obj
+        return [self._by_fd[fd] for fd, _ in self._poller.poll(None if timeout is None else timeout * 1000)
+                if fd in self._by_fd]
+
+    def _send(self, i: int, task: tuple, entry: tuple | None = None) -> None:
+        """Hand ``task`` = (batch number, indices, run) to worker ``i`` (``entry``: what it is in flight as, when
+        ``task`` is not of that form: ``(batch number, indices)``)."""
+        self.inflight[i].append(task[:2] if entry is None else entry)
         try:
             self._guarded(i, "taking its next task", self.tasks[i].send, task)
         except (OSError, EOFError):
@@ -529,11 +638,45 @@ class _WorkerPool:
                     self._send(i, queue.popleft())
             return
         while todo:
+            if self.shared is not None and self.layout is not None:
+                sent = self._send_split(todo[0])
+                if sent is None:  # a worker with a part of it is busy: wait
+                    return
+                if sent:
+                    todo.popleft()
+                    continue
             i = min(range(len(self.procs)), key=lambda j: len(self.inflight[j]))
             if len(self.inflight[i]) >= self.per_worker:
                 return
             self._send(i, todo[0])
             todo.popleft()
+
+    def _send_split(self, task: tuple) -> bool | None:
+        """Hand each worker its part of batch ``task`` (``mmloader.shared_batch``): True when sent; None when a
+        worker with a part has no room yet; False when the batch is to be read whole (parts too uneven, or every
+        shared slot still held by the caller's batches)."""
+        k, indices, _ = task
+        parts = shared_batch.split(self.windows.affinity(indices), len(self.procs))
+        if parts is None:
+            return False
+        busy = [i for i, p in enumerate(parts) if len(p)]
+        room = self.per_worker * len(self.procs)  # parts are 1/W of a batch: as much queued as whole batches
+        if any(len(self.inflight[i]) >= room for i in busy):
+            return None
+        placed, nbytes = self.layout.place(len(indices))  # type: ignore[union-attr]
+        got = self.shared.take(nbytes)  # type: ignore[union-attr]
+        if got is None:
+            return False
+        slot, gen, path = got
+        if path is not None:  # a new file: every worker maps it before any part that writes there
+            for i in range(len(self.procs)):
+                self._send_control(i, ("map", slot, gen, path))
+        arr = np.asarray(indices)
+        self.assembling[k] = _Assembly(len(indices), slot, placed, {i: parts[i] for i in busy})
+        for i in busy:
+            mine = arr[parts[i]].tolist()
+            self._send(i, ("part", k, mine, parts[i], len(indices), slot, gen, placed), entry=(k, mine))
+        return True
 
     def _tasks(self, batches: Sequence[list[int]], block: int) -> deque | list[deque]:
         if not block:
@@ -620,6 +763,8 @@ class _WorkerPool:
                 pass
         for r in getattr(self, "readers", []):
             r.close()
+        if getattr(self, "shared", None) is not None:
+            self.shared.close()
         self.procs, self.tasks, self.results, self.inflight, self.readers = [], [], [], [], []
 
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer's modules and lower layers; never a higher one):
 
-    core      mmloader.{errors, fsutil, paths, lru, dist, _version}
+    core      mmloader.{errors, fsutil, paths, lru, dist, shm, shared_batch, _version}
     video     mmloader.video          decoding, probing, media identity
     store     mmloader.store          the prepared store: schema, writer, reader
     windows   mmloader.windows        spec, index, WindowSet, resample, collate
@@ -49,7 +49,7 @@ def layer_of(module: str) -> str:
     if len(parts) == 1 or module in DEPRECATED_ALIASES or module.startswith("mmloader.adapters."):
         return "front"
     top = parts[1]
-    if top in ("errors", "fsutil", "paths", "lru", "dist", "shm", "_version"):
+    if top in ("errors", "fsutil", "paths", "lru", "dist", "shm", "shared_batch", "_version"):
         return "core"
     if top in ("video", "store", "windows", "recipes", "cache", "loader"):
         return top

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from ..windows.protocol import Windows, WrappedWindows, position
 from .layout import DEFAULT_SHARD_SIZE
 from .window_cache import WindowCache
@@ -62,6 +64,11 @@ class CachedWindows(WrappedWindows):
         if len(indices) == 0:
             return None
         return self.window_cache.get_batch([position(int(i), len(self)) for i in indices], alloc=alloc)
+
+    def affinity(self, indices: Sequence[int]) -> np.ndarray:
+        """Where windows ``indices`` are read from: their shard (int64). A loader with workers splits each shuffled
+        batch by it, so that every shard is opened by one worker only (``mmloader.shared_batch``)."""
+        return np.asarray(indices, dtype=np.int64) // int(self.window_cache.shard_size)
 
     def index_fields(self, i: int) -> dict[str, Any]:
         return self.source.index_fields(i)

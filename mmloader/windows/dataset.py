@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -174,37 +175,53 @@ class WindowSet:
         chunk in one worker only)."""
         return 128 if self.modalities.video else 2048
 
-    def read_batch(self, indices: Sequence[int],
-                   alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None) -> dict[str, Any] | None:
+    def affinity(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Where windows ``indices`` read their data: int64, equal for windows of the same recording (its position
+        among this set's recordings). A loader with workers splits each shuffled batch by it, so that every
+        recording is read (and its decoded chunks cached) by one worker only (``mmloader.shared_batch``)."""
+        p = self._columns.recording_id
+        idx = np.asarray(indices, dtype=np.int64)
+        if p.kind != "codes":  # (ids are always dictionary codes today; a stable hash of the id otherwise)
+            return np.asarray([zlib.crc32(str(r).encode()) for r in p.take(idx)], dtype=np.int64)
+        return np.asarray(p.values[idx if p.rows is None else p.rows[idx]], dtype=np.int64)
+
+    def read_batch(self, indices: Sequence[int], alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None,
+                   rows: np.ndarray | None = None, size: int | None = None) -> dict[str, Any] | None:
         """``collate([self[i] for i in indices])`` for sets without video, faster: each window's time-series rows
         are copied straight into the batch tensors (one copy, no per-window tensors); ``alloc(shape, dtype)``, when
-        given, makes those arrays (a loader worker's shared-memory slot). None for sets with video (read window by
-        window) or an empty batch."""
+        given, makes those arrays (a loader worker's shared-memory slot). With ``rows`` and ``size`` (a part of a
+        batch, ``mmloader.shared_batch``): the time-series arrays have ``size`` rows and window ``j`` goes to row
+        ``rows[j]`` (the others are left as they are); the per-window values are this part's. None for sets with
+        video (read window by window) or an empty batch."""
         if self.modalities.video or len(indices) == 0:
             return None
         idx = np.asarray([position(int(i), len(self)) for i in indices], dtype=np.int64)
         fields = self._fields_batch(idx)
         out = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
         t0s = [int(v) for v in self._columns.t0.take(idx)]
+        at = range(len(idx)) if rows is None else [int(r) for r in rows]
         for m in self.modalities.timeseries:
-            data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty)
+            data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty, at,
+                                                len(idx) if size is None else size)
             out[m], out[f"{m}_mask"] = data, mask
         out.update(fields)  # text, label: after the tensors
         return out
 
     def _batch_timeseries(self, m: str, rids: list[str], t0s: list[int],
-                          alloc: Callable[[tuple[int, ...], Any], np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, T) float32 and (B, T) bool: stream ``m`` of the windows at ``t0s``, as ``__getitem__`` reads them."""
+                          alloc: Callable[[tuple[int, ...], Any], np.ndarray], at: Sequence[int],
+                          size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(size, C, T) float32 and (size, T) bool: stream ``m`` of the windows at ``t0s`` in rows ``at``, as
+        ``__getitem__`` reads them."""
         n, data, mask = len(self._grid()[0]), None, None
-        for b, (rid, t0) in enumerate(zip(rids, t0s)):
+        for b, rid, t0 in zip(at, rids, t0s):
             src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
             run, valid = self._regular_rows(rid, m, t0, src_hz), None
             if run is None:
                 run, valid = self._resampled(rid, m, t0, src_hz)
             if data is None:
-                data = alloc((len(rids), run.shape[1], n), np.float32)
-                mask = alloc((len(rids), n), np.bool_)
-                mask[...] = True
+                data = alloc((size, run.shape[1], n), np.float32)
+                mask = alloc((size, n), np.bool_)
+                mask[list(at) if size != len(rids) else ...] = True
             elif run.shape[1] != data.shape[1]:
                 raise ValueError(f"stream {m!r} of recording {rid!r} has {run.shape[1]} channels, an earlier window "
                                  f"of this batch {data.shape[1]}: windows of different widths cannot be stacked")
