@@ -255,6 +255,8 @@ def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tupl
         return ("mapped", slot, gen, None)
     _, k, indices, positions, size, slot, gen, placed = msg
     try:
+        if slot is None:  # the batch's layout is not known yet: the whole part comes back pickled
+            return ("part", k, shared_batch.inline(fetch(indices, None)))
         batch = fetch.part(indices, positions, size, parts.alloc(slot, gen, placed))
         return ("part", k, parts.write(batch, positions, size, slot, gen, placed))
     except Exception as e:
@@ -531,8 +533,13 @@ class _WorkerPool:
             self.assembling.pop(k, None)  # a split batch fails with its first failed part
             buffer[k] = _Failure(_unpack_error(msg[2], where))
             return
-        if self.shared is not None and self.layout is None:  # the first batch read whole: learn its layout
-            self.layout = shared_batch.Layout.from_batch(buffer[k])
+        self._learn(buffer[k])
+
+    def _learn(self, batch: Any) -> None:
+        """The layout of split batches, from the first batch that comes back; no layout (nothing big, or not one
+        batch dimension throughout): batches are no longer split."""
+        if self.shared is not None and self.layout is None:
+            self.layout = shared_batch.Layout.from_batch(batch)
             if self.layout is None:
                 self.shared.close()
                 self.shared = None
@@ -548,9 +555,12 @@ class _WorkerPool:
         del self.assembling[k]
         a.got.sort(key=lambda g: int(g[0][0]))
         try:
-            buffer[k] = shared_batch.merge(a.got, a.n, self.shared.views(a.slot, a.placed))  # type: ignore[union-attr]
+            views = {} if a.slot is None else self.shared.views(a.slot, a.placed)  # type: ignore[union-attr]
+            buffer[k] = shared_batch.merge(a.got, a.n, views)
         except Exception as e:
             buffer[k] = _Failure(e)
+            return
+        self._learn(buffer[k])
 
     def _hand_back_slots(self) -> None:
         """Tell the workers which of their slots are free again (the batches there are no longer referenced)."""
@@ -638,7 +648,7 @@ class _WorkerPool:
                     self._send(i, queue.popleft())
             return
         while todo:
-            if self.shared is not None and self.layout is not None:
+            if self.shared is not None:
                 sent = self._send_split(todo[0])
                 if sent is None:  # a worker with a part of it is busy: wait
                     return
@@ -663,11 +673,14 @@ class _WorkerPool:
         room = self.per_worker * len(self.procs)  # parts are 1/W of a batch: as much queued as whole batches
         if any(len(self.inflight[i]) >= room for i in busy):
             return None
-        placed, nbytes = self.layout.place(len(indices))  # type: ignore[union-attr]
-        got = self.shared.take(nbytes)  # type: ignore[union-attr]
-        if got is None:
-            return False
-        slot, gen, path = got
+        if self.layout is None:  # the first batches: parts sent back whole, stacked here, the layout learnt
+            placed, (slot, gen, path) = [], (None, None, None)
+        else:
+            placed, nbytes = self.layout.place(len(indices))
+            got = self.shared.take(nbytes)  # type: ignore[union-attr]
+            if got is None:
+                return False
+            slot, gen, path = got
         if path is not None:  # a new file: every worker maps it before any part that writes there
             for i in range(len(self.procs)):
                 self._send_control(i, ("map", slot, gen, path))

@@ -10,8 +10,9 @@ slot the main process owns, at their rows of the batch; the rest (ids, times: a 
 pickled and is put in place by the main process (``merge``). The batch is the one a single process reads — the
 same values, dtypes, shapes and key order — so what the loader yields still does not depend on ``num_workers``.
 
-Layout: the main process learns the big arrays (key, row shape, dtype) from a batch read whole (``Layout``); each
-part carries their byte offsets for its batch (``Layout.place``). A part whose array does not fit them is sent back
+Layout: the main process learns the big arrays (key, row shape, dtype) from the first batch (``Layout``), whose
+parts — like those of every batch sent before it came back — are sent back whole (``inline``) and stacked by the
+main process; each later part carries their byte offsets for its batch (``Layout.place``). A part whose array does not fit them is sent back
 inline, and the main process stacks the parts as ``collate`` would, or raises ``ValueError`` when they disagree.
 
 Slots (``SharedSlots``): files in ``/dev/shm`` made by the main process, mapped by every worker when made (a
@@ -170,18 +171,24 @@ class PartWriter:
                     _name(v.dtype) == dtype:
                 _view(mm, offset, shape, dtype).index_copy_(0, rows, v)
                 out[key] = IN_SLOT
-        for key, v in out.items():
-            if isinstance(v, torch.Tensor):
-                try:
-                    out[key] = v.numpy()  # small per-window values: plain bytes when pickled
-                except TypeError:  # a dtype numpy lacks (bfloat16): pickled as a tensor
-                    pass
-        return out
+        return inline(out)  # small per-window values: plain bytes when pickled
 
     def close(self) -> None:
         for _, mm, _ in self._maps.values():
             _close(mm)
         self._maps.clear()
+
+
+def inline(batch: dict[str, Any]) -> dict[str, Any]:
+    """A part to send back whole (no slot yet): its tensors as numpy arrays where numpy has their dtype."""
+    out = dict(batch)
+    for key, v in out.items():
+        if isinstance(v, torch.Tensor):
+            try:
+                out[key] = v.numpy()
+            except TypeError:  # (bfloat16)
+                pass
+    return out
 
 
 def _name(dtype: Any) -> str:
