@@ -13,7 +13,10 @@ Pipeline: this rank's window order → batches of indices → (parallel) read + 
   pipeline at that offset: sample-exact, with any ``num_workers``, and nothing is replayed.
 - Workers (processes, started through a ``forkserver`` by default) each read whole batches; results come back
   in order (tensors through shared memory), so the sequence of batches does not depend on ``num_workers``.
-  Shuffled, a batch goes to the least busy worker; in index order (``shuffle=False``) each worker takes
+  Shuffled, a batch of a set that says where its windows lie (``affinity``: a WindowSet's recordings, a cache's
+  shards) is split: each worker reads the windows of its own recordings straight into one shared-memory slot of
+  the main process (``mmloader.shared_batch``), so every recording is opened, decoded and cached by one worker
+  only; other batches go to the least busy worker; in index order (``shuffle=False``) each worker takes
   contiguous runs of ``run_batches`` batches (at least ``RUN_WINDOWS`` windows; fewer when the pass has fewer
   than ``num_workers`` such runs, so every worker gets one; a set with a ``run_alignment`` — a window cache: its
   shard size — gets runs of whole multiples of it), runs dealt to the workers in turn, and is told its run (``windows.will_read``), so its decode plan reads each recording forward. Without
