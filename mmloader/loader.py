@@ -266,6 +266,14 @@ def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tupl
         return ("err", k, _pack_error(e))
 
 
+def _readable(conn: Any) -> bool:
+    """Whether ``conn`` has something to receive now (``select`` on its descriptor: ``Connection.poll`` builds a
+    selector each time, which cost more than taking a batch)."""
+    if os.name != "posix":
+        return conn.poll()
+    return bool(select.select([conn.fileno()], [], [], 0)[0])
+
+
 def _recv(tasks) -> Any:
     """The next message on ``tasks``; None (stop) when the main process is gone or has closed the pipe."""
     try:
@@ -584,9 +592,11 @@ class _WorkerPool:
             if r in by_conn:
                 i = by_conn[r]
                 try:
-                    while r.poll():
+                    while True:
                         self._take(i, self._guarded(i, "handing back its batch", r.recv), buffer)
                         got += 1
+                        if not _readable(r):
+                            break
                 except (EOFError, OSError) as e:  # pipe closed, or the batch's shared memory went with the worker
                     if i in self.late:
                         raise self._late_in_io(i) from None
