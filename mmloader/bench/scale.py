@@ -55,10 +55,11 @@ WORK_NAME = "mmloader-bench-scale"
 RSS_WORKERS = 2
 EMB_DIM = 512
 DEFAULTS: dict[str, Any] = dict(recordings=1000, seconds=120.0, hz=200.0, channels=6, sec=5.0, stride=1.0,
-                                batch_size=256, workers=[0, 1, 2], epochs_rss=10, loader_epochs=3, seed=0)
+                                batch_size=256, workers=[0, 1, 2], epochs_rss=10, loader_epochs=3, loader_rounds=3,
+                                seed=0)
 SMOKE: dict[str, Any] = dict(recordings=20, seconds=20.0, batch_size=32, workers=[0, 1], epochs_rss=2,
-                             loader_epochs=2)
-SCALE_ONLY = ("recordings", "hz", "channels", "epochs_rss", "loader_epochs")
+                             loader_epochs=2, loader_rounds=1)
+SCALE_ONLY = ("recordings", "hz", "channels", "epochs_rss", "loader_epochs", "loader_rounds")
 # options of the video benchmark that --scale does not use (``mmloader bench``'s parser has both)
 VIDEO_ONLY = ("videos", "video_size", "fps", "gop", "preset", "crf", "grain", "profile", "frames", "size",
               "stream", "backend", "orders", "cache_workers")
@@ -85,6 +86,11 @@ def add_scale_options(g: Any) -> None:
                                                                         "with persistent workers: the first epoch "
                                                                         "(cold) and the later ones (warm) reported "
                                                                         "apart"))
+    g.add_argument("--loader-rounds", type=int, help=_d("loader_rounds", "rounds of the loader cases of an "
+                                                                        "order, each with fresh loaders, the "
+                                                                        "worker counts taking turns epoch by "
+                                                                        "epoch; medians over rounds are reported "
+                                                                        "(speedups: of each round's ratios)"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,8 +148,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError("--workers must be >= 0")
     if args.max_windows is not None and args.max_windows < 1:
         raise BenchError("--max-windows must be >= 1")
-    if args.loader_epochs < 1:
-        raise BenchError("--loader-epochs must be >= 1")
+    if args.loader_epochs < 1 or args.loader_rounds < 1:
+        raise BenchError("--loader-epochs and --loader-rounds must be >= 1")
     if "rss" in cases and args.epochs_rss < 2:
         raise BenchError("--epochs-rss must be >= 2 (growth is measured from the first epoch to the last)")
     args.cases = [c for c in CASES if c in cases]
@@ -332,29 +338,60 @@ def block_support(ws: Any) -> str | None:
     return None
 
 
-def loader_case(ws: Any, args: argparse.Namespace, case: str, workers: int, bound: dict | None,
-                log: Log) -> dict[str, Any]:
-    """One loader of ``ws`` in order ``case`` at ``workers`` (persistent) over ``--loader-epochs`` whole epochs (of
-    ``--max-windows`` windows spread over the index, when given): the first epoch's windows/s (cold: start-up and
-    every chunk decoded for the first time; ``windows_per_s``, ``first_batch_s``, ``ratio``) and the later epochs'
-    (warm; ``later_windows_per_s``, ``ratio_later``). It reads a copy of ``ws`` as a worker gets it (pickled: no
-    decoded chunks), so 0 workers starts as cold as workers do."""
+def loader_cases(ws: Any, args: argparse.Namespace, case: str, bound: dict | None, log: Log) -> list[dict[str, Any]]:
+    """The loaders of ``ws`` in order ``case``, one per ``--workers`` count (persistent workers), over
+    ``--loader-epochs`` whole epochs (of ``--max-windows`` windows spread over the index, when given), in
+    ``--loader-rounds`` rounds. In a round every worker count has a fresh loader and they take turns epoch by epoch,
+    so that a drift of the machine's speed (this VM varies by tens of percent within minutes) falls on all of them
+    alike. Per worker count: the first epoch's windows/s (cold: start-up and every chunk decoded for the first
+    time; ``windows_per_s``, ``first_batch_s``, ``ratio``) and the later epochs' (warm; ``later_windows_per_s``,
+    ``ratio_later``), medians over rounds, each round's in ``rounds``. Each loader reads a copy of ``ws`` as a worker
+    gets it (pickled: no decoded chunks), so 0 workers starts as cold as workers do."""
     sub = _spread(ws, args.max_windows, args.seed)
-    log(f"loader: {case}, {workers} workers, {args.loader_epochs} epochs of {len(sub)} windows")
-    cold = pickle.loads(pickle.dumps(sub, protocol=pickle.HIGHEST_PROTOCOL))
-    loader = cold.loader(batch_size=args.batch_size, shuffle=ORDERS[case], seed=args.seed, num_workers=workers,
-                         persistent_workers=True)
-    epochs, first = _epochs(loader, args.loader_epochs)
-    later = epochs[1:]
-    warm = rate(sum(n for n, _ in later), sum(t for _, t in later), rate_digits=1)["windows_per_s"] if later else None
+    per: dict[int, list[tuple[list[tuple[int, float]], float]]] = {w: [] for w in args.workers}
+    for r in range(args.loader_rounds):
+        log(f"loader: {case}, round {r + 1} of {args.loader_rounds}: workers {args.workers} taking turns over "
+            f"{args.loader_epochs} epochs of {len(sub)} windows")
+        loaders = {w: pickle.loads(pickle.dumps(sub, protocol=pickle.HIGHEST_PROTOCOL)).loader(
+            batch_size=args.batch_size, shuffle=ORDERS[case], seed=args.seed, num_workers=w, persistent_workers=True)
+            for w in args.workers}
+        got: dict[int, list[tuple[int, float]]] = {w: [] for w in args.workers}
+        first: dict[int, float] = {}
+        try:
+            for _ in range(args.loader_epochs):
+                for w, loader in loaders.items():
+                    n, seconds, latency = _one_epoch(loader)
+                    got[w].append((n, seconds))
+                    first.setdefault(w, latency)
+        finally:
+            for loader in loaders.values():
+                loader.close()
+        for w in args.workers:
+            per[w].append((got[w], first[w]))
+    return [_loader_result(case, w, len(sub), per[w], bound, log) for w in args.workers]
+
+
+def _loader_result(case: str, workers: int, n: int, rounds: list[tuple[list[tuple[int, float]], float]],
+                   bound: dict | None, log: Log) -> dict[str, Any]:
+    """One worker count's rounds (each: its epochs' ``(windows, seconds)`` and first-batch latency), summarized."""
+    firsts, laters, per_round = [], [], []
+    for epochs, latency in rounds:
+        later = epochs[1:]
+        warm = rate(sum(k for k, _ in later), sum(t for _, t in later), rate_digits=1)["windows_per_s"] if later else None
+        firsts.append(rate(*epochs[0], rate_digits=1)["windows_per_s"])
+        laters.append(warm)
+        per_round.append({"windows_per_s": firsts[-1], "later_windows_per_s": warm, "first_batch_s": round(latency, 3),
+                          "per_epoch_windows_per_s": [rate(k, t, rate_digits=1)["windows_per_s"] for k, t in epochs]})
+    first = round(float(np.median(firsts)), 1)
+    warm = round(float(np.median(laters)), 1) if laters[0] is not None else None
     b = (bound or {}).get(case, {}).get("windows_per_s")
-    out = {"order": case, "workers": workers, "windows": len(sub), "epochs": len(epochs),
-           **rate(*epochs[0], rate_digits=1), "first_batch_s": first, "ratio": ratio(
-               rate(*epochs[0])["windows_per_s"], b),
-           "per_epoch_windows_per_s": [rate(n, t, rate_digits=1)["windows_per_s"] for n, t in epochs],
+    per_epoch = np.median([r["per_epoch_windows_per_s"] for r in per_round], axis=0)
+    out = {"order": case, "workers": workers, "windows": n, "epochs": len(rounds[0][0]), "rounds": per_round,
+           "windows_per_s": first, "first_batch_s": round(float(np.median([r["first_batch_s"] for r in per_round])), 3),
+           "ratio": ratio(first, b), "per_epoch_windows_per_s": [round(float(v), 1) for v in per_epoch],
            "later_windows_per_s": warm, "ratio_later": ratio(warm, b) if warm else None}
-    log(f"  first epoch {out['windows_per_s']} windows/s (first batch {out['first_batch_s']} s, ratio "
-        f"{out['ratio']}); later epochs {warm} windows/s (ratio {out['ratio_later']})")
+    log(f"  {case}, {workers} workers: first epoch {first} windows/s (rounds {firsts}); later epochs {warm} "
+        f"(rounds {laters})")
     return out
 
 
@@ -412,17 +449,22 @@ def parallel_case(ws: Any, args: argparse.Namespace, case: str, procs: int, log:
 def speedups(runs: list[dict[str, Any]], count: str = "workers", base: int = 0,
              tag: str = "w") -> dict[str, dict[str, float | None]]:
     """Per order and ``count`` (worker count; ``"processes"`` for the parallel bound) other than ``base``: its
-    windows/s ÷ those of ``base`` (0 workers; one process), first epoch and later epochs."""
+    windows/s ÷ those of ``base`` (0 workers; one process), first epoch and later epochs. Loader cases run in
+    rounds: the median of each round's ratio (the two loaders took turns within a round), each in ``*_rounds``."""
     out: dict[str, dict[str, float | None]] = {}
     ref = {r["order"]: r for r in runs if r[count] == base}
     for r in runs:
         z = ref.get(r["order"])
         if r[count] == base or z is None:
             continue
-        later = (round(r["later_windows_per_s"] / z["later_windows_per_s"], 3)
-                 if r["later_windows_per_s"] and z["later_windows_per_s"] else None)
-        out[f"{r['order']}_{tag}{r[count]}"] = {"first_epoch": round(r["windows_per_s"] / z["windows_per_s"], 3),
-                                               "later_epochs": later}
+        pairs = list(zip(r.get("rounds") or [r], z.get("rounds") or [z]))  # loader cases: each round's own ratio
+        sp: dict[str, Any] = {}
+        for name, key in (("first_epoch", "windows_per_s"), ("later_epochs", "later_windows_per_s")):
+            each = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
+            sp[name] = round(float(np.median(each)), 3) if each else None
+            if len(pairs) > 1:
+                sp[f"{name}_rounds"] = [round(v, 3) for v in each]
+        out[f"{r['order']}_{tag}{r[count]}"] = sp
     return out
 
 
@@ -501,16 +543,23 @@ def cache_case(ws: Any, args: argparse.Namespace, orders: dict[str, Any], bound:
     return out
 
 
+def _one_epoch(loader: Any) -> tuple[int, float, float]:
+    """One whole epoch of ``loader``: windows, seconds, and the first batch's latency (s)."""
+    count, first, t0 = 0, None, time.perf_counter()
+    for batch in loader:
+        first = time.perf_counter() - t0 if first is None else first
+        count += len(batch["index"])
+    return count, time.perf_counter() - t0, first or 0.0
+
+
 def _epochs(loader: Any, n: int) -> tuple[list[tuple[int, float]], float]:
     """``n`` whole epochs of ``loader``: (windows, seconds) each, and the first batch's latency (s)."""
     epochs, first = [], None
     try:
         for _ in range(n):
-            count, t0 = 0, time.perf_counter()
-            for batch in loader:
-                first = time.perf_counter() - t0 if first is None else first
-                count += len(batch["index"])
-            epochs.append((count, time.perf_counter() - t0))
+            count, seconds, latency = _one_epoch(loader)
+            epochs.append((count, seconds))
+            first = latency if first is None else first
     finally:
         loader.close()
     return epochs, round(first or 0.0, 3)
@@ -605,8 +654,8 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         orders = _orders(ws, args, result["notes"], log)
         result["worker_start"] = worker_start_case(ws, args, log) if any(w > 0 for w in args.workers) else None
         result["bound"] = bound_case(ws, args, orders, log) if "bound" in args.cases else None
-        result["loader"] = [loader_case(ws, args, case, w, result["bound"], log)
-                            for case in orders if case in args.cases for w in args.workers]
+        result["loader"] = [r for case in orders if case in args.cases
+                            for r in loader_cases(ws, args, case, result["bound"], log)]
         result["speedup_over_0_workers"] = speedups(result["loader"])
         if "parallel" in args.cases:
             result["parallel_bound"] = [parallel_case(ws, args, case, p, log) for case in orders
@@ -664,8 +713,10 @@ def format_table(result: dict[str, Any]) -> str:
              f"{'case (first epoch | later epochs)':<44} {'windows/s':>11} {'1st batch':>9} {'ratio':>8} "
              f"{'windows/s':>11} {'ratio':>8}", *_rows(result)]
     for case, sp in (result.get("speedup_over_0_workers") or {}).items():
+        each = (f" (median of rounds: first {sp['first_epoch_rounds']}, later {sp.get('later_epochs_rounds')})"
+                if "first_epoch_rounds" in sp else "")
         lines.append(f"speedup  {case} over 0 workers: first epoch {sp['first_epoch']}x, later epochs "
-                     f"{sp['later_epochs']}x")
+                     f"{sp['later_epochs']}x{each}")
     for case, sp in (result.get("parallel_speedup") or {}).items():
         lines.append(f"bound    {case} independent processes over one: first epoch {sp['first_epoch']}x, later "
                      f"epochs {sp['later_epochs']}x")

@@ -80,3 +80,25 @@ def test_scale_loader_cases_without_the_bound():
     run, = json.loads(r.stdout)["loader"]
     assert run["ratio"] is None and run["ratio_later"] is None and run["later_windows_per_s"] > 0
     assert "loader shuffled, 0 workers" in r.stderr
+
+
+def test_scale_loader_rounds_take_turns_and_speedups_are_medians_of_their_ratios():
+    """``--loader-rounds 3``: every worker count has 3 rounds (fresh loaders, taking turns epoch by epoch); its
+    windows/s are the medians of the rounds', and a speedup is the median of the rounds' own ratios."""
+    import statistics
+
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--smoke", "--only", "shuffled",
+                        "--workers", "0", "1", "--loader-rounds", "3", "--recordings", "6"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    zero, one = out["loader"]
+    for run in (zero, one):
+        assert len(run["rounds"]) == 3
+        assert run["windows_per_s"] == round(statistics.median(x["windows_per_s"] for x in run["rounds"]), 1)
+        assert run["later_windows_per_s"] == round(statistics.median(x["later_windows_per_s"] for x in run["rounds"]), 1)
+    sp = out["speedup_over_0_workers"]["shuffled_w1"]
+    each = [a["windows_per_s"] / b["windows_per_s"] for a, b in zip(one["rounds"], zero["rounds"])]
+    assert sp["first_epoch_rounds"] == [round(v, 3) for v in each]
+    assert sp["first_epoch"] == round(statistics.median(each), 3)
+    assert "round 3 of 3" in r.stderr and "median of rounds" in r.stderr
