@@ -267,11 +267,14 @@ def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tupl
 
 
 def _readable(conn: Any) -> bool:
-    """Whether ``conn`` has something to receive now (``select`` on its descriptor: ``Connection.poll`` builds a
+    """Whether ``conn`` has something to receive now (``poll`` on its descriptor — not ``select``, which fails on
+    descriptors past 1023, and a process with a window cache open holds thousands —; ``Connection.poll`` builds a
     selector each time, which cost more than taking a batch)."""
-    if os.name != "posix":
+    if not hasattr(select, "poll"):
         return conn.poll()
-    return bool(select.select([conn.fileno()], [], [], 0)[0])
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _recv(tasks) -> Any:

@@ -209,3 +209,30 @@ def test_a_part_that_fails_raises_its_error_in_the_loop(imu_windows, tmp_path):
         loader.close()
     assert seen == 9
     assert _files(f"mmloader-{os.getpid()}-") == []
+
+
+def test_workers_serve_a_process_holding_thousands_of_descriptors(imu_windows):
+    """A process with a window cache open holds thousands of file descriptors: the loader's pipes then sit past
+    1023, where ``select()`` fails ("filedescriptor out of range"); the loader must still take its batches."""
+    import resource
+
+    from mmloader.loader import WindowLoader
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        if hard != resource.RLIM_INFINITY and hard < 1500:
+            pytest.skip(f"the open-file limit here is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1500, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        ref = [b["index"].tolist() for b in WindowLoader(imu_windows, batch_size=32, shuffle=True, seed=1)]
+        loader = WindowLoader(imu_windows, batch_size=32, shuffle=True, seed=1, num_workers=2)
+        try:
+            assert [b["index"].tolist() for b in loader] == ref
+        finally:
+            loader.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
