@@ -49,6 +49,7 @@ import multiprocessing.connection as mpc
 import numbers
 import os
 import pickle
+import queue
 import select
 import signal
 import sys
@@ -207,9 +208,10 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     writer = shm.SlotWriter(slots, shm_tag) if slots else None
     parts = shared_batch.PartWriter()
     pending: deque = deque()  # tasks that came while waiting for a free slot
+    inbox = _Inbox(tasks)
     try:
         while True:
-            msg = pending.popleft() if pending else _recv(tasks)
+            msg = pending.popleft() if pending else inbox.get()
             if msg is None:
                 return
             if msg[0] == "free":
@@ -223,7 +225,7 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
                 if not _send_result(results, out, msg[1] if msg[0] == "part" else -1):
                     return
                 continue
-            if writer is not None and not _take_frees(writer, tasks, pending):
+            if writer is not None and not _take_frees(writer, inbox, pending):
                 return
             if not _send_result(results, _serve_batch(fetch, writer, msg), msg[0]):
                 return
@@ -277,30 +279,47 @@ def _readable(conn: Any) -> bool:
     return bool(p.poll(0))
 
 
-def _recv(tasks) -> Any:
-    """The next message on ``tasks``; None (stop) when the main process is gone or has closed the pipe."""
-    try:
-        return tasks.recv()
-    except (EOFError, OSError):
-        return None
+class _Inbox:
+    """A worker's task pipe, read by a thread of its own into a queue as messages come: the main process never
+    blocks writing a task (or a slot handed back) while this worker is busy — or itself blocked handing back a
+    batch that the main process will only take once its own write is done (a deadlock once tasks outgrow the
+    pipe's buffer: large batches, deep prefetch). ``None`` (stop) when the main process is gone or closed it."""
 
+    def __init__(self, tasks: Any):
+        self._tasks, self._queue = tasks, queue.SimpleQueue()
+        threading.Thread(target=self._drain, name="mmloader-task-inbox", daemon=True).start()
 
-def _take_frees(writer: "shm.SlotWriter", tasks, pending: deque) -> bool:
-    """Take the slots handed back so far (without waiting), keeping the tasks that came meanwhile; False on stop."""
-    try:
-        while tasks.poll():
-            msg = tasks.recv()
+    def _drain(self) -> None:
+        while True:
+            try:
+                msg = self._tasks.recv()
+            except (EOFError, OSError):
+                msg = None
+            self._queue.put(msg)
             if msg is None:
-                return False
-            if msg[0] == "free":
-                writer.free.append(msg[1])
-            elif msg[0] == "slots":
-                writer.grow(msg[1])
-            else:
-                pending.append(msg)
-    except (EOFError, OSError):
-        return False
-    return True
+                return
+
+    def get(self, block: bool = True) -> Any:
+        """The next message (``queue.Empty`` when ``block`` is False and there is none)."""
+        return self._queue.get(block)
+
+
+def _take_frees(writer: "shm.SlotWriter", inbox: _Inbox, pending: deque) -> bool:
+    """Take the slots handed back so far (without waiting), keeping the tasks that came meanwhile; False on stop."""
+    while True:
+        try:
+            msg = inbox.get(block=False)
+        except queue.Empty:
+            return True
+        if msg is None:
+            pending.append(None)  # the stop, after the tasks that came before it
+            return False
+        if msg[0] == "free":
+            writer.free.append(msg[1])
+        elif msg[0] == "slots":
+            writer.grow(msg[1])
+        else:
+            pending.append(msg)
 
 
 def _send_result(results, out: tuple, k: int) -> bool:
@@ -645,7 +664,9 @@ class _WorkerPool:
             raise self._death(i) from None
 
     def _dispatch(self, todo: deque | list[deque], k: int, block: int, buffer: dict | None = None) -> None:
-        """Hand out tasks. ``block == 0``: ``todo`` is one queue, each task to the least busy worker. Else ``todo``
+        """Hand out tasks. ``block == 0``: ``todo`` is one queue, each task split across the workers
+        (``_send_split``) or to the least busy worker, none more than ``per_worker × workers`` batches ahead of
+        batch ``k`` (those read and waiting in ``buffer`` count: a slow consumer never makes it grow). Else ``todo``
         holds one queue per worker (batch j belongs to worker ``(j // block) % workers``); a worker takes its own
         tasks, none beyond the round of blocks after the next one from batch ``k`` (awaited; so a worker that is
         done with its block while batch ``k``'s worker is not can go on with its next one), and (with
@@ -663,7 +684,8 @@ class _WorkerPool:
                         (cap is None or len(self.inflight[i]) + waiting[i] < cap):
                     self._send(i, queue.popleft())
             return
-        while todo:
+        ahead = self.per_worker * len(self.procs)  # batches read ahead of the one awaited, at most (with the buffer)
+        while todo and todo[0][0] - k < ahead:
             if self.shared is not None:
                 sent = self._send_split(todo[0])
                 if sent is None:  # a worker with a part of it is busy: wait
@@ -682,7 +704,11 @@ class _WorkerPool:
         worker with a part has no room yet; False when the batch is to be read whole (parts too uneven, or every
         shared slot still held by the caller's batches)."""
         k, indices, _ = task
-        parts = shared_batch.split(self.windows.affinity(indices), len(self.procs))
+        keys = np.asarray(self.windows.affinity(indices))
+        if keys.shape != (len(indices),) or keys.dtype.kind not in "iu":
+            raise ValueError(f"{type(self.windows).__name__}.affinity(indices) must return one integer per window "
+                             f"(shape ({len(indices)},)), got {keys.dtype} of shape {keys.shape}")
+        parts = shared_batch.split(keys, len(self.procs))
         if parts is None:
             return False
         busy = [i for i, p in enumerate(parts) if len(p)]
@@ -730,7 +756,7 @@ class _WorkerPool:
 
     def _send_control(self, i: int, msg: tuple) -> None:
         try:
-            self.tasks[i].send(msg)
+            self._guarded(i, "taking a message", self.tasks[i].send, msg)
         except (OSError, EOFError, ValueError):  # that worker is gone: the next receive reports it
             pass
 

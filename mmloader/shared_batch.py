@@ -214,16 +214,24 @@ class SharedSlots:
         self._gen: dict[int, int] = {}
         self._paths: dict[tuple[int, int], str] = {}
         self._acks: dict[tuple[int, int], int] = {}
-        self.free: deque[int] = deque()  # appended to by finalizers (any thread): deque operations are atomic
+        # slots given back: appended to by finalizers, in whichever thread drops a batch (single deque operations
+        # are atomic, iterating is not), moved to ``_idle`` (this thread's own) by ``take``
+        self.free: deque[int] = deque()
+        self._idle: list[int] = []
         self._made = 0
 
     def take(self, nbytes: int) -> tuple[int, int, str | None] | None:
-        fits = [s for s in self.free if len(self._maps[s]) >= nbytes]
+        while True:
+            try:
+                self._idle.append(self.free.popleft())
+            except IndexError:
+                break
+        fits = [s for s in self._idle if len(self._maps[s]) >= nbytes]
         if fits:
-            self.free.remove(fits[-1])
+            self._idle.remove(fits[-1])
             return fits[-1], self._gen[fits[-1]], None
-        if self.free:
-            slot = self.free.pop()
+        if self._idle:
+            slot = self._idle.pop()
         elif self._made < self.max_slots:
             slot, self._made = self._made, self._made + 1
         else:
@@ -269,10 +277,6 @@ class SharedSlots:
             out[key] = (torch.from_numpy(base[off:off + n]).view(_dtype(dt)).reshape(shape) if n
                         else torch.empty(shape, dtype=_dtype(dt)))
         return out
-
-    def release(self, slot: int) -> None:
-        """Give back a slot no batch was made of (its batch failed)."""
-        self.free.append(slot)
 
     def close(self) -> None:
         for mm in self._maps.values():

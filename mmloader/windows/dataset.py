@@ -176,14 +176,16 @@ class WindowSet:
         return 128 if self.modalities.video else 2048
 
     def affinity(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Where windows ``indices`` read their data: int64, equal for windows of the same recording (its position
-        among this set's recordings). A loader with workers splits each shuffled batch by it, so that every
-        recording is read (and its decoded chunks cached) by one worker only (``mmloader.shared_batch``)."""
+        """Where windows ``indices`` read their data: int64, equal for windows of the same recording (its rank
+        among this set's recordings, 0 .. their number - 1). A loader with workers splits each shuffled batch by
+        it, so that every recording is read (and its decoded chunks cached) by one worker only
+        (``mmloader.shared_batch``)."""
         p = self._columns.recording_id
         idx = np.asarray(indices, dtype=np.int64)
         if p.kind != "codes":  # (ids are always dictionary codes today; a stable hash of the id otherwise)
             return np.asarray([zlib.crc32(str(r).encode()) for r in p.take(idx)], dtype=np.int64)
-        return np.asarray(p.values[idx if p.rows is None else p.rows[idx]], dtype=np.int64)
+        rank = self._columns.recording_rank()
+        return rank[p.values[idx if p.rows is None else p.rows[idx]]]
 
     def read_batch(self, indices: Sequence[int], alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None,
                    rows: np.ndarray | None = None, size: int | None = None) -> dict[str, Any] | None:
@@ -636,6 +638,18 @@ class _Columns:
         self.recording_id, self.t0, self.t1 = cols["recording_id"], cols["t0_ns"], cols["t1_ns"]
         self.text, self.label = cols.get("text"), cols.get("label")
         self.video_idx = {name[:-4]: p for name, p in cols.items() if name.endswith("_idx")}
+        self._rank: np.ndarray | None = None
+
+    def recording_rank(self) -> np.ndarray:
+        """Per ``recording_id`` code: the recording's rank among those these windows have (0 .. their number - 1;
+        a derived set's codes are its parent's, with gaps), made once."""
+        if self._rank is None:
+            p = self.recording_id
+            codes = np.unique(p.values if p.rows is None else p.values[p.rows])
+            rank = np.zeros(int(codes[-1]) + 1 if len(codes) else 0, dtype=np.int64)
+            rank[codes] = np.arange(len(codes))
+            self._rank = rank
+        return self._rank
 
     def __len__(self) -> int:
         return len(self.t0)

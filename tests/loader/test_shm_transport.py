@@ -220,7 +220,7 @@ def _dispatch_time(workers: int, n_batches: int, block: int, per_worker: int = 2
     from mmloader import loader as loader_mod
 
     pool = loader_mod._WorkerPool.__new__(loader_mod._WorkerPool)
-    pool.procs, pool.per_worker, pool._freed = [None] * workers, per_worker, collections.deque()
+    pool.procs, pool.per_worker, pool._freed, pool.timeout = [None] * workers, per_worker, collections.deque(), None
     pool.inflight = [collections.deque() for _ in range(workers)]
     pool.slots = per_worker + 2 + loader_mod.REORDER_SLOTS
     pool.tasks = [type("Pipe", (), {"send": lambda self, msg: None})() for _ in range(workers)]
