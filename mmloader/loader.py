@@ -679,10 +679,10 @@ class _WorkerPool:
             for j in buffer or ():
                 waiting[(j // block) % len(self.procs)] += 1
             cap = self.slots - 2 if self.slots else None  # the caller's batch and one "free" on its way
-            for i, queue in enumerate(todo):
-                while queue and queue[0][0] < limit and len(self.inflight[i]) < self.per_worker and \
+            for i, mine in enumerate(todo):
+                while mine and mine[0][0] < limit and len(self.inflight[i]) < self.per_worker and \
                         (cap is None or len(self.inflight[i]) + waiting[i] < cap):
-                    self._send(i, queue.popleft())
+                    self._send(i, mine.popleft())
             return
         ahead = self.per_worker * len(self.procs)  # batches read ahead of the one awaited, at most (with the buffer)
         while todo and todo[0][0] - k < ahead:

@@ -33,9 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .shm import SHM_DIR, _close, _dtype, _itemsize
+from .shm import SHM_DIR, _close, _dtype, _itemsize, address, create_mapped, map_file, unlink_quietly
 
-GROW = 1 << 20  # slots are sized in whole MiB, with a quarter of headroom
 MAX_IMBALANCE = 1.5  # a batch whose largest part exceeds this many times an even share is read whole instead
 
 
@@ -113,17 +112,11 @@ class PartWriter:
 
     def map(self, slot: int, gen: int, path: str) -> None:
         """Map ``path`` (slot ``slot``, generation ``gen``), replacing the slot's older file."""
-        fd = os.open(path, os.O_RDWR)
-        try:
-            mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        mm = map_file(path)
         old = self._maps.pop(slot, None)
         if old is not None:
             _close(old[1])
-        probe = np.frombuffer(mm, dtype=np.uint8, count=1)
-        self._maps[slot] = (gen, mm, probe.ctypes.data)
-        del probe
+        self._maps[slot] = (gen, mm, address(mm))
 
     def _mapped(self, slot: int, gen: int) -> tuple[mmap.mmap, int]:
         have = self._maps.get(slot)
@@ -237,14 +230,8 @@ class SharedSlots:
         else:
             return None
         gen = self._gen.get(slot, -1) + 1
-        size = -(-(nbytes + nbytes // 4) // GROW) * GROW
         path = os.path.join(SHM_DIR, f"mmloader-{self.tag}-{slot}-{gen}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        mm = create_mapped(path, nbytes)
         old = self._maps.pop(slot, None)
         if old is not None:
             _close(old)
@@ -260,7 +247,7 @@ class SharedSlots:
         self._acks[key] += 1
         if self._acks[key] >= self.workers:
             del self._acks[key]
-            _unlink(self._paths.pop(key))
+            unlink_quietly(self._paths.pop(key))
 
     def views(self, slot: int, placed: Sequence[tuple[str, int, tuple[int, ...], str]]) -> dict[str, torch.Tensor]:
         """The arrays ``placed`` in ``slot``; the slot is free again once they (and views of them) are all gone."""
@@ -283,15 +270,8 @@ class SharedSlots:
             _close(mm)
         self._maps.clear()
         for path in self._paths.values():
-            _unlink(path)
+            unlink_quietly(path)
         self._paths.clear()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def merge(parts: Sequence[tuple[np.ndarray, dict[str, Any]]], n: int, views: dict[str, torch.Tensor]) -> dict[str, Any]:

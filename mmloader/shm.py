@@ -65,6 +65,44 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     return obj
 
 
+def create_mapped(path: str, nbytes: int) -> mmap.mmap:
+    """A new file ``path`` (never an existing one) of at least ``nbytes`` — whole MiB, with a quarter of headroom
+    so that a slot grows rarely —, mapped read-write."""
+    size = -(-(nbytes + nbytes // 4) // GROW) * GROW
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def map_file(path: str) -> mmap.mmap:
+    """The whole of the existing file ``path``, mapped read-write."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def address(mm: mmap.mmap) -> int:
+    """Where ``mm`` is mapped in this process (to find arrays that lie inside it)."""
+    probe = np.frombuffer(mm, dtype=np.uint8, count=1)
+    try:
+        return probe.ctypes.data
+    finally:
+        del probe
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is still there."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _close(mm: mmap.mmap) -> None:
     try:
         mm.close()
@@ -111,14 +149,8 @@ class SlotWriter:
         mm = self._maps.get(slot)
         if mm is not None and len(mm) >= size:
             return
-        size = -(-(size + size // 4) // GROW) * GROW
         path = os.path.join(SHM_DIR, f"mmloader-{self._tag}-{os.getpid()}-{slot}-{next(self._gen)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            new = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        new = create_mapped(path, size)
         self._made.append(path)
         unsent = self.new_paths.pop(slot, None)
         if unsent is not None:  # made earlier for this batch and never reported: nobody will map it
@@ -127,9 +159,7 @@ class SlotWriter:
         if mm is not None:
             _close(mm)  # arrays of a batch still held (read into it) keep it mapped until they go
         self._maps[slot] = new
-        probe = np.frombuffer(new, dtype=np.uint8, count=1)
-        self._base[slot] = probe.ctypes.data  # where it is mapped: to find tensors read into it
-        del probe
+        self._base[slot] = address(new)  # to find tensors read into it
 
     def arena(self, slot: int) -> "Arena":
         """An allocator of arrays inside ``slot`` for the batch about to be written to it."""
@@ -175,10 +205,7 @@ class SlotWriter:
                 pass
         self._maps.clear()
         for path in self._made:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            unlink_quietly(path)
 
 
 class Arena:
@@ -214,11 +241,9 @@ class SlotReader:
 
     def _mapped(self, slot: int, path: str | None) -> mmap.mmap:
         if path is not None:  # a new (or grown) slot: map it, then unlink its name
-            fd = os.open(path, os.O_RDWR)
             try:
-                mm = mmap.mmap(fd, os.fstat(fd).st_size)
+                mm = map_file(path)
             finally:
-                os.close(fd)
                 os.unlink(path)
             old = self._maps.pop(slot, None)
             if old is not None:
@@ -258,7 +283,4 @@ class SlotReader:
         except OSError:
             return
         for name in names:
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
+            unlink_quietly(os.path.join(SHM_DIR, name))
