@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from mmloader.recipes.ego4d.imu import HEADER
 
@@ -229,3 +232,101 @@ def tiny_train_config(run_dir: Any, **kw: Any) -> Any:
     base = dict(store="unused", sec=1, stride=0.5, size=(32, 32), batch_size=8, encoder=TINY_ENCODER, lr=3e-3,
                 warmup_steps=2, run_dir=str(run_dir), progress=False)
     return TrainConfig(**{**base, **kw})
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie, not dead) and, when given, still has the start time ``start`` (field 22
+    of ``/proc/<pid>/stat``: no pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
+
+
+def wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
+    """Wait up to ``seconds`` for ``pids`` to end; those still alive then."""
+    deadline = time.monotonic() + seconds
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if process_alive(p)]
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """SIGCONT then SIGKILL to each of ``pids`` still there (a test's clean-up of workers it stopped)."""
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+# -- loader tests: batches compared bit for bit, and a set that logs and fails its reads -----------------------------
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got: dict, want: dict, where: str = "") -> None:
+    """``got`` is ``want`` bit for bit: key order, types, dtypes, shapes, values, list values."""
+    assert list(got) == list(want), where
+    for key, w in want.items():
+        g = got[key]
+        if isinstance(w, torch.Tensor):
+            assert isinstance(g, torch.Tensor), (where, key, type(g))
+            assert g.dtype == w.dtype and g.shape == w.shape, (where, key, g.dtype, w.dtype, g.shape, w.shape)
+            assert torch.equal(bits(g), bits(w)), (where, key)
+        else:
+            assert type(g) is type(w) and g == w, (where, key)
+
+
+def assert_batches(got: list[dict], want: list[dict], what: str = "") -> None:
+    assert len(got) == len(want), (what, len(got), len(want))
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_same(g, w, f"{what} batch {k}")
+
+
+class PartFailure(Exception):
+    """An exception that pickles but does not unpickle (two constructor arguments)."""
+
+    def __init__(self, window: int, why: str):
+        super().__init__(f"window {window}: {why}")
+        self.window = window
+
+
+class Wrapped:
+    """A set forwarding to ``ws`` (read_batch with rows/size, affinity); reading a window of ``bad`` (an int or a
+    tuple of them) raises ``PartFailure``; ``log_dir``: each process logs the recordings it read (a line per read)."""
+
+    def __init__(self, ws, bad: int | tuple | None = None, log_dir: Path | None = None):
+        self.ws, self.log_dir = ws, log_dir
+        self.bad = () if bad is None else (bad,) if isinstance(bad, int) else tuple(bad)
+
+    def __len__(self) -> int:
+        return len(self.ws)
+
+    def _check(self, indices) -> None:
+        hit = [int(i) for i in indices if int(i) in self.bad]
+        if hit:
+            raise PartFailure(hit[0], "unreadable on purpose")
+
+    def __getitem__(self, i: int) -> dict:
+        self._check([i])
+        return self.ws[i]
+
+    def affinity(self, indices):
+        return self.ws.affinity(indices)
+
+    def index_fields(self, i: int) -> dict:
+        return self.ws.index_fields(i)
+
+    def read_batch(self, indices, alloc=None, rows=None, size=None):
+        self._check(indices)
+        out = self.ws.read_batch(indices, alloc=alloc, rows=rows, size=size)
+        if self.log_dir is not None:
+            with open(self.log_dir / f"{os.getpid()}.log", "a") as f:
+                f.write(f"{len(out['index'])} " + " ".join(sorted(set(out["recording_id"]))) + "\n")
+        return out

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_leftovers, process_alive, wait_gone
 from mmloader.errors import MediaError
 from mmloader.loader import WindowLoader, WorkerError
 
@@ -59,10 +60,7 @@ def test_workers_persist_across_epochs_and_stop_on_break():
     for _ in loader:
         break
     assert loader.worker_pids == []
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in pids)
+    assert wait_gone(pids) == []
     assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["offset"] == 4
 
 
@@ -103,22 +101,6 @@ def test_worker_errors_keep_their_type_and_message(workers):
         assert "loader worker" in note and "windows [8, 9, 10, 11]" in note and "in __getitem__" in note
 
 
-def _kill_leftovers(pids: list[int]) -> None:
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-
-
-def _wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
-
-
 @linux_only
 def test_a_stopped_worker_raises_after_the_timeout_naming_it_and_the_batch():
     loader = WindowLoader(SlowWindows(n=400, delay=0.01), batch_size=2, num_workers=2, timeout=3)
@@ -139,9 +121,9 @@ def test_a_stopped_worker_raises_after_the_timeout_naming_it_and_the_batch():
                          r"\(windows \[\d+, \d+\]\): no batch came back from any worker for 3 s \(timeout=3\)", msg), msg
         assert "the pool was stopped" in msg
         assert loader.worker_pids == []
-        assert _wait_gone(pids) == []  # the stopped worker was ended too (SIGTERM + SIGCONT)
+        assert wait_gone(pids) == []  # the stopped worker was ended too (SIGTERM + SIGCONT)
     finally:
-        _kill_leftovers(pids)
+        kill_leftovers(pids)
 
 
 class _SlowToUnpickle:
@@ -200,19 +182,9 @@ def test_a_worker_stopped_while_its_batch_is_received_raises_after_the_timeout(m
         pids = [int(found.group(1))]
         assert took < 15, took  # (starting the forkserver, 1.5 s unpickling, the 3 s timeout)
         assert loader.worker_pids == []
-        assert _wait_gone(pids) == []
+        assert wait_gone(pids) == []
     finally:
-        _kill_leftovers(pids)
-
-
-def _alive(pid: int, start: str | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, when given, still has the same start time (no pid reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] != "Z" and (start is None or fields[19] == start)
+        kill_leftovers(pids)
 
 
 CHILD = textwrap.dedent("""
@@ -274,9 +246,9 @@ def test_sigkill_of_the_main_process_leaves_no_process_behind(tmp_path):
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(int(p), s) for p, s in procs):
+        while time.monotonic() < deadline and any(process_alive(int(p), s) for p, s in procs):
             time.sleep(0.1)
-        left = [p for p, s in procs if _alive(int(p), s)]
+        left = [p for p, s in procs if process_alive(int(p), s)]
         assert not left, f"still running 30 s after SIGKILL of their parent: {left}"
     finally:
         if child.poll() is None:

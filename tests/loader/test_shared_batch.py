@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import gc
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import PartFailure, Wrapped, assert_batches
 from mmloader import shared_batch as sb
 from mmloader import shm
 
@@ -121,34 +121,6 @@ def test_parts_that_disagree_raise_like_collate():
 # -- through the loader ------------------------------------------------------------------------------------------
 
 
-class Logged:
-    """A WindowSet whose batch reads log, per process, the recordings read (a line per read); reading a batch with
-    window ``bad`` raises."""
-
-    def __init__(self, ws, log_dir: Path, bad: int | None = None):
-        self.ws, self.log_dir, self.bad = ws, log_dir, bad
-
-    def __len__(self) -> int:
-        return len(self.ws)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.ws[i]
-
-    def affinity(self, indices):
-        return self.ws.affinity(indices)
-
-    def index_fields(self, i: int) -> dict:
-        return self.ws.index_fields(i)
-
-    def read_batch(self, indices, alloc=None, rows=None, size=None):
-        if self.bad is not None and self.bad in [int(i) for i in indices]:
-            raise KeyError(f"window {self.bad} is unreadable")
-        out = self.ws.read_batch(indices, alloc=alloc, rows=rows, size=size)
-        with open(self.log_dir / f"{os.getpid()}.log", "a") as f:
-            f.write(" ".join(sorted(set(out["recording_id"]))) + "\n")
-        return out
-
-
 @pytest.fixture(scope="module")
 def imu_windows(tmp_path_factory):
     import mmloader
@@ -164,7 +136,7 @@ def imu_windows(tmp_path_factory):
 
 
 def test_each_worker_reads_only_its_recordings_and_batches_are_unchanged(imu_windows, tmp_path):
-    logged = Logged(imu_windows, tmp_path)
+    logged = Wrapped(imu_windows, log_dir=tmp_path)
     ref = list(imu_windows.loader(batch_size=24, shuffle=True, seed=3, num_workers=0, drop_last=True))
     from mmloader.loader import WindowLoader
 
@@ -174,13 +146,7 @@ def test_each_worker_reads_only_its_recordings_and_batches_are_unchanged(imu_win
             got = list(loader)
             assert len(got) == len(ref)
             if epoch == 0:
-                for a, b in zip(got, ref):
-                    assert list(a) == list(b)
-                    for key in a:
-                        if isinstance(a[key], torch.Tensor):
-                            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-                        else:
-                            assert a[key] == b[key], key
+                assert_batches(got, ref, "2 workers, split")
             del got
         pool = loader._pool
         assert pool is not None and pool.layout is not None and pool.shared is not None
@@ -188,21 +154,21 @@ def test_each_worker_reads_only_its_recordings_and_batches_are_unchanged(imu_win
     finally:
         loader.close()
     assert _files(f"mmloader-{os.getpid()}-") == []
-    read = {pid: [line.split() for line in (tmp_path / f"{pid}.log").read_text().splitlines()] for pid in pids}
+    read = {pid: [line.split()[1:] for line in (tmp_path / f"{pid}.log").read_text().splitlines()] for pid in pids}
     assert all(len(lines) >= len(ref) for lines in read.values())  # each worker read a part of every batch
     parity = {pid: {int(r[1:]) % 2 for line in lines for r in line} for pid, lines in read.items()}
     assert sorted(map(sorted, parity.values())) == [[0], [1]]  # no recording read by both: each its own half
 
 
-def test_a_part_that_fails_raises_its_error_in_the_loop(imu_windows, tmp_path):
+def test_a_part_that_fails_raises_its_error_in_the_loop(imu_windows):
     from mmloader.loader import WindowLoader
 
     order = WindowLoader(imu_windows, batch_size=16, shuffle=True, seed=5).order(0)
     bad = int(order[16 * 9 + 3])  # in batch 9: split (the layout is known by then)
-    loader = WindowLoader(Logged(imu_windows, tmp_path, bad=bad), batch_size=16, shuffle=True, seed=5, num_workers=2)
+    loader = WindowLoader(Wrapped(imu_windows, bad=bad), batch_size=16, shuffle=True, seed=5, num_workers=2)
     seen = 0
     try:
-        with pytest.raises(KeyError, match=f"window {bad} is unreadable"):
+        with pytest.raises(PartFailure, match=f"window {bad}: unreadable on purpose"):
             for _ in loader:
                 seen += 1
     finally:

@@ -12,12 +12,12 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import PartFailure, Wrapped, assert_batches, assert_same, bits, kill_leftovers, wait_gone
 from mmloader import shared_batch as sb
 from mmloader import shm
 from mmloader.loader import WindowLoader, WorkerError
@@ -33,29 +33,6 @@ MS = 1_000_000  # ns
 def _leftovers() -> list[str]:
     """This process's loader files still in /dev/shm."""
     return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(f"mmloader-{os.getpid()}-"))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(got: dict, want: dict, where: str = "") -> None:
-    """``got`` is ``want`` bit for bit: key order, types, dtypes, shapes, values, list values."""
-    assert list(got) == list(want), where
-    for key, w in want.items():
-        g = got[key]
-        if isinstance(w, torch.Tensor):
-            assert isinstance(g, torch.Tensor), (where, key, type(g))
-            assert g.dtype == w.dtype and g.shape == w.shape, (where, key, g.dtype, w.dtype, g.shape, w.shape)
-            assert torch.equal(_bits(g), _bits(w)), (where, key)
-        else:
-            assert type(g) is type(w) and g == w, (where, key)
-
-
-def assert_batches(got: list[dict], want: list[dict], what: str = "") -> None:
-    assert len(got) == len(want), (what, len(got), len(want))
-    for k, (g, w) in enumerate(zip(got, want)):
-        assert_same(g, w, f"{what} batch {k}")
 
 
 def _frozen(batches: list[dict]) -> list[dict]:
@@ -96,21 +73,29 @@ def _series(r: int, n: int, hz: float, channels: int, rng, gap_at: int | None = 
                                        list("abcdefgh"[:channels]), ["u"] * channels, rate_hz=hz)
 
 
+def _imu_dataset(tmp_path_factory, name: str, seed: int, lengths: list[int], channels: list[int] | None = None,
+                 prefix: str = "r", splits: bool = False):
+    """A store of one 6-channel (or ``channels[r]``) 200 Hz IMU recording per entry of ``lengths`` (samples),
+    ids ``<prefix><r>`` (``splits``: every third one "val", the others "train"), opened."""
+    import mmloader
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    for r, n in enumerate(lengths):
+        _, ts = _series(r, n, 200.0, 6 if channels is None else channels[r], rng)
+        split = {"split": "train" if r % 3 else "val"} if splits else {}
+        recs.append(mmloader.Recording(id=f"{prefix}{r}", timeseries={"imu": ts}, **split))
+    return mmloader.open(mmloader.write_store(tmp_path_factory.mktemp("hostile") / name, recs), progress=False)
+
+
 # -- fixtures -----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """8 recordings, 6-channel IMU at 200 Hz, 277 windows of 1 s every 0.25 s."""
-    import mmloader
-
-    rng = np.random.default_rng(11)
-    recs = []
-    for r in range(8):
-        _, ts = _series(r, 1600 + 90 * r, 200.0, 6, rng)
-        recs.append(mmloader.Recording(id=f"r{r}", split="train" if r % 3 else "val", timeseries={"imu": ts}))
-    store = mmloader.write_store(tmp_path_factory.mktemp("hostile") / "plain", recs)
-    return mmloader.open(store, progress=False).windows(sec=1.0, stride=0.25, modalities=["imu"])
+    ds = _imu_dataset(tmp_path_factory, "plain", 11, [1600 + 90 * r for r in range(8)], splits=True)
+    return ds.windows(sec=1.0, stride=0.25, modalities=["imu"])
 
 
 @pytest.fixture(scope="module")
@@ -144,61 +129,12 @@ def rich(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """r0..r5 with a 6-channel IMU, r6 and r7 with a 3-channel one: batches mixing them cannot be stacked."""
-    import mmloader
-
-    rng = np.random.default_rng(3)
-    recs = []
-    for r in range(8):
-        _, ts = _series(r, 1200 + 50 * r, 200.0, 3 if r >= 6 else 6, rng)
-        recs.append(mmloader.Recording(id=f"r{r}", timeseries={"imu": ts}))
-    store = mmloader.write_store(tmp_path_factory.mktemp("hostile") / "mixed", recs)
-    return mmloader.open(store, progress=False).windows(sec=1.0, stride=0.5, modalities=["imu"])
+    ds = _imu_dataset(tmp_path_factory, "mixed", 3, [1200 + 50 * r for r in range(8)],
+                      channels=[3 if r >= 6 else 6 for r in range(8)])
+    return ds.windows(sec=1.0, stride=0.5, modalities=["imu"])
 
 
 # -- wrappers (module level: workers unpickle them) ----------------------------------------------------------------
-
-
-class PartFailure(Exception):
-    """An exception that pickles but does not unpickle (two constructor arguments)."""
-
-    def __init__(self, window: int, why: str):
-        super().__init__(f"window {window}: {why}")
-        self.window = window
-
-
-class Wrapped:
-    """A set forwarding to ``ws`` (read_batch with rows/size, affinity); reading a window of ``bad`` (an int or a
-    tuple of them) raises ``PartFailure``; ``log_dir``: each process logs the recordings it read (a line per read)."""
-
-    def __init__(self, ws, bad: int | tuple | None = None, log_dir: Path | None = None):
-        self.ws, self.log_dir = ws, log_dir
-        self.bad = () if bad is None else (bad,) if isinstance(bad, int) else tuple(bad)
-
-    def __len__(self) -> int:
-        return len(self.ws)
-
-    def _check(self, indices) -> None:
-        hit = [int(i) for i in indices if int(i) in self.bad]
-        if hit:
-            raise PartFailure(hit[0], "unreadable on purpose")
-
-    def __getitem__(self, i: int) -> dict:
-        self._check([i])
-        return self.ws[i]
-
-    def affinity(self, indices):
-        return self.ws.affinity(indices)
-
-    def index_fields(self, i: int) -> dict:
-        return self.ws.index_fields(i)
-
-    def read_batch(self, indices, alloc=None, rows=None, size=None):
-        self._check(indices)
-        out = self.ws.read_batch(indices, alloc=alloc, rows=rows, size=size)
-        if self.log_dir is not None:
-            with open(self.log_dir / f"{os.getpid()}.log", "a") as f:
-                f.write(f"{len(out['index'])} " + " ".join(sorted(set(out["recording_id"]))) + "\n")
-        return out
 
 
 class Arranged:
@@ -483,9 +419,9 @@ def test_held_batches_never_change_even_with_more_batches_than_slots(rich):
         third = list(loader)
         assert_batches(third, want[2], "epoch 2")
         for k, (imu, mask, gyro) in enumerate(parts):
-            assert torch.equal(_bits(imu), _bits(want[1][k]["imu"][1:3])), k
+            assert torch.equal(bits(imu), bits(want[1][k]["imu"][1:3])), k
             assert np.array_equal(mask, want[1][k]["imu_mask"].numpy()), k
-            assert torch.equal(_bits(gyro), _bits(want[1][k]["gyro2"])), k
+            assert torch.equal(bits(gyro), bits(want[1][k]["gyro2"])), k
         assert pool.shared._made <= pool.shared.max_slots
     finally:
         loader.close()
@@ -545,15 +481,7 @@ def test_a_batch_modified_in_place_does_not_leak_into_the_next(plain):
 def long(tmp_path_factory):
     """8 recordings of 50 s: a batch of 240 one-second windows (1.2 MB) needs a slot of 2 MiB, one of 20 a slot of
     1 MiB, too small for the others."""
-    import mmloader
-
-    rng = np.random.default_rng(8)
-    recs = []
-    for r in range(8):
-        _, ts = _series(r, 10000, 200.0, 6, rng)
-        recs.append(mmloader.Recording(id=f"r{r}", timeseries={"imu": ts}))
-    store = mmloader.write_store(tmp_path_factory.mktemp("hostile") / "long", recs)
-    ws = mmloader.open(store, progress=False).windows(sec=1.0, stride=0.25, modalities=["imu"])
+    ws = _imu_dataset(tmp_path_factory, "long", 8, [10000] * 8).windows(sec=1.0, stride=0.25, modalities=["imu"])
     assert len(ws) >= 6 * 240 + 20
     return ws.filter(np.arange(len(ws)) < 6 * 240 + 20)
 
@@ -706,30 +634,6 @@ def test_both_parts_of_a_batch_failing_raise_once_and_the_loader_recovers(plain)
 # -- dead and stopped workers -------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _wait_gone(pids: list[int], seconds: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
-
-
-def _kill_leftovers(pids: list[int]) -> None:
-    for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-
-
 @pytest.mark.parametrize("victim,after", [(0, 1), (1, 4)])
 def test_a_worker_killed_mid_epoch_raises_naming_it_and_leaves_no_file(plain, victim, after):
     kw = dict(batch_size=8, shuffle=True, seed=13)
@@ -749,11 +653,11 @@ def test_a_worker_killed_mid_epoch_raises_naming_it_and_leaves_no_file(plain, vi
         msg = str(info.value)
         assert re.search(rf"loader worker {victim} \(pid {pids[victim]}\) killed by signal SIGKILL", msg), msg
         assert loader.worker_pids == []
-        assert _wait_gone(pids) == []
+        assert wait_gone(pids) == []
         assert _leftovers() == []
         assert_batches(got, want[:len(got)], "before the death")
     finally:
-        _kill_leftovers(pids)
+        kill_leftovers(pids)
         loader.close()
     # the loader starts a fresh pool and finishes the epoch from where it stopped
     rest = list(loader)
@@ -784,9 +688,9 @@ def test_a_stopped_worker_raises_after_the_timeout_naming_it(plain, victim):
                          msg), msg
         assert "(timeout=3)" in msg and "the pool was stopped" in msg
         assert loader.worker_pids == []
-        assert _wait_gone(pids) == []
+        assert wait_gone(pids) == []
     finally:
-        _kill_leftovers(pids)
+        kill_leftovers(pids)
         loader.close()
     assert _leftovers() == []
 
@@ -812,7 +716,7 @@ def test_a_worker_killed_between_epochs_is_replaced(plain):
         second = list(loader)
         assert loader.worker_pids and loader.worker_pids != pids
     finally:
-        _kill_leftovers(pids)
+        kill_leftovers(pids)
         loader.close()
     assert_batches(first, want[0], "epoch 0")
     assert_batches(second, want[1], "epoch 1, fresh pool")
@@ -839,9 +743,9 @@ def test_a_worker_lost_before_the_first_batch(plain, how):
             assert re.search(rf"loader worker 0 \(pid {pids[0]}\) killed by signal SIGKILL", msg), msg
         assert pool.layout is None
         assert loader.worker_pids == []
-        assert _wait_gone(pids) == []
+        assert wait_gone(pids) == []
     finally:
-        _kill_leftovers(pids)
+        kill_leftovers(pids)
         loader.close()
     assert _leftovers() == []
 
@@ -952,15 +856,8 @@ def test_slots_freed_from_another_thread_while_one_is_taken():
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     """~96,000 windows of 50 ms (8 recordings of 60 s, a window every 5 ms)."""
-    import mmloader
-
-    rng = np.random.default_rng(1)
-    recs = []
-    for r in range(8):
-        _, ts = _series(r, 12000, 200.0, 6, rng)
-        recs.append(mmloader.Recording(id=f"rec{r}", timeseries={"imu": ts}))
-    store = mmloader.write_store(tmp_path_factory.mktemp("hostile") / "big", recs)
-    return mmloader.open(store, progress=False).windows(sec=0.05, stride=0.005, modalities=["imu"])
+    ds = _imu_dataset(tmp_path_factory, "big", 1, [12000] * 8, prefix="rec")
+    return ds.windows(sec=0.05, stride=0.005, modalities=["imu"])
 
 
 @pytest.mark.parametrize("batch_size,prefetch,workers", [(4096, 2, 2), (2048, 4, 2), (3072, 2, 3)])
