@@ -78,6 +78,7 @@ RUN_WINDOWS = 128  # shuffle=False with workers: a worker's contiguous run holds
 REORDER_SLOTS = 6  # shared-memory slots per worker for batches that wait behind another worker's run (at least)
 BLOCK_WINDOWS = 256  # shuffle="block": windows per block when the set has no run_alignment (a cache's shards)
 _NO_RUN = object()
+SAME_RUN = "same-run"  # a task's run: the worker's current run goes on (sent once per run, not with every batch)
 
 
 class WorkerError(RuntimeError):
@@ -191,12 +192,13 @@ def _pack_error(e: BaseException) -> dict[str, Any]:
 
 def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Callable, tasks, results,
                  threads: int = 1, slots: int = 0, shm_tag: str = "") -> None:
-    """Read ``(batch number, indices, run)`` from ``tasks`` until ``None`` or EOF; send back ``("ok", k, batch)``
-    or ``("err", k, packed exception)``. ``run``: the windows this worker reads next in this order, or None.
-    ``threads``: decoder threads of this worker's video readers. ``slots > 0``: batches go through that many
-    shared-memory slots (``mmloader.shm``, files tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the
-    main process hands a slot back with ``("free", slot)`` on ``tasks`` once the batch's tensors are gone (no slot
-    free: the batch is pickled), and ``("slots", n)`` gives it ``n`` slots for longer runs. Split batches
+    """Read ``(batch number, indices, run, freed slots)`` from ``tasks`` until ``None`` or EOF; send back
+    ``("ok", k, batch)`` or ``("err", k, packed exception)``. ``run``: the windows this worker reads next in this
+    order (sent with the run's first batch), ``SAME_RUN`` (it goes on) or None. ``threads``: decoder threads of this
+    worker's video readers. ``slots > 0``: batches go through that many shared-memory slots (``mmloader.shm``, files
+    tagged ``shm_tag``) as ``("shm", k, slot, path, layout)``; the main process hands slots back with its next task
+    to this worker (``freed slots``) once their batches' tensors are gone (no slot free: the batch is pickled), and
+    ``("slots", n)`` gives it ``n`` slots for longer runs. Split batches
     (``mmloader.shared_batch``): ``("map", slot, gen, path)`` maps a slot of the main process (answered with
     ``("mapped", slot, gen, error or None)``); ``("part", k, indices, positions, size, slot, gen, placed)`` reads
     this worker's part of batch ``k`` into it, answered with ``("part", k, rest of the part)``."""
@@ -211,12 +213,9 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     inbox = _Inbox(tasks)
     try:
         while True:
-            msg = pending.popleft() if pending else inbox.get()
+            msg = pending.popleft() if pending else _taking_frees(writer, inbox.get())
             if msg is None:
                 return
-            if msg[0] == "free":
-                writer.free.append(msg[1])  # type: ignore[union-attr]
-                continue
             if msg[0] == "slots":
                 writer.grow(msg[1])  # type: ignore[union-attr]
                 continue
@@ -238,7 +237,8 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
 def _serve_batch(fetch: _FetchBatch, writer: "shm.SlotWriter | None", msg: tuple) -> tuple:
     """The answer to task ``(k, indices, run)``: the batch through a free slot of ``writer`` (when there is one),
     else pickled; or the packed error."""
-    k, indices, run = msg
+    k, indices, run = msg[:3]
+    run = _NO_RUN if run == SAME_RUN else run
     slot = writer.free.pop() if writer is not None and writer.free else None  # none: the caller holds them all
     try:
         batch = fetch(indices, run, alloc=writer.arena(slot) if slot is not None else None)  # type: ignore[union-attr]
@@ -304,19 +304,27 @@ class _Inbox:
         return self._queue.get(block)
 
 
+def _taking_frees(writer: "shm.SlotWriter | None", msg: Any) -> Any:
+    """``msg``, the slots that a task ``(k, indices, run, freed)`` hands back taken (the task without them)."""
+    if msg is None or type(msg[0]) is not int:
+        return msg
+    if writer is not None:
+        writer.free.extend(msg[3])
+    return msg[:3]
+
+
 def _take_frees(writer: "shm.SlotWriter", inbox: _Inbox, pending: deque) -> bool:
-    """Take the slots handed back so far (without waiting), keeping the tasks that came meanwhile; False on stop."""
+    """Take the slots handed back so far (without waiting) — with the tasks that came meanwhile, which are kept for
+    later, and ``slots`` messages; False on stop."""
     while True:
         try:
-            msg = inbox.get(block=False)
+            msg = _taking_frees(writer, inbox.get(block=False))
         except queue.Empty:
             return True
         if msg is None:
             pending.append(None)  # the stop, after the tasks that came before it
             return False
-        if msg[0] == "free":
-            writer.free.append(msg[1])
-        elif msg[0] == "slots":
+        if msg[0] == "slots":
             writer.grow(msg[1])
         else:
             pending.append(msg)
@@ -434,11 +442,12 @@ class _WorkerPool:
         main_pid = os.getpid()
         threads = max(1, cpus_available() // max(1, num_workers))
         # batches through reused shared-memory slots (mmloader.shm); else pickled (tensors in fresh segments).
-        # Beyond the queued ones: the batch the caller holds, one whose "free" is on its way, and REORDER_SLOTS
+        # Beyond the queued ones: the batch the caller holds, one freed but not yet handed back, and REORDER_SLOTS
         # for batches of a worker's run that wait (in order) behind another worker's run (see _dispatch)
         self.slots = self.per_worker + 2 + REORDER_SLOTS if shm.available() else 0
         slots = self.slots
         self._freed: deque = deque()  # (worker, slot) whose batch the caller no longer holds: to hand back
+        self._unsent: list[list[int]] = [[] for _ in range(num_workers)]  # freed slots, sent with the next task
         token = f"{main_pid}-{os.urandom(4).hex()}"  # this pool's slot files: mmloader-<token>-<worker>-...
         self.readers: list[shm.SlotReader] = []
         # shuffled batches split by storage affinity across the workers (mmloader.shared_batch), when the set says
@@ -596,11 +605,12 @@ class _WorkerPool:
         self._learn(buffer[k])
 
     def _hand_back_slots(self) -> None:
-        """Tell the workers which of their slots are free again (the batches there are no longer referenced)."""
+        """Note which of the workers' slots are free again (the batches there are no longer referenced), to go with
+        each worker's next task: a worker needs a slot only for a task, and one message a batch wakes it once."""
         while self._freed:
             i, slot = self._freed.popleft()
-            if i < len(self.tasks):
-                self._send_control(i, ("free", slot))  # a worker that is gone took its slots with it
+            if i < len(self._unsent):
+                self._unsent[i].append(slot)
 
     def _receive(self, buffer: dict, timeout: float) -> int:
         """Waits up to ``timeout`` s; takes what has come back; returns how many messages that was."""
@@ -653,9 +663,11 @@ class _WorkerPool:
                 if fd in self._by_fd]
 
     def _send(self, i: int, task: tuple, entry: tuple | None = None) -> None:
-        """Hand ``task`` = (batch number, indices, run) to worker ``i`` (``entry``: what it is in flight as, when
-        ``task`` is not of that form: ``(batch number, indices)``)."""
+        """Hand ``task`` = (batch number, indices, run) to worker ``i``, with the slots it got back since its last
+        task (``entry``: what a task of another form is in flight as: ``(batch number, indices)``)."""
         self.inflight[i].append(task[:2] if entry is None else entry)
+        if entry is None:
+            task, self._unsent[i] = (*task, tuple(self._unsent[i])), []
         try:
             self._guarded(i, "taking its next task", self.tasks[i].send, task)
         except (OSError, EOFError):
@@ -678,7 +690,7 @@ class _WorkerPool:
             waiting = [0] * len(self.procs)
             for j in buffer or ():
                 waiting[(j // block) % len(self.procs)] += 1
-            cap = self.slots - 2 if self.slots else None  # the caller's batch and one "free" on its way
+            cap = self.slots - 2 if self.slots else None  # the caller's batch and one freed after this task
             for i, mine in enumerate(todo):
                 while mine and mine[0][0] < limit and len(self.inflight[i]) < self.per_worker and \
                         (cap is None or len(self.inflight[i]) + waiting[i] < cap):
@@ -739,8 +751,8 @@ class _WorkerPool:
         queues: list[deque] = [deque() for _ in self.procs]
         for start in range(0, len(batches), block):
             run = [i for b in batches[start: start + block] for i in b]
-            for k in range(start, min(start + block, len(batches))):
-                queues[(start // block) % len(self.procs)].append((k, batches[k], run))
+            for k in range(start, min(start + block, len(batches))):  # the run itself with its first batch only
+                queues[(start // block) % len(self.procs)].append((k, batches[k], run if k == start else SAME_RUN))
         return queues
 
     def _slots_for(self, block: int) -> None:
