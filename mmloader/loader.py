@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import itertools
 import math
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -750,7 +751,7 @@ class _WorkerPool:
             return deque((k, b, None) for k, b in enumerate(batches))
         queues: list[deque] = [deque() for _ in self.procs]
         for start in range(0, len(batches), block):
-            run = [i for b in batches[start: start + block] for i in b]
+            run = list(itertools.chain.from_iterable(batches[start: start + block]))
             for k in range(start, min(start + block, len(batches))):  # the run itself with its first batch only
                 queues[(start // block) % len(self.procs)].append((k, batches[k], run if k == start else SAME_RUN))
         return queues
@@ -1140,7 +1141,8 @@ class WindowLoader:
             for batch in source:
                 if pin:
                     batch = _pin(batch)
-                self.offset += len(batch["index"])
+                done = batch["index"]
+                self.offset += done.shape[0] if isinstance(done, torch.Tensor) else len(done)  # (Tensor.__len__: slow)
                 yield batch
             finished = True
             self.set_epoch(self.epoch + 1)

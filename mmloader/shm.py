@@ -22,8 +22,7 @@ import mmap
 import os
 import weakref
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -38,9 +37,9 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """Where a tensor of a batch lies in its slot: byte ``offset``, dtype name (``"float32"``) and shape."""
+class TensorRef(NamedTuple):
+    """Where a tensor of a batch lies in its slot: byte ``offset``, dtype name (``"float32"``) and shape. (A named
+    tuple: made, pickled and read back per tensor of every batch, it costs a fraction of a dataclass.)"""
 
     offset: int
     dtype: str
@@ -48,6 +47,9 @@ class TensorRef:
 
 
 _CONTAINERS = (torch.Tensor, TensorRef, dict, list, tuple)
+_DTYPE_NAMES = {d: str(d).rsplit(".", 1)[-1] for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                                       torch.int64, torch.int32, torch.int16, torch.int8,
+                                                       torch.uint8, torch.bool)}
 
 
 def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
@@ -63,6 +65,19 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_walk(v, leaf) for v in obj)
     return obj
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` (not a tensor) holds no tensor that ``_walk`` would reach: then a batch dict of tensors and
+    such values is *flat*, and its tensors are found (and put back) without walking it."""
+    if isinstance(obj, (dict, TensorRef)) or (isinstance(obj, tuple) and not hasattr(obj, "_fields")):
+        return False
+    return not isinstance(obj, list) or not any(issubclass(t, _CONTAINERS) for t in set(map(type, obj)))
+
+
+def _flat(batch: Any) -> bool:
+    """Whether ``batch`` is a dict whose values are tensors (or TensorRefs) and plain values only (``_plain``)."""
+    return type(batch) is dict and all(isinstance(v, (torch.Tensor, TensorRef)) or _plain(v) for v in batch.values())
 
 
 def create_mapped(path: str, nbytes: int) -> mmap.mmap:
@@ -110,6 +125,7 @@ def _close(mm: mmap.mmap) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=None)
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -173,9 +189,25 @@ class SlotWriter:
         off = t.data_ptr() - self._base[slot]
         return off if 0 <= off and off + t.numel() * t.element_size() <= len(mm) else None
 
-    def write(self, slot: int, batch: Any) -> tuple[str | None, Any]:
+    def write(self, slot: int, batch: Any) -> tuple[str | None, tuple[int, Any]]:
+        """Put ``batch``'s tensors in ``slot`` (those read into it through ``arena`` stay where they are) →
+        ``(new file or None, layout)``; ``layout`` = (bytes used, the batch with each tensor replaced by its
+        ``TensorRef``), for ``SlotReader.read``."""
+        flat = _flat(batch)
         items: list[torch.Tensor] = []
-        _walk(batch, lambda t: items.append(t) or t)
+        if flat:
+            items = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+        else:
+            _walk(batch, lambda t: items.append(t) or t)
+        refs, used = self._place(slot, items)
+        it = iter(refs)
+        tree = ({k: next(it) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} if flat
+                else _walk(batch, lambda t: next(it)))
+        return self.new_paths.pop(slot, None), (used, tree)
+
+    def _place(self, slot: int, items: list[torch.Tensor]) -> tuple[list[TensorRef], int]:
+        """Where ``items`` lie in ``slot`` (copied there unless read there already; the slot grown when they do not
+        fit, every one copied then) and the bytes they span."""
         offs = [self._inside(slot, t) for t in items]
         size = [-(-(t.numel() * t.element_size()) // ALIGN) * ALIGN for t in items]
         end = max((off + n for off, n in zip(offs, size) if off is not None), default=0)
@@ -185,16 +217,16 @@ class SlotWriter:
             offs, end = [None] * len(items), 0
             self._map(slot, max(sum(size), 1))
             mm = self._maps[slot]
-        refs = []
+        refs, used = [], 0
         for t, off in zip(items, offs):
             if off is None:  # not read into the slot: copy its bytes there
                 raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 if raw.size:
                     np.copyto(np.frombuffer(mm, dtype=np.uint8, count=raw.size, offset=end), raw)
                 off, end = end, -(-(end + raw.size) // ALIGN) * ALIGN
-            refs.append(TensorRef(off, str(t.dtype).rsplit(".", 1)[-1], tuple(t.shape)))
-        it = iter(refs)
-        return self.new_paths.pop(slot, None), _walk(batch, lambda t: next(it))
+            refs.append(TensorRef(off, _DTYPE_NAMES.get(t.dtype) or str(t.dtype).rsplit(".", 1)[-1], tuple(t.shape)))
+            used = max(used, off + t.numel() * t.element_size())
+        return refs, used
 
     def close(self) -> None:
         """Unmap the slots and remove any of this worker's files the main process did not take."""
@@ -251,26 +283,28 @@ class SlotReader:
             self._maps[slot] = mm
         return self._maps[slot]
 
-    def read(self, slot: int, path: str | None, tree: Any, release: Callable[[], None]) -> Any:
+    def read(self, slot: int, path: str | None, layout: tuple[int, Any], release: Callable[[], None]) -> Any:
+        """The batch of ``layout`` (``SlotWriter.write``'s), its tensors viewing ``slot`` (mapped from ``path``
+        when that is a new file); ``release()`` once none of them (or their views) is referenced any more."""
         mm = self._mapped(slot, path)
-        refs: list[TensorRef] = []
-        _walk(tree, lambda r: refs.append(r) or r)
-        sizes = [math.prod(r.shape) * _itemsize(r.dtype) for r in refs]
-        used = max((r.offset + n for r, n in zip(refs, sizes)), default=0)
+        used, tree = layout
         if used == 0:
             release()
             return _walk(tree, lambda r: torch.empty(r.shape, dtype=_dtype(r.dtype)))
+        if used > len(mm):
+            raise ValueError(f"a batch said to span {used} bytes of shared-memory slot {slot}, which has {len(mm)}")
         base = np.frombuffer(mm, dtype=np.uint8, count=used)  # every tensor below is a view of this array
         weakref.finalize(base, release)
-        size = dict(zip((id(r) for r in refs), sizes))
 
         def view(ref: TensorRef) -> torch.Tensor:
             dtype = _dtype(ref.dtype)
-            n = size[id(ref)]
+            n = math.prod(ref.shape) * _itemsize(ref.dtype)
             if n == 0:
                 return torch.empty(ref.shape, dtype=dtype)
             return torch.from_numpy(base[ref.offset:ref.offset + n]).view(dtype).reshape(ref.shape)
 
+        if _flat(tree):
+            return {k: view(v) if type(v) is TensorRef else v for k, v in tree.items()}
         return _walk(tree, view)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ owned by the receiver, and no file left in /dev/shm, even when a worker is kille
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import time
@@ -163,7 +164,11 @@ def test_arrays_read_straight_into_a_slot_are_sent_without_a_copy():
         mask[...] = np.arange(40).reshape(4, 10) % 3 == 0
         batch = {"x": torch.from_numpy(data), "x_mask": torch.from_numpy(mask), "index": torch.arange(4), "id": ["a"] * 4}
         path, layout = writer.write(0, batch)
-        assert layout["x"].offset == 0 and layout["x_mask"].offset >= data.nbytes  # where the arena put them
+        used, refs = layout
+        assert refs["x"].offset == 0 and refs["x_mask"].offset >= data.nbytes  # where the arena put them
+        assert used == max(r.offset + math.prod(r.shape) * b.element_size()  # the bytes the batch spans
+                           for r, b in ((refs[k], batch[k]) for k in ("x", "x_mask", "index")))
+        assert refs["id"] == ["a"] * 4  # a flat batch: its plain values as they are
         out = reader.read(0, path, layout, lambda: None)
         for key in ("x", "x_mask", "index"):
             assert torch.equal(out[key], batch[key]), key
@@ -252,3 +257,19 @@ def test_runs_waiting_for_their_turn_do_not_hold_workers_back(workers, block):
     n = workers * block * 6
     took = _dispatch_time(workers, n, block)
     assert took <= n / workers + block, (took, n / workers)
+
+
+def test_a_layout_past_the_end_of_its_slot_is_refused():
+    """A layout that says the batch spans more bytes than the slot holds (a corrupt or mismatched message) raises,
+    naming the slot, instead of handing out tensors that read past the mapping."""
+    writer, reader = shm.SlotWriter(1, "test-past"), shm.SlotReader("test-past")
+    try:
+        path, (used, tree) = writer.write(0, {"x": torch.arange(10.0), "id": ["a"] * 10})
+        with pytest.raises(ValueError, match="slot 0"):
+            reader.read(0, path, (used + (64 << 20), tree), lambda: None)
+        out = reader.read(0, None, (used, tree), lambda: None)  # the true layout still reads
+        assert torch.equal(out["x"], torch.arange(10.0)) and out["id"] == ["a"] * 10
+    finally:
+        writer.close()
+        reader.close()
+    assert _files("test-past") == []
