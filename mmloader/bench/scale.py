@@ -16,10 +16,12 @@ float32 channels at ``--hz`` (regular timestamps, Gaussian noise; one recording 
   first-batch latency and ratio to the bound of the same order; the later epochs' windows/s (warm) and ratio; the
   speed-up of each worker count over 0 workers, first and later epochs. ``block`` is skipped, with a note, when the loader
   does not accept ``shuffle="block"``.
-- ``parallel``: the bound for workers, per order and worker count ``W`` of ``--workers`` (and 1): ``W``
-  independent processes, each reading its own contiguous ``1/W`` of the windows at 0 workers, started together
-  (``parallel_bound``); ``parallel_speedup``: ``W`` processes' windows/s ÷ one process's, the most ``W`` workers
-  could give here (shared memory bandwidth and caches), to set beside ``speedup_over_0_workers``.
+- ``parallel``: the bound for workers, per loader order and worker count ``W >= 1`` of ``--workers``: ``W``
+  independent processes, each reading its own contiguous ``1/W`` of the windows at 0 workers, each epoch started
+  together, taking their turns in the loader case's rounds (``parallel_bound``); ``parallel_speedup``: their
+  windows/s ÷ the 0-worker loader's, the most ``W`` workers could give here (shared memory bandwidth and caches);
+  ``workers_of_parallel_bound``: ``W`` workers' windows/s ÷ ``W`` processes' (medians of the rounds' ratios; at
+  ``W = 1``, what the pool itself costs, with no process competing for a core).
 - ``cache``: the windows plus a deterministic 512-float ``video_emb`` (what ``imu2clip train`` reads from its
   embedding cache) cached eagerly (build time), then ``--loader-epochs`` shuffled (and block-shuffled) epochs at
   0 workers: the first (every shard and chunk file opened for the first time in the process) and the later ones.
@@ -152,6 +154,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError("--loader-epochs and --loader-rounds must be >= 1")
     if "rss" in cases and args.epochs_rss < 2:
         raise BenchError("--epochs-rss must be >= 2 (growth is measured from the first epoch to the last)")
+    if "parallel" in cases and not {"ordered", "shuffled", "block"} & set(cases):
+        raise BenchError("--only parallel: the parallel bound runs in the rounds of a loader case; add ordered, "
+                         "shuffled or block")
     args.cases = [c for c in CASES if c in cases]
     return args
 
@@ -338,7 +343,8 @@ def block_support(ws: Any) -> str | None:
     return None
 
 
-def loader_cases(ws: Any, args: argparse.Namespace, case: str, bound: dict | None, log: Log) -> list[dict[str, Any]]:
+def loader_cases(ws: Any, args: argparse.Namespace, case: str, bound: dict | None,
+                 log: Log) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The loaders of ``ws`` in order ``case``, one per ``--workers`` count (persistent workers), over
     ``--loader-epochs`` whole epochs (of ``--max-windows`` windows spread over the index, when given), in
     ``--loader-rounds`` rounds. In a round every worker count has a fresh loader and they take turns epoch by epoch,
@@ -346,33 +352,109 @@ def loader_cases(ws: Any, args: argparse.Namespace, case: str, bound: dict | Non
     alike. Per worker count: the first epoch's windows/s (cold: start-up and every chunk decoded for the first
     time; ``windows_per_s``, ``first_batch_s``, ``ratio``) and the later epochs' (warm; ``later_windows_per_s``,
     ``ratio_later``), medians over rounds, each round's in ``rounds``. Each loader reads a copy of ``ws`` as a worker
-    gets it (pickled: no decoded chunks), so 0 workers starts as cold as workers do."""
+    gets it (pickled: no decoded chunks), so 0 workers starts as cold as workers do. With the ``parallel`` case,
+    a team of ``W`` independent processes (``_Team``) per worker count ``W >= 1`` takes its turns in the same
+    rounds: → (loader results, team results)."""
     sub = _spread(ws, args.max_windows, args.seed)
+    teams = sorted({w for w in args.workers if w >= 1}) if "parallel" in args.cases else []
     per: dict[int, list[tuple[list[tuple[int, float]], float]]] = {w: [] for w in args.workers}
+    per_team: dict[int, list[tuple[list[tuple[int, float]], float]]] = {p: [] for p in teams}
     for r in range(args.loader_rounds):
-        log(f"loader: {case}, round {r + 1} of {args.loader_rounds}: workers {args.workers} taking turns over "
-            f"{args.loader_epochs} epochs of {len(sub)} windows")
+        log(f"loader: {case}, round {r + 1} of {args.loader_rounds}: workers {args.workers}"
+            f"{f' and {teams} independent processes' if teams else ''} taking turns over {args.loader_epochs} "
+            f"epochs of {len(sub)} windows")
         loaders = {w: pickle.loads(pickle.dumps(sub, protocol=pickle.HIGHEST_PROTOCOL)).loader(
             batch_size=args.batch_size, shuffle=ORDERS[case], seed=args.seed, num_workers=w, persistent_workers=True)
             for w in args.workers}
         got: dict[int, list[tuple[int, float]]] = {w: [] for w in args.workers}
+        got_team: dict[int, list[tuple[int, float]]] = {p: [] for p in teams}
         first: dict[int, float] = {}
+        started: dict[int, _Team] = {}
         try:
+            for p in teams:
+                started[p] = _Team(sub, p, args, case)
             for _ in range(args.loader_epochs):
                 for w, loader in loaders.items():
                     n, seconds, latency = _one_epoch(loader)
                     got[w].append((n, seconds))
                     first.setdefault(w, latency)
+                for p, team in started.items():
+                    got_team[p].append(team.epoch())
         finally:
             for loader in loaders.values():
                 loader.close()
+            for team in started.values():
+                team.close()
         for w in args.workers:
             per[w].append((got[w], first[w]))
-    return [_loader_result(case, w, len(sub), per[w], bound, log) for w in args.workers]
+        for p in teams:
+            per_team[p].append((got_team[p], 0.0))
+    loaders_out = [_loader_result(case, w, len(sub), per[w], bound, log) for w in args.workers]
+    teams_out = []
+    for p in teams:
+        t = _loader_result(case, p, len(sub), per_team[p], bound, log, what="independent processes")
+        t["processes"] = t.pop("workers")
+        t.pop("first_batch_s")
+        teams_out.append(t)
+    return loaders_out, teams_out
+
+
+def _team_member(part: Any, spec: dict[str, Any], commands: Any, out: Any) -> None:
+    """In a process of its own: a loader of ``part`` at 0 workers; one epoch per command, ``(windows, seconds)``
+    put on ``out``; ``None``: stop."""
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+    loader = part.loader(batch_size=spec["batch_size"], shuffle=spec["shuffle"], seed=spec["seed"], num_workers=0)
+    out.put("ready")
+    while commands.get() is not None:
+        n, seconds, _ = _one_epoch(loader)
+        out.put((n, seconds))
+
+
+class _Team:
+    """The bound for ``procs`` workers: ``procs`` independent processes, each reading its own contiguous
+    ``1/procs`` of the windows at 0 workers (no loader between them: no dispatch, no shared memory, no main
+    process). ``epoch()`` starts an epoch in all of them at once → (all their windows, seconds until the last
+    is done, as this process saw it). What the machine gives ``procs`` processes doing this work side by side
+    (memory bandwidth and caches are shared), measured in turn with the loaders."""
+
+    def __init__(self, sub: Any, procs: int, args: argparse.Namespace, case: str):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        spec = {"batch_size": args.batch_size, "shuffle": ORDERS[case], "seed": args.seed}
+        bounds = np.linspace(0, len(sub), procs + 1).astype(int)
+        at = np.arange(len(sub))
+        self.commands = [ctx.Queue() for _ in range(procs)]
+        self.out = ctx.Queue()
+        self.procs = [ctx.Process(target=_team_member, daemon=True, args=(sub.filter((at >= a) & (at < b)), spec,
+                                                                          cmd, self.out))
+                      for (a, b), cmd in zip(zip(bounds[:-1], bounds[1:]), self.commands)]
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            if self.out.get(timeout=3600) != "ready":
+                raise BenchError("a process of the parallel bound did not start")
+
+    def epoch(self) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        for cmd in self.commands:
+            cmd.put("epoch")
+        parts = [self.out.get(timeout=3600) for _ in self.procs]
+        return sum(n for n, _ in parts), time.perf_counter() - t0
+
+    def close(self) -> None:
+        for cmd in self.commands:
+            cmd.put(None)
+        for p in self.procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
 
 
 def _loader_result(case: str, workers: int, n: int, rounds: list[tuple[list[tuple[int, float]], float]],
-                   bound: dict | None, log: Log) -> dict[str, Any]:
+                   bound: dict | None, log: Log, what: str = "workers") -> dict[str, Any]:
     """One worker count's rounds (each: its epochs' ``(windows, seconds)`` and first-batch latency), summarized."""
     firsts, laters, per_round = [], [], []
     for epochs, latency in rounds:
@@ -390,7 +472,7 @@ def _loader_result(case: str, workers: int, n: int, rounds: list[tuple[list[tupl
            "windows_per_s": first, "first_batch_s": round(float(np.median([r["first_batch_s"] for r in per_round])), 3),
            "ratio": ratio(first, b), "per_epoch_windows_per_s": [round(float(v), 1) for v in per_epoch],
            "later_windows_per_s": warm, "ratio_later": ratio(warm, b) if warm else None}
-    log(f"  {case}, {workers} workers: first epoch {first} windows/s (rounds {firsts}); later epochs {warm} "
+    log(f"  {case}, {workers} {what}: first epoch {first} windows/s (rounds {firsts}); later epochs {warm} "
         f"(rounds {laters})")
     return out
 
@@ -407,65 +489,35 @@ def worker_start_case(ws: Any, args: argparse.Namespace, log: Log) -> dict[str, 
     return {"forkserver_and_first_batch_s": round(t.seconds, 3)}
 
 
-def _read_part(part: Any, args: dict[str, Any], barrier: Any, out: Any) -> None:
-    """In a process of its own: ``epochs`` epochs of ``part`` at 0 workers, started with the others (``barrier``);
-    puts ``[(windows, seconds), ...]`` on ``out``."""
-    import torch as _torch
-
-    _torch.set_num_threads(1)
-    loader = part.loader(batch_size=args["batch_size"], shuffle=args["shuffle"], seed=args["seed"], num_workers=0)
-    barrier.wait()
-    out.put(_epochs(loader, args["epochs"])[0])
-
-
-def parallel_case(ws: Any, args: argparse.Namespace, case: str, procs: int, log: Log) -> dict[str, Any]:
-    """The bound for ``procs`` workers: ``procs`` independent processes, each reading its own contiguous
-    ``1/procs`` of the windows at 0 workers (no loader between them: no dispatch, no shared memory, no main
-    process), all started together; per epoch, all their windows over the slowest one's seconds. What the machine
-    gives ``procs`` processes doing this work side by side (memory bandwidth and caches are shared)."""
-    import multiprocessing as mp
-
-    sub = _spread(ws, args.max_windows, args.seed)
-    ctx = mp.get_context("forkserver")
-    barrier, out = ctx.Barrier(procs), ctx.Queue()
-    spec = {"batch_size": args.batch_size, "shuffle": ORDERS[case], "seed": args.seed, "epochs": args.loader_epochs}
-    bounds = np.linspace(0, len(sub), procs + 1).astype(int)
-    ps = [ctx.Process(target=_read_part, args=(sub.filter((np.arange(len(sub)) >= a) & (np.arange(len(sub)) < b)),
-                                               spec, barrier, out)) for a, b in zip(bounds[:-1], bounds[1:])]
-    for p in ps:
-        p.start()
-    parts = [out.get(timeout=3600) for _ in ps]
-    for p in ps:
-        p.join()
-    per_epoch = [round(sum(p[e][0] for p in parts) / max(p[e][1] for p in parts), 1) for e in range(len(parts[0]))]
-    later = per_epoch[1:]
-    r = {"order": case, "processes": procs, "per_epoch_windows_per_s": per_epoch, "windows_per_s": per_epoch[0],
-         "later_windows_per_s": round(float(np.mean(later)), 1) if later else None}
-    log(f"parallel bound: {case}, {procs} independent processes: first epoch {r['windows_per_s']} windows/s, later "
-        f"{r['later_windows_per_s']}")
-    return r
-
-
-def speedups(runs: list[dict[str, Any]], count: str = "workers", base: int = 0,
-             tag: str = "w") -> dict[str, dict[str, float | None]]:
-    """Per order and ``count`` (worker count; ``"processes"`` for the parallel bound) other than ``base``: its
-    windows/s ÷ those of ``base`` (0 workers; one process), first epoch and later epochs. Loader cases run in
-    rounds: the median of each round's ratio (the two loaders took turns within a round), each in ``*_rounds``."""
-    out: dict[str, dict[str, float | None]] = {}
-    ref = {r["order"]: r for r in runs if r[count] == base}
-    for r in runs:
-        z = ref.get(r["order"])
-        if r[count] == base or z is None:
-            continue
-        pairs = list(zip(r.get("rounds") or [r], z.get("rounds") or [z]))  # loader cases: each round's own ratio
-        sp: dict[str, Any] = {}
-        for name, key in (("first_epoch", "windows_per_s"), ("later_epochs", "later_windows_per_s")):
-            each = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
-            sp[name] = round(float(np.median(each)), 3) if each else None
-            if len(pairs) > 1:
-                sp[f"{name}_rounds"] = [round(v, 3) for v in each]
-        out[f"{r['order']}_{tag}{r[count]}"] = sp
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a``'s windows/s ÷ ``b``'s, first epoch and later epochs. Cases that ran in rounds (taking turns within
+    each): the median of each round's own ratio, each in ``*_rounds``."""
+    pairs = list(zip(a.get("rounds") or [a], b.get("rounds") or [b]))
+    out: dict[str, Any] = {}
+    for name, key in (("first_epoch", "windows_per_s"), ("later_epochs", "later_windows_per_s")):
+        each = [x[key] / y[key] for x, y in pairs if x.get(key) and y.get(key)]
+        out[name] = round(float(np.median(each)), 3) if each else None
+        if len(pairs) > 1:
+            out[f"{name}_rounds"] = [round(v, 3) for v in each]
     return out
+
+
+def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per order and worker count but 0: its windows/s over 0 workers' (``round_ratios``)."""
+    zero = {r["order"]: r for r in runs if r["workers"] == 0}
+    return {f"{r['order']}_w{r['workers']}": round_ratios(r, zero[r["order"]])
+            for r in runs if r["workers"] and r["order"] in zero}
+
+
+def parallel_speedups(teams: list[dict[str, Any]], loaders: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """(``W`` independent processes over one — the 0-worker loader of the same rounds —: the most ``W`` workers
+    could give; ``W`` workers over ``W`` processes: how much of that they do give), per order and ``W``."""
+    zero = {r["order"]: r for r in loaders if r["workers"] == 0}
+    by = {(r["order"], r["workers"]): r for r in loaders}
+    over_one = {f"{t['order']}_p{t['processes']}": round_ratios(t, zero[t["order"]]) for t in teams if t["order"] in zero}
+    of_bound = {f"{t['order']}_w{t['processes']}": round_ratios(by[(t["order"], t["processes"])], t)
+                for t in teams if (t["order"], t["processes"]) in by}
+    return over_one, of_bound
 
 
 # -- the cache: IMU + a video embedding per window, as imu2clip train reads -----------------------------------------
@@ -654,13 +706,13 @@ def run_scale(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         orders = _orders(ws, args, result["notes"], log)
         result["worker_start"] = worker_start_case(ws, args, log) if any(w > 0 for w in args.workers) else None
         result["bound"] = bound_case(ws, args, orders, log) if "bound" in args.cases else None
-        result["loader"] = [r for case in orders if case in args.cases
-                            for r in loader_cases(ws, args, case, result["bound"], log)]
+        runs = [loader_cases(ws, args, case, result["bound"], log) for case in orders if case in args.cases]
+        result["loader"] = [r for loaders, _ in runs for r in loaders]
         result["speedup_over_0_workers"] = speedups(result["loader"])
         if "parallel" in args.cases:
-            result["parallel_bound"] = [parallel_case(ws, args, case, p, log) for case in orders
-                                        if case in args.cases for p in sorted({1, *args.workers} - {0})]
-            result["parallel_speedup"] = speedups(result["parallel_bound"], "processes", 1, "p")
+            result["parallel_bound"] = [t for _, teams in runs for t in teams]
+            result["parallel_speedup"], result["workers_of_parallel_bound"] = parallel_speedups(
+                result["parallel_bound"], result["loader"])
         if "cache" in args.cases:
             with tempfile.TemporaryDirectory(prefix="cache-", dir=work) as tmp:
                 cache_orders = {c: s for c, s in orders.items() if c != "ordered"}
@@ -718,8 +770,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"speedup  {case} over 0 workers: first epoch {sp['first_epoch']}x, later epochs "
                      f"{sp['later_epochs']}x{each}")
     for case, sp in (result.get("parallel_speedup") or {}).items():
-        lines.append(f"bound    {case} independent processes over one: first epoch {sp['first_epoch']}x, later "
-                     f"epochs {sp['later_epochs']}x")
+        lines.append(f"bound    {case} independent processes over 0 workers: first epoch {sp['first_epoch']}x, "
+                     f"later epochs {sp['later_epochs']}x")
+    for case, sp in (result.get("workers_of_parallel_bound") or {}).items():
+        each = (f" (rounds: first {sp['first_epoch_rounds']}, later {sp.get('later_epochs_rounds')})"
+                if "first_epoch_rounds" in sp else "")
+        lines.append(f"of bound {case} over as many independent processes: first epoch {sp['first_epoch']}, later "
+                     f"epochs {sp['later_epochs']}{each}")
     c = result.get("cache")
     if c:
         lines.append(f"cache    {c['windows']} windows built eagerly in {c['build_s']} s "

@@ -56,6 +56,7 @@ def test_scale_smoke(tmp_path):
     (["--scale", "--only", "index,nope"], "unknown case(s) ['nope']"),
     (["--scale", "--seconds", "2"], "--seconds (2) must be >= --sec (5)"),
     (["--scale", "--epochs-rss", "1"], "--epochs-rss must be >= 2"),
+    (["--scale", "--only", "index,parallel"], "--only parallel: the parallel bound runs in the rounds of a loader case"),
     (["--scale", "--synthetic"], "give no STORE and no --synthetic"),
     (["--scale", "--frames", "4"], "--frames: video benchmark option(s)"),
     (["--synthetic", "--recordings", "5"], "--recordings: option(s) of --scale only"),
@@ -102,3 +103,30 @@ def test_scale_loader_rounds_take_turns_and_speedups_are_medians_of_their_ratios
     assert sp["first_epoch_rounds"] == [round(v, 3) for v in each]
     assert sp["first_epoch"] == round(statistics.median(each), 3)
     assert "round 3 of 3" in r.stderr and "median of rounds" in r.stderr
+
+
+def test_scale_parallel_bound_takes_turns_in_the_loader_rounds():
+    """``parallel`` with ``--workers 0 2``: a team of 2 independent processes takes its turn in each round of the
+    loader case (fresh each round, every epoch of all its processes started together); its speed-up over the
+    0-worker loader and the 2-worker loader's share of it are the medians of the rounds' own ratios."""
+    import statistics
+
+    r = subprocess.run([sys.executable, "-m", "mmloader.cli", "bench", "--scale", "--smoke", "--only",
+                        "shuffled,parallel", "--workers", "0", "2", "--loader-rounds", "2", "--recordings", "6"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    zero, two = out["loader"]
+    team, = out["parallel_bound"]
+    assert team["processes"] == 2 and team["order"] == "shuffled" and team["windows"] == zero["windows"]
+    assert len(team["rounds"]) == 2
+    assert all(len(x["per_epoch_windows_per_s"]) == SMOKE["loader_epochs"] and min(x["per_epoch_windows_per_s"]) > 0
+               for x in team["rounds"])
+    assert team["windows_per_s"] == round(statistics.median(x["windows_per_s"] for x in team["rounds"]), 1)
+    for key, (a, b) in (("parallel_speedup", (team, zero)), ("workers_of_parallel_bound", (two, team))):
+        got = out[key]["shuffled_p2" if key == "parallel_speedup" else "shuffled_w2"]
+        each = [x["later_windows_per_s"] / y["later_windows_per_s"] for x, y in zip(a["rounds"], b["rounds"])]
+        assert got["later_epochs_rounds"] == [round(v, 3) for v in each]
+        assert got["later_epochs"] == round(statistics.median(each), 3)
+    assert "and [2] independent processes taking turns" in r.stderr
+    assert "of bound shuffled_w2 over as many independent processes" in r.stderr
