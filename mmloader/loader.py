@@ -262,9 +262,9 @@ def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tupl
     _, k, indices, positions, size, slot, gen, placed = msg
     try:
         if slot is None:  # the batch's layout is not known yet: the whole part comes back pickled
-            return ("part", k, shared_batch.inline(fetch(indices, None)))
+            return ("part", k, shared_batch.to_wire(shared_batch.inline(fetch(indices, None))))
         batch = fetch.part(indices, positions, size, parts.alloc(slot, gen, placed))
-        return ("part", k, parts.write(batch, positions, size, slot, gen, placed))
+        return ("part", k, shared_batch.to_wire(parts.write(batch, positions, size, slot, gen, placed)))
     except Exception as e:
         return ("err", k, _pack_error(e))
 
@@ -569,7 +569,7 @@ class _WorkerPool:
             _, _, slot, path, layout = msg
             buffer[k] = self.readers[i].read(slot, path, layout, functools.partial(self._freed.append, (i, slot)))
         elif kind == "part":
-            self._take_part(i, k, msg[2], buffer)
+            self._take_part(i, k, shared_batch.from_wire(msg[2]), buffer)
             return
         else:
             where = f"loader worker {i} (pid {self.procs[i].pid}) while reading batch {k} of this pass (windows {idx})"
@@ -743,7 +743,7 @@ class _WorkerPool:
         self.assembling[k] = _Assembly(len(indices), slot, placed, {i: parts[i] for i in busy})
         for i in busy:
             mine = arr[parts[i]].tolist()
-            self._send(i, ("part", k, mine, parts[i], len(indices), slot, gen, placed), entry=(k, mine))
+            self._send(i, ("part", k, mine, parts[i].tolist(), len(indices), slot, gen, placed), entry=(k, mine))
         return True
 
     def _tasks(self, batches: Sequence[list[int]], block: int) -> deque | list[deque]:

@@ -184,6 +184,38 @@ def inline(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_IN_SLOT, _ARRAY, _VALUE = 0, 1, 2  # how a part's values travel (``to_wire``)
+
+
+def to_wire(part: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple, ...]]:
+    """``part`` (``PartWriter.write`` / ``inline``) as builtins only — keys, and per value ``(0,)`` in the slot,
+    ``(1, dtype, shape, bytes)`` a numpy array, ``(2, value)`` anything else —: no class to look up when unpickled
+    (numpy arrays and ``IN_SLOT`` markers cost the main process more to unpickle than the rest of a batch)."""
+    values = []
+    for v in part.values():
+        if isinstance(v, InSlot):
+            values.append((_IN_SLOT,))
+        elif isinstance(v, np.ndarray) and not v.dtype.hasobject:
+            values.append((_ARRAY, v.dtype.str, v.shape, v.tobytes()))
+        else:
+            values.append((_VALUE, v))
+    return tuple(part), tuple(values)
+
+
+def from_wire(wire: tuple[tuple[str, ...], tuple[tuple, ...]]) -> dict[str, Any]:
+    """The part that ``to_wire`` sent (its arrays read-only views of the bytes received)."""
+    keys, values = wire
+    out: dict[str, Any] = {}
+    for key, v in zip(keys, values):
+        if v[0] == _IN_SLOT:
+            out[key] = IN_SLOT
+        elif v[0] == _ARRAY:
+            out[key] = np.frombuffer(v[3], dtype=np.dtype(v[1])).reshape(v[2])
+        else:
+            out[key] = v[1]
+    return out
+
+
 def _name(dtype: Any) -> str:
     """The torch name (``"float32"``) of a torch or numpy dtype."""
     if not isinstance(dtype, torch.dtype):
