@@ -225,3 +225,57 @@ def test_parts_travel_as_builtins_and_come_back_equal():
     objects = {"x": np.array([{"k": 1}, None], dtype=object)}
     again = sb.from_wire(pickle.loads(pickle.dumps(sb.to_wire(objects))))
     assert again["x"].dtype == object and again["x"][0] == {"k": 1} and again["x"][1] is None
+
+
+class _IndexFields(Wrapped):
+    """``Wrapped`` with ``index_fields_batch``: the set's own (``shift=0``) or with every ``t0`` moved (a set
+    whose index disagrees with what it reads)."""
+
+    def __init__(self, ws, shift: float = 0.0):
+        super().__init__(ws)
+        self.shift = shift
+
+    def index_fields_batch(self, indices):
+        fields = self.ws.index_fields_batch(indices)
+        fields["t0"] = fields["t0"] + self.shift
+        return fields
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_per_window_values_come_from_the_index_only_when_it_agrees(imu_windows, shift):
+    """A set with ``index_fields_batch``: checked against the first split batch; when it gives that batch's ids
+    and times exactly, later parts leave them out and the main process takes them from the index; when it does
+    not (``shift``), the parts keep carrying them. Either way the batches are those of 0 workers, bit for bit."""
+    from mmloader.loader import WindowLoader
+
+    ref = list(imu_windows.loader(batch_size=24, shuffle=True, seed=5, num_workers=0, drop_last=True))
+    loader = WindowLoader(_IndexFields(imu_windows, shift), batch_size=24, shuffle=True, seed=5, num_workers=2,
+                          drop_last=True)
+    try:
+        for epoch in range(2):
+            got = list(loader)
+            if epoch == 0:
+                assert_batches(got, ref, f"index fields shifted by {shift}")
+            del got
+        pool = loader._pool
+        assert pool is not None and pool.layout is not None
+        if shift:
+            assert pool.from_index == ()
+        else:
+            assert pool.from_index == ("recording_id", "t0", "t1", "index")
+            assert pool.batch_keys == tuple(ref[0])
+    finally:
+        loader.close()
+
+
+def test_fields_from_the_index_must_make_up_the_batch():
+    merged = {"imu": torch.zeros(2, 3)}
+    fields = {"recording_id": ["a", "b"], "t0": torch.zeros(2, dtype=torch.float64)}
+    out = sb.with_fields(merged, fields, ("recording_id", "t0", "imu"))
+    assert list(out) == ["recording_id", "t0", "imu"] and out["imu"] is merged["imu"]
+    with pytest.raises(ValueError, match="do not all have the same keys"):
+        sb.with_fields(merged, fields, ("recording_id", "t0", "imu", "label"))
+    with pytest.raises(ValueError, match="do not all have the same keys"):
+        sb.with_fields({**merged, "t0": torch.ones(2)}, fields, ("recording_id", "t0", "imu"))
+    assert sb.same_values(torch.arange(3), torch.arange(3)) and not sb.same_values(torch.arange(3), torch.arange(3.0))
+    assert not sb.same_values(torch.arange(3), [0, 1, 2]) and sb.same_values(["a"], ["a"])
