@@ -87,15 +87,6 @@ class WorkerError(RuntimeError):
     in native code) or could not hand back its batch. The message names the worker, its pid and the batch."""
 
 
-def _takes(fn: Callable, *names: str) -> bool:
-    """Whether ``fn`` has parameters called ``names``."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(n in params for n in names)
-
-
 class _FetchBatch:
     """Reads the windows of one batch of indices and collates them (runs inside a worker)."""
 
@@ -210,9 +201,8 @@ def _worker_loop(wid: int, main_pid: int, context: str, windows, collate_fn: Cal
     to this worker (``freed slots``) once their batches' tensors are gone (no slot free: the batch is pickled), and
     ``("slots", n)`` gives it ``n`` slots for longer runs. Split batches
     (``mmloader.shared_batch``): ``("map", slot, gen, path)`` maps a slot of the main process (answered with
-    ``("mapped", slot, gen, error or None)``); ``("part", k, indices, positions, size, slot, gen, placed, skip)``
-    reads this worker's part of batch ``k`` into it, answered with ``("part", k, rest of the part)`` (as builtins:
-    ``shared_batch.to_wire``; without the keys ``skip``, which the main process takes from the index)."""
+    ``("mapped", slot, gen, error or None)``); ``("part", k, indices, positions, size, slot, gen, placed)`` reads
+    this worker's part of batch ``k`` into it, answered with ``("part", k, rest of the part)``."""
     _die_with_parent(main_pid, forked_by_server=context == "forkserver")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     torch.set_num_threads(1)
@@ -269,13 +259,12 @@ def _serve_split(fetch: _FetchBatch, parts: "shared_batch.PartWriter", msg: tupl
         except Exception as e:  # the next part that needs this slot fails, naming it
             return ("mapped", slot, gen, _pack_error(e))
         return ("mapped", slot, gen, None)
-    _, k, indices, positions, size, slot, gen, placed, skip = msg
+    _, k, indices, positions, size, slot, gen, placed = msg
     try:
         if slot is None:  # the batch's layout is not known yet: the whole part comes back pickled
             return ("part", k, shared_batch.to_wire(shared_batch.inline(fetch(indices, None))))
         batch = fetch.part(indices, positions, size, parts.alloc(slot, gen, placed))
-        part = parts.write(batch, positions, size, slot, gen, placed)
-        return ("part", k, shared_batch.to_wire({key: v for key, v in part.items() if key not in skip}))
+        return ("part", k, shared_batch.to_wire(parts.write(batch, positions, size, slot, gen, placed)))
     except Exception as e:
         return ("err", k, _pack_error(e))
 
@@ -425,13 +414,11 @@ class _Failure:
 
 
 class _Assembly:
-    """A split batch on its way: its windows, its shared slot and arrays' places, each worker's batch positions,
-    the keys taken from the index, and the parts received so far ``(positions, part)``."""
+    """A split batch on its way: ``n`` windows, its shared slot and arrays' places, each worker's batch positions,
+    and the parts received so far ``(positions, part)``."""
 
-    def __init__(self, indices: list[int], slot: int, placed: list, positions: dict[int, np.ndarray],
-                 from_index: tuple[str, ...]):
-        self.indices, self.n, self.slot, self.placed, self.positions = indices, len(indices), slot, placed, positions
-        self.from_index = from_index  # keys its parts leave out: taken from the set's index here
+    def __init__(self, n: int, slot: int, placed: list, positions: dict[int, np.ndarray]):
+        self.n, self.slot, self.placed, self.positions = n, slot, placed, positions
         self.got: list[tuple[np.ndarray, dict]] = []
 
 
@@ -476,14 +463,6 @@ class _WorkerPool:
                        if num_workers >= 2 and self.slots and collate_fn is collate
                        and callable(getattr(windows, "affinity", None)) and callable(getattr(windows, "read_batch", None))
                        else None)
-        # the per-window values (ids, times) of split batches taken from the set's index here instead of from the
-        # parts, when the set reads parts into their rows and says what those values are (checked on the first
-        # batch: ``_learn``); unpickling and merging them was most of what a split batch cost this process
-        index_fields = getattr(windows, "index_fields_batch", None)
-        self._index_fields = (index_fields if self.shared is not None and callable(index_fields)
-                              and _takes(windows.read_batch, "rows", "size") else None)
-        self.from_index: tuple[str, ...] = ()
-        self.batch_keys: tuple[str, ...] = ()
         try:
             for i in range(num_workers):
                 task_r, task_w = ctx.Pipe(duplex=False)
@@ -597,29 +576,16 @@ class _WorkerPool:
             self.assembling.pop(k, None)  # a split batch fails with its first failed part
             buffer[k] = _Failure(_unpack_error(msg[2], where))
             return
-        self._learn(buffer[k], idx)
+        self._learn(buffer[k])
 
-    def _learn(self, batch: Any, indices: list[int] | None) -> None:
+    def _learn(self, batch: Any) -> None:
         """The layout of split batches, from the first batch that comes back; no layout (nothing big, or not one
-        batch dimension throughout): batches are no longer split. And whether the set's ``index_fields_batch``
-        gives that batch's per-window values exactly: then the workers leave them out of later parts."""
-        if self.shared is None or self.layout is not None:
-            return
-        self.layout = shared_batch.Layout.from_batch(batch)
-        if self.layout is None:
-            self.shared.close()
-            self.shared = None
-            return
-        if self._index_fields is None or indices is None:
-            return
-        try:
-            fields = self._index_fields(indices)
-        except Exception:  # the parts carry the values, as before
-            return
-        arrays = {key for key, _, _ in self.layout.rows}
-        if isinstance(fields, dict) and fields and not arrays & set(fields) and \
-                all(key in batch and shared_batch.same_values(v, batch[key]) for key, v in fields.items()):
-            self.from_index, self.batch_keys = tuple(fields), tuple(batch)
+        batch dimension throughout): batches are no longer split."""
+        if self.shared is not None and self.layout is None:
+            self.layout = shared_batch.Layout.from_batch(batch)
+            if self.layout is None:
+                self.shared.close()
+                self.shared = None
 
     def _take_part(self, i: int, k: int, part: dict, buffer: dict) -> None:
         """Worker ``i``'s part of split batch ``k``; the batch, once every part is in."""
@@ -634,12 +600,10 @@ class _WorkerPool:
         try:
             views = {} if a.slot is None else self.shared.views(a.slot, a.placed)  # type: ignore[union-attr]
             buffer[k] = shared_batch.merge(a.got, a.n, views)
-            if a.from_index:
-                buffer[k] = shared_batch.with_fields(buffer[k], self._index_fields(a.indices), self.batch_keys)
         except Exception as e:
             buffer[k] = _Failure(e)
             return
-        self._learn(buffer[k], a.indices)
+        self._learn(buffer[k])
 
     def _hand_back_slots(self) -> None:
         """Note which of the workers' slots are free again (the batches there are no longer referenced), to go with
@@ -776,12 +740,10 @@ class _WorkerPool:
             for i in range(len(self.procs)):
                 self._send_control(i, ("map", slot, gen, path))
         arr = np.asarray(indices)
-        skip = self.from_index if slot is not None else ()
-        self.assembling[k] = _Assembly(list(indices), slot, placed, {i: parts[i] for i in busy}, skip)
+        self.assembling[k] = _Assembly(len(indices), slot, placed, {i: parts[i] for i in busy})
         for i in busy:
             mine = arr[parts[i]].tolist()
-            self._send(i, ("part", k, mine, parts[i].tolist(), len(indices), slot, gen, placed, skip),
-                       entry=(k, mine))
+            self._send(i, ("part", k, mine, parts[i].tolist(), len(indices), slot, gen, placed), entry=(k, mine))
         return True
 
     def _tasks(self, batches: Sequence[list[int]], block: int) -> deque | list[deque]:

@@ -216,27 +216,6 @@ def from_wire(wire: tuple[tuple[str, ...], tuple[tuple, ...]]) -> dict[str, Any]
     return out
 
 
-def same_values(a: Any, b: Any) -> bool:
-    """Whether two batch values are the same: tensors of one dtype and shape, bit for bit; else ``==``."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. arrays: ambiguous truth value
-        return False
-
-
-def with_fields(merged: dict[str, Any], fields: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """A split batch whose per-window values ``fields`` (ids, times...) the main process took from the set's index
-    instead of from the parts: ``merged``'s arrays and ``fields``, in the batch's key order ``keys``.
-    ``ValueError`` when they do not make up exactly those keys."""
-    if set(merged) | set(fields) != set(keys) or set(merged) & set(fields):
-        raise ValueError(f"a split batch has keys {sorted(merged)} from the workers and {sorted(fields)} from the "
-                         f"index; the first batch had {list(keys)}: windows of this set do not all have the same keys")
-    return {key: fields[key] if key in fields else merged[key] for key in keys}
-
-
 def _name(dtype: Any) -> str:
     """The torch name (``"float32"``) of a torch or numpy dtype."""
     if not isinstance(dtype, torch.dtype):
