@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .shm import SHM_DIR, _close, _dtype, _itemsize, address, create_mapped, map_file, unlink_quietly
+from .shm import SHM_DIR, _close, _dtype, _itemsize, address, create_mapped, dtype_name, map_file, unlink_quietly
 
 MAX_IMBALANCE = 1.5  # a batch whose largest part exceeds this many times an even share is read whole instead
 
@@ -79,7 +79,7 @@ class Layout:
             return None
         if len({len(v) for v in values}) != 1:
             return None
-        rows = tuple((k, tuple(v.shape[1:]), str(v.dtype).rsplit(".", 1)[-1])
+        rows = tuple((k, tuple(v.shape[1:]), dtype_name(v.dtype))
                      for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim >= 2)
         return cls(rows) if rows else None
 
@@ -220,7 +220,7 @@ def _name(dtype: Any) -> str:
     """The torch name (``"float32"``) of a torch or numpy dtype."""
     if not isinstance(dtype, torch.dtype):
         dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    return str(dtype).rsplit(".", 1)[-1]
+    return dtype_name(dtype)
 
 
 # -- main side ---------------------------------------------------------------------------------------------------

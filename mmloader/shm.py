@@ -47,9 +47,6 @@ class TensorRef(NamedTuple):
 
 
 _CONTAINERS = (torch.Tensor, TensorRef, dict, list, tuple)
-_DTYPE_NAMES = {d: str(d).rsplit(".", 1)[-1] for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
-                                                       torch.int64, torch.int32, torch.int16, torch.int8,
-                                                       torch.uint8, torch.bool)}
 
 
 def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
@@ -65,19 +62,6 @@ def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_walk(v, leaf) for v in obj)
     return obj
-
-
-def _plain(obj: Any) -> bool:
-    """Whether ``obj`` (not a tensor) holds no tensor that ``_walk`` would reach: then a batch dict of tensors and
-    such values is *flat*, and its tensors are found (and put back) without walking it."""
-    if isinstance(obj, (dict, TensorRef)) or (isinstance(obj, tuple) and not hasattr(obj, "_fields")):
-        return False
-    return not isinstance(obj, list) or not any(issubclass(t, _CONTAINERS) for t in set(map(type, obj)))
-
-
-def _flat(batch: Any) -> bool:
-    """Whether ``batch`` is a dict whose values are tensors (or TensorRefs) and plain values only (``_plain``)."""
-    return type(batch) is dict and all(isinstance(v, (torch.Tensor, TensorRef)) or _plain(v) for v in batch.values())
 
 
 def create_mapped(path: str, nbytes: int) -> mmap.mmap:
@@ -123,6 +107,12 @@ def _close(mm: mmap.mmap) -> None:
         mm.close()
     except BufferError:  # arrays still view it: it is unmapped when the last of them goes
         pass
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype as batch layouts carry it (``torch.float32`` → ``"float32"``)."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,17 +183,11 @@ class SlotWriter:
         """Put ``batch``'s tensors in ``slot`` (those read into it through ``arena`` stay where they are) →
         ``(new file or None, layout)``; ``layout`` = (bytes used, the batch with each tensor replaced by its
         ``TensorRef``), for ``SlotReader.read``."""
-        flat = _flat(batch)
         items: list[torch.Tensor] = []
-        if flat:
-            items = [v for v in batch.values() if isinstance(v, torch.Tensor)]
-        else:
-            _walk(batch, lambda t: items.append(t) or t)
+        _walk(batch, lambda t: items.append(t) or t)
         refs, used = self._place(slot, items)
         it = iter(refs)
-        tree = ({k: next(it) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} if flat
-                else _walk(batch, lambda t: next(it)))
-        return self.new_paths.pop(slot, None), (used, tree)
+        return self.new_paths.pop(slot, None), (used, _walk(batch, lambda t: next(it)))
 
     def _place(self, slot: int, items: list[torch.Tensor]) -> tuple[list[TensorRef], int]:
         """Where ``items`` lie in ``slot`` (copied there unless read there already; the slot grown when they do not
@@ -224,7 +208,7 @@ class SlotWriter:
                 if raw.size:
                     np.copyto(np.frombuffer(mm, dtype=np.uint8, count=raw.size, offset=end), raw)
                 off, end = end, -(-(end + raw.size) // ALIGN) * ALIGN
-            refs.append(TensorRef(off, _DTYPE_NAMES.get(t.dtype) or str(t.dtype).rsplit(".", 1)[-1], tuple(t.shape)))
+            refs.append(TensorRef(off, dtype_name(t.dtype), tuple(t.shape)))
             used = max(used, off + t.numel() * t.element_size())
         return refs, used
 
@@ -303,8 +287,6 @@ class SlotReader:
                 return torch.empty(ref.shape, dtype=dtype)
             return torch.from_numpy(base[ref.offset:ref.offset + n]).view(dtype).reshape(ref.shape)
 
-        if _flat(tree):
-            return {k: view(v) if type(v) is TensorRef else v for k, v in tree.items()}
         return _walk(tree, view)
 
     def close(self) -> None:
