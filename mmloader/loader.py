@@ -66,6 +66,7 @@ import torch
 import torch.multiprocessing  # registers the reductions that send tensors through shared memory
 
 from . import shared_batch, shm
+from .batch_memory import BatchMemory
 from .dist import part_of, rank_world
 from .video.backends import cpus_available, set_decoder_threads
 from .windows.collate import collate
@@ -1031,6 +1032,7 @@ class WindowLoader:
         self.run_batches = max(1, -(-int(getattr(windows, "run_windows", RUN_WINDOWS)) // batch_size))
         self._pool: _WorkerPool | None = None
         self._finalizer: weakref.finalize | None = None
+        self._memory = BatchMemory()  # batches read in this process (0 workers) reuse their buffers
         self.epoch = 0
         self.offset = 0
 
@@ -1134,7 +1136,8 @@ class WindowLoader:
         else:  # everything in the calling thread: no decoder is ever shared with a background thread
             fetch = _FetchBatch(self.windows, self.collate_fn)
             fetch.announce(None if self.shuffle else indices.tolist())
-            source = (fetch(b) for b in batches)
+            memory = self._memory
+            source = (fetch(b, alloc=memory.arena()) for b in batches)
         pin = self.pin_memory and torch.cuda.is_available()
         finished = False
         try:

@@ -49,7 +49,7 @@ def layer_of(module: str) -> str:
     if len(parts) == 1 or module in DEPRECATED_ALIASES or module.startswith("mmloader.adapters."):
         return "front"
     top = parts[1]
-    if top in ("errors", "fsutil", "paths", "lru", "dist", "shm", "shared_batch", "_version"):
+    if top in ("errors", "fsutil", "paths", "lru", "dist", "shm", "shared_batch", "batch_memory", "_version"):
         return "core"
     if top in ("video", "store", "windows", "recipes", "cache", "loader"):
         return top

@@ -585,6 +585,47 @@ class Store:
         rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return rows[:n]
 
+    def regular_runs(self, recording_id: str, stream: str, t_starts: np.ndarray, n: int,
+                     period_ns: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``regular_run`` for many windows of one recording at once, each chunk looked up once: ``(rows, starts)``
+        with ``rows`` the stream's samples over the windows' span, channels first, ``(C, L)`` float32 and
+        contiguous (as a batch's ``(B, C, T)`` windows want them), and ``starts[j]`` the column of window ``j``'s
+        first sample — ``rows[:, s:s + n]`` is ``regular_run(...).T`` exactly, cast to float32 — or -1 where
+        this span does not settle window ``j`` (``regular_run`` decides it alone). None when the chunks over the
+        span are not one gapless run at ``period_ns`` (every window decided alone)."""
+        t_starts = np.asarray(t_starts, dtype=np.int64)
+        if n < 1 or period_ns <= 0 or t_starts.size == 0:
+            return None
+        coarse, n_chunks = self._timeseries_handle(recording_id, stream)[1:3]
+        c0 = int(np.searchsorted(coarse, int(t_starts.min()), side="right")) - 1
+        c1 = min(int(np.searchsorted(coarse, int(t_starts.max()) + n * period_ns, side="right")) - 1, n_chunks - 1)
+        if c0 < 0:
+            return None
+        parts, first, expect = [], 0, None
+        for c in range(c0, c1 + 1):
+            t, x, per = self._chunk(recording_id, stream, c)
+            if per not in (period_ns, -1) or (expect is not None and int(t[0]) != expect):
+                return None
+            first = int(t[0]) if expect is None else first
+            parts.append(x)
+            expect = int(t[-1]) + period_ns
+        off = t_starts - first
+        starts = off // period_ns
+        total = sum(p.shape[0] for p in parts)
+        after = 0 if c1 == n_chunks - 1 else 1  # the sample after each run must be there, unless the stream ends
+        ok = (off >= 0) & (off % period_ns == 0) & (starts + n + after <= total)
+        if not ok.any():
+            return None
+        lo, hi = int(starts[ok].min()), int(starts[ok].max()) + n  # only the rows the runs cover
+        rows = np.empty((parts[0].shape[1], hi - lo), dtype=np.float32)
+        at = 0
+        for x in parts:  # transposed (and cast) part by part: one pass over the span, no concatenation
+            a, b = max(lo - at, 0), min(hi - at, x.shape[0])
+            if a < b:
+                rows[:, at + a - lo: at + b - lo] = x[a:b].T
+            at += x.shape[0]
+        return rows, np.where(ok, starts - lo, -1)
+
     def _chunk(self, recording_id: str, stream: str, c: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Chunk ``c`` of a time series: ``(t_ns, data, period)`` (``_period`` of its times), cached."""
         def load() -> tuple[np.ndarray, np.ndarray, int]:

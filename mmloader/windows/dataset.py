@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 VIDEO_INDEX_CACHE = 32
 PLAN_SCAN = 512  # the most later windows a decode plan looks at
+GROUP_MIN = 4  # windows of one recording in a batch from which they are read together (Store.regular_runs)
 
 
 def grid_and_step(spec: WindowSpec) -> tuple[np.ndarray, int]:
@@ -197,10 +198,11 @@ class WindowSet:
         video (read window by window) or an empty batch."""
         if self.modalities.video or len(indices) == 0:
             return None
-        idx = np.asarray([position(int(i), len(self)) for i in indices], dtype=np.int64)
+        idx = self._positions(indices)
         fields = self._fields_batch(idx)
         out = {k: fields.pop(k) for k in ("recording_id", "t0", "t1", "index")}
-        t0s = [int(v) for v in self._columns.t0.take(idx)]
+        t0 = self._columns.t0.take(idx)
+        t0s = t0.tolist() if isinstance(t0, np.ndarray) else [int(v) for v in t0]
         at = range(len(idx)) if rows is None else [int(r) for r in rows]
         for m in self.modalities.timeseries:
             data, mask = self._batch_timeseries(m, out["recording_id"], t0s, alloc or np.empty, at,
@@ -215,23 +217,60 @@ class WindowSet:
         """(size, C, T) float32 and (size, T) bool: stream ``m`` of the windows at ``t0s`` in rows ``at``, as
         ``__getitem__`` reads them."""
         n, data, mask = len(self._grid()[0]), None, None
-        for b, rid, t0 in zip(at, rids, t0s):
-            src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
-            run, valid = self._regular_rows(rid, m, t0, src_hz), None
-            if run is None:
-                run, valid = self._resampled(rid, m, t0, src_hz)
+        for b, rid, t0, span in zip(at, rids, t0s, self._grouped_runs(m, rids, t0s)):
+            if span is not None:  # (rows (C, L), start): read with the other windows of its recording
+                run, valid = span[0][:, span[1]:span[1] + n], None
+            else:
+                src_hz = self.store.stream_row(rid, m)["rate_hz"] or None
+                run, valid = self._regular_rows(rid, m, t0, src_hz), None
+                if run is None:
+                    run, valid = self._resampled(rid, m, t0, src_hz)
+                run = run.T
             if data is None:
-                data = alloc((size, run.shape[1], n), np.float32)
+                data = alloc((size, run.shape[0], n), np.float32)
                 mask = alloc((size, n), np.bool_)
                 mask[list(at) if size != len(rids) else ...] = True
-            elif run.shape[1] != data.shape[1]:
-                raise ValueError(f"stream {m!r} of recording {rid!r} has {run.shape[1]} channels, an earlier window "
+            elif run.shape[0] != data.shape[1]:
+                raise ValueError(f"stream {m!r} of recording {rid!r} has {run.shape[0]} channels, an earlier window "
                                  f"of this batch {data.shape[1]}: windows of different widths cannot be stacked")
             if valid is not None:
                 mask[b] = valid
-            data[b] = run.T
+            data[b] = run
         assert data is not None and mask is not None
         return torch.from_numpy(data), torch.from_numpy(mask)
+
+    def _positions(self, indices: Sequence[int]) -> np.ndarray:
+        """``indices`` as int64 positions in ``[0, len)`` (negative ones count from the end), as ``position`` makes
+        them one by one; IndexError naming the first outside ``[-len, len)``."""
+        n = len(self)
+        idx = np.asarray(indices).astype(np.int64, copy=False).reshape(-1)
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            position(int(idx[bad][0]), n)  # raises, naming it
+        return idx % n if n else idx
+
+    def _grouped_runs(self, m: str, rids: list[str], t0s: list[int]) -> list[tuple[np.ndarray, int] | None]:
+        """Per window of a batch: ``(rows, start)`` when it was read together with the other windows of its
+        recording (``GROUP_MIN`` or more, on a grid that is the stream's own clock: ``Store.regular_runs``, each
+        chunk looked up once), its samples ``rows[:, start:start + T]``; None: read alone (as ``__getitem__``)."""
+        out: list[tuple[np.ndarray, int] | None] = [None] * len(rids)
+        offsets, step = self._grid()
+        if not step or len(rids) < GROUP_MIN:
+            return out
+        groups: dict[str, list[int]] = {}
+        for j, rid in enumerate(rids):
+            groups.setdefault(rid, []).append(j)
+        for rid, js in groups.items():
+            src_hz = self.store.stream_row(rid, m)["rate_hz"] if len(js) >= GROUP_MIN else None
+            if not (src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz):
+                continue
+            got = self.store.regular_runs(rid, m, np.asarray([t0s[j] for j in js], dtype=np.int64), len(offsets),
+                                          step)
+            if got is not None:
+                rows = got[0]
+                for j, start in zip(js, got[1].tolist()):
+                    out[j] = (rows, start) if start >= 0 else None
+        return out
 
     def index_fields(self, i: int) -> dict[str, Any]:
         """Window ``i``'s non-tensor sample values, from the index alone: ``recording_id``, ``t0``, ``t1``

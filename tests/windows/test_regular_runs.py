@@ -195,3 +195,54 @@ def test_chunk_periods_spare_decoding_regular_times(store, monkeypatch, tmp_path
 
 def torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_regular_runs_agree_with_regular_run_window_by_window(store):
+    """``Store.regular_runs`` (a batch's windows of one recording at once) settles a window only where
+    ``regular_run`` finds the same rows; everything else is left to it (-1) or the whole span refused (None)."""
+    s = mmloader.open(store).store
+    t0, n = 2_000_000_000, 400
+    settled = 0
+    for rid in ("regular", "gap", "jitter", "slow", "offgrid"):
+        for first, count, stride in ((0, 20, 200), (3900, 5, 37), (8000, 8, 75), (2800, 10, 20), (4100, 6, 150)):
+            starts = t0 + (first + np.arange(count) * stride) * P
+            got = s.regular_runs(rid, "imu", starts, n, P)
+            for j, t in enumerate(starts):
+                alone = s.regular_run(rid, "imu", int(t), n, P)
+                if got is None or got[1][j] < 0:
+                    continue
+                rows, start = got[0], int(got[1][j])
+                assert alone is not None, (rid, first, j)
+                assert rows.dtype == np.float32 and rows.flags.c_contiguous
+                assert rows[:, start:start + n].tobytes() == np.ascontiguousarray(alone.T).tobytes(), (rid, j)
+                settled += 1
+    assert settled >= 20  # the regular recording's spans are settled together
+    whole = s.regular_runs("regular", "imu", t0 + np.array([*range(0, 8800, 200), 8700]) * P, n, P)
+    assert whole is not None and (whole[1][:-1] >= 0).all()  # the last at 8600 ends on the stream's last sample
+    assert whole[1][-1] == -1 and s.regular_run("regular", "imu", t0 + 8700 * P, n, P) is None  # runs past the end
+    assert s.regular_runs("jitter", "imu", t0 + np.array([100, 4200]) * P, n, P) is None  # chunk 1 is irregular
+    assert s.regular_runs("regular", "imu", np.array([t0 - P]), n, P) is None  # before the first sample
+    assert s.regular_runs("regular", "imu", np.array([], dtype=np.int64), n, P) is None
+
+
+def test_read_batch_reads_a_recordings_windows_together(store, monkeypatch):
+    """A batch with several windows of one recording on its own clock reads them through one ``regular_runs``
+    span; the batch is the same as the windows read one by one."""
+    from mmloader.windows.collate import collate
+
+    ws = mmloader.open(store).windows(sec=2.0, stride=0.5, modalities=["imu"])
+    spans = []
+    real = ws.store.regular_runs
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        spans.append(None if out is None else int((out[1] >= 0).sum()))
+        return out
+
+    monkeypatch.setattr(ws.store, "regular_runs", counting)
+    batch = list(range(0, 60))
+    _same_batch(ws.read_batch(batch), collate([ws[i] for i in batch]))
+    assert spans and max(s or 0 for s in spans) >= 40  # the regular recording's windows in one span
+    _same_batch(ws.read_batch([-1, -2, 3]), collate([ws[len(ws) - 1], ws[len(ws) - 2], ws[3]]))
+    with pytest.raises(IndexError, match=f"window {len(ws)} out of range"):
+        ws.read_batch([0, len(ws)])
