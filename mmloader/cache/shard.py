@@ -16,12 +16,16 @@ import os
 import re
 import socket
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import zarr
+
+try:  # zlib's CRC-32 vectorised (4-5x faster on a 24-KB row), the same values; zlib itself where it is missing
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover
+    from zlib import crc32
 
 from .._version import __version__
 from ..fsutil import get_fs, is_local, join
@@ -80,6 +84,8 @@ class OpenShard:
     # raw keys whose every row has the array's row shape (none padded): (dtype, row shape, the commit's dtype); a
     # batch reads straight from the shards whose entries for its keys are all equal
     batchable: dict[str, tuple[str, tuple[int, ...], str]] = field(default_factory=dict)
+    # one number per distinct (batchable, commit keys): shards that may be read into one batch share it
+    signature: int = -1
     _arrays: dict[str, Any] | None = None
 
     def array(self, name: str) -> Any:
@@ -166,7 +172,7 @@ def _stack(name: str, tensors: list["torch.Tensor"], start: int) -> tuple[np.nda
         stacked = np.zeros((len(values), *full), dtype=values[0].dtype)
         for row, v in enumerate(values):
             stacked[(row, *(slice(0, s) for s in v.shape))] = v
-    return stacked, {"dtype": dtypes.pop(), "shapes": shapes, "crc32": [zlib.crc32(v) for v in values]}
+    return stacked, {"dtype": dtypes.pop(), "shapes": shapes, "crc32": [crc32(v) for v in values]}
 
 
 def encode_shard(samples: list[dict[str, Any]], k: int, start: int, fingerprint: str,
@@ -323,7 +329,18 @@ def open_shard(place: Place, k: int, expected: dict[str, Any]) -> OpenShard:
             raw[name] = RawArray(place.at(rel, t["array"]), *layout)
     batchable = {name: (r.dtype.str, r.row_shape, commit["tensors"][name]["dtype"]) for name, r in raw.items()
                  if _all_rows_full(commit["tensors"][name].get("shapes"), r)}
-    return OpenShard(commit, raw, place.zarr_url(rel), place.zarr_options(), batchable)
+    return OpenShard(commit, raw, place.zarr_url(rel), place.zarr_options(), batchable,
+                     _signature(batchable, commit.get("keys")))
+
+
+_SIGNATURES: dict[tuple, int] = {}
+
+
+def _signature(batchable: dict[str, tuple], keys: list) -> int:
+    """A number standing for ``(batchable, keys)`` in this process: equal numbers, equal values (compared once per
+    distinct value, not per shard of every batch)."""
+    key = (tuple(sorted(batchable.items())), json.dumps(keys))
+    return _SIGNATURES.setdefault(key, len(_SIGNATURES))
 
 
 def read_row(place: Place, shard: OpenShard, name: str, j: int) -> np.ndarray:
@@ -368,12 +385,12 @@ def _check_length(fd: int, path: str, raw: RawArray) -> None:
         raise ValueError(f"{path}: {size} bytes, expected {raw.file_bytes}")
 
 
-def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crc32: list[int],
+def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crcs: list[int],
                files: OpenFiles) -> bool:
     """Rows ``(b, j)`` of a local raw array into ``flat[b]`` (a batch's bytes, one row per window), each checked
-    against ``crc32[j]``; False as soon as a file is missing or short or a row does not match its CRC. An array in
+    against ``crcs[j]``; False as soon as a file is missing or short or a row does not match its CRC. An array in
     one chunk is read through ``files`` (its descriptor kept open); one written a chunk per row opens each."""
-    size, preadv, crc = raw.row_bytes, os.preadv, zlib.crc32
+    size, preadv, crc = raw.row_bytes, os.preadv, crc32
     try:
         if raw.whole:
             with files.lock:
@@ -381,7 +398,7 @@ def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crc
                 try:
                     for b, j in rows:
                         row = flat[b]
-                        if preadv(fd, [row], j * size) != size or crc(row) != crc32[j]:
+                        if preadv(fd, [row], j * size) != size or crc(row) != crcs[j]:
                             return False
                 finally:
                     if not kept:
@@ -391,7 +408,7 @@ def _read_rows(raw: RawArray, rows: list[tuple[int, int]], flat: np.ndarray, crc
             fd = os.open(raw.locate(j)[0], os.O_RDONLY)
             try:
                 row = flat[b]
-                if os.readv(fd, [row, bytearray(1)]) != size or zlib.crc32(row) != crc32[j]:
+                if os.readv(fd, [row, bytearray(1)]) != size or crc(row) != crcs[j]:
                     return False  # short, longer (size + 1) or damaged
             finally:
                 os.close(fd)
@@ -418,8 +435,8 @@ def read_batch_rows(place: Place, rows: list[tuple[OpenShard, int]], keys: list[
     first = rows[0][0]
     sigs = first.batchable
     names = [name for name, kind in keys if kind == "tensor"]
-    if any(name not in sigs for name in names) or any(s.batchable != sigs or s.commit["keys"] != keys
-                                                       for s, _ in by_shard.values()):
+    if first.commit.get("keys") != keys or any(name not in sigs for name in names) or \
+            any(s.signature != first.signature for s, _ in by_shard.values()):
         return None
     out: dict[str, Any] = {}
     for name in names:
@@ -450,7 +467,7 @@ def decode_window(place: Place, shard: OpenShard, j: int,
             shape = tuple(t["shapes"][j])
             if a.shape != shape:
                 a = np.ascontiguousarray(a[tuple(slice(0, s) for s in shape)])
-            if zlib.crc32(a) != t["crc32"][j]:
+            if crc32(a) != t["crc32"][j]:
                 raise InvalidShard("corrupt", f"{place.where(shard_rel(shard.commit['shard']))}: "
                                               f"checksum mismatch in {name!r}, row {j}")
             out[name] = to_torch(a, t["dtype"])
@@ -468,5 +485,5 @@ def check_all_rows(shard: OpenShard) -> None:
             raise ValueError(f"{name!r} has {len(whole)} rows, the commit {len(t['shapes'])}")
         for j, shape in enumerate(t["shapes"]):
             a = np.ascontiguousarray(whole[(j, *(slice(0, s) for s in shape))])
-            if zlib.crc32(a) != t["crc32"][j]:
+            if crc32(a) != t["crc32"][j]:
                 raise ValueError(f"checksum mismatch in {name!r}, row {j}")

@@ -68,6 +68,14 @@ def grid_and_step(spec: WindowSpec) -> tuple[np.ndarray, int]:
     return offsets, step if exact else 0
 
 
+def _clusters(t0s: np.ndarray, gap_ns: int) -> list[list[int]]:
+    """Positions in ``t0s``, split where sorted neighbours are more than ``gap_ns`` apart (windows of one recording
+    that a shared span of samples serves: it is never much longer than the windows themselves)."""
+    order = np.argsort(t0s, kind="stable")
+    cuts = np.flatnonzero(np.diff(t0s[order]) > gap_ns) + 1
+    return [part.tolist() for part in np.split(order, cuts)]
+
+
 class _Plan:
     """One process's decode-plan state for one WindowSet: the last window read, the announced run (ascending
     window indices, or None) and where reading is in it, and the frame store."""
@@ -250,9 +258,9 @@ class WindowSet:
         return idx % n if n else idx
 
     def _grouped_runs(self, m: str, rids: list[str], t0s: list[int]) -> list[tuple[np.ndarray, int] | None]:
-        """Per window of a batch: ``(rows, start)`` when it was read together with the other windows of its
-        recording (``GROUP_MIN`` or more, on a grid that is the stream's own clock: ``Store.regular_runs``, each
-        chunk looked up once), its samples ``rows[:, start:start + T]``; None: read alone (as ``__getitem__``)."""
+        """Per window of a batch: ``(rows, start)`` when it was read together with nearby windows of its recording
+        (``GROUP_MIN`` or more, on a grid that is the stream's own clock: ``Store.regular_runs``, each chunk looked
+        up once), its samples ``rows[:, start:start + T]``; None: read alone (as ``__getitem__``)."""
         out: list[tuple[np.ndarray, int] | None] = [None] * len(rids)
         offsets, step = self._grid()
         if not step or len(rids) < GROUP_MIN:
@@ -264,12 +272,14 @@ class WindowSet:
             src_hz = self.store.stream_row(rid, m)["rate_hz"] if len(js) >= GROUP_MIN else None
             if not (src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz):
                 continue
-            got = self.store.regular_runs(rid, m, np.asarray([t0s[j] for j in js], dtype=np.int64), len(offsets),
-                                          step)
-            if got is not None:
-                rows = got[0]
-                for j, start in zip(js, got[1].tolist()):
-                    out[j] = (rows, start) if start >= 0 else None
+            for near in _clusters(np.asarray([t0s[j] for j in js], dtype=np.int64), len(offsets) * step):
+                if len(near) < GROUP_MIN:
+                    continue
+                got = self.store.regular_runs(rid, m, np.asarray([t0s[js[k]] for k in near], dtype=np.int64),
+                                              len(offsets), step)
+                if got is not None:
+                    for k, start in zip(near, got[1].tolist()):
+                        out[js[k]] = (got[0], start) if start >= 0 else None
         return out
 
     def index_fields(self, i: int) -> dict[str, Any]:

@@ -107,3 +107,19 @@ def test_a_shuffled_batch_across_both_layouts_and_a_damaged_chunk(tmp_path):
     chunk.write_bytes(good + b"\0")
     with pytest.raises(ValueError, match="bytes, expected"):  # one row read alone: the file's length is checked
         read_row(place, shards[0], "emb", 0)
+
+
+def test_the_row_checksum_is_zlibs_crc32():
+    """Rows are checked with a vectorised CRC-32 (zlib-ng) where installed: its values must be zlib's, which every
+    cache was written with."""
+    import zlib
+
+    import numpy as np
+
+    from mmloader.cache.shard import crc32
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 64, 4097, 24_000, 100_003):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert crc32(data) == zlib.crc32(data), n
+        assert crc32(data.view(np.uint8).reshape(-1)) == zlib.crc32(data.tobytes())

@@ -246,3 +246,25 @@ def test_read_batch_reads_a_recordings_windows_together(store, monkeypatch):
     _same_batch(ws.read_batch([-1, -2, 3]), collate([ws[len(ws) - 1], ws[len(ws) - 2], ws[3]]))
     with pytest.raises(IndexError, match=f"window {len(ws)} out of range"):
         ws.read_batch([0, len(ws)])
+
+
+def test_far_apart_windows_of_a_recording_are_not_read_as_one_span(store, monkeypatch):
+    """Only windows within a window's length of each other share a span: a shuffled batch over a long recording
+    never reads (and transposes) the whole stretch between its windows."""
+    from mmloader.windows.collate import collate
+
+    ws = mmloader.open(store).windows(sec=2.0, stride=0.5, modalities=["imu"])
+    regular = [i for i in range(len(ws)) if ws.index_fields(i)["recording_id"] == "regular"]
+    near, far = regular[10:14], regular[30::12][:4]  # 0.5 s apart; 6 s apart
+    calls = []
+    real = ws.store.regular_runs
+
+    def spy(rid, stream, t_starts, n, period):
+        out = real(rid, stream, t_starts, n, period)
+        calls.append((len(t_starts), None if out is None else out[0].shape[1]))
+        return out
+
+    monkeypatch.setattr(ws.store, "regular_runs", spy)
+    batch = [far[0], *near, *far[1:]]
+    _same_batch(ws.read_batch(batch), collate([ws[i] for i in batch]))
+    assert calls == [(4, 3 * 100 + 400)]  # the 4 near windows, over their own 700 samples; the far ones alone
