@@ -269,14 +269,13 @@ class WindowSet:
         for j, rid in enumerate(rids):
             groups.setdefault(rid, []).append(j)
         for rid, js in groups.items():
-            src_hz = self.store.stream_row(rid, m)["rate_hz"] if len(js) >= GROUP_MIN else None
-            if not (src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz):
+            if len(js) < GROUP_MIN or not self._own_clock(self.store.stream_row(rid, m)["rate_hz"]):
                 continue
-            for near in _clusters(np.asarray([t0s[j] for j in js], dtype=np.int64), len(offsets) * step):
+            starts = np.asarray([t0s[j] for j in js], dtype=np.int64)
+            for near in _clusters(starts, len(offsets) * step):
                 if len(near) < GROUP_MIN:
                     continue
-                got = self.store.regular_runs(rid, m, np.asarray([t0s[js[k]] for k in near], dtype=np.int64),
-                                              len(offsets), step)
+                got = self.store.regular_runs(rid, m, starts[near], len(offsets), step)
                 if got is not None:
                     for k, start in zip(near, got[1].tolist()):
                         out[js[k]] = (got[0], start) if start >= 0 else None
@@ -373,10 +372,15 @@ class WindowSet:
     def _regular_rows(self, rid: str, m: str, t0: int, src_hz: float | None) -> np.ndarray | None:
         """The window's rows when the grid is the stream's own clock (``Store.regular_run``): what resampling's exact
         case would return for them; None when it is not (then ``_resampled``)."""
-        offsets, step = self._grid()
-        if not (step and src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz):
+        if not self._own_clock(src_hz):
             return None
+        offsets, step = self._grid()
         return self.store.regular_run(rid, m, t0, len(offsets), step)
+
+    def _own_clock(self, src_hz: float | None) -> bool:
+        """Whether windows of a stream at ``src_hz`` lie on its own clock: the grid is ``k * step`` exactly and the
+        stream is not so fast that resampling would filter it (then its rows are the window's samples)."""
+        return bool(self._grid()[1] and src_hz and src_hz <= DOWNSAMPLE_RATIO * self.spec.imu_hz)
 
     def _resampled(self, rid: str, m: str, t0: int, src_hz: float | None) -> tuple[np.ndarray, np.ndarray]:
         """The window resampled onto its grid (``resample``): ``(T, C)`` float32 and the ``(T,)`` mask."""
