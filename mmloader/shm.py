@@ -167,9 +167,9 @@ class SlotWriter:
         self._maps[slot] = new
         self._base[slot] = address(new)  # to find tensors read into it
 
-    def arena(self, slot: int) -> "Arena":
+    def arena(self, slot: int) -> "SlotArena":
         """An allocator of arrays inside ``slot`` for the batch about to be written to it."""
-        return Arena(self, slot)
+        return SlotArena(self, slot)
 
     def _inside(self, slot: int, t: torch.Tensor) -> int | None:
         """The byte offset of ``t`` in ``slot`` when its memory lies there (allocated by ``arena``), else None."""
@@ -225,24 +225,41 @@ class SlotWriter:
 
 
 class Arena:
-    """Arrays allocated inside one slot (``SlotWriter.arena``), for a batch read straight into them: ``write`` then
-    finds them there and copies nothing. The first allocation may grow the slot (nothing is in it yet); a later one
-    that does not fit gets an ordinary array (copied by ``write``)."""
+    """An allocator ``(shape, dtype) -> array`` for one batch: arrays carved one after another from a block of
+    memory (``_memory``), each starting on a cache line of it; a request that does not fit gets an ordinary array.
+    Subclasses say where the block is (``SlotArena``: a worker's slot; ``mmloader.batch_memory``: a pooled buffer)."""
 
-    def __init__(self, writer: SlotWriter, slot: int):
-        self.writer, self.slot, self.end = writer, slot, 0
+    def __init__(self) -> None:
+        self.end = 0  # bytes of the block given out so far
+
+    def _memory(self, nbytes: int) -> Any:
+        """The block (a buffer, whose start is aligned) for a request of ``nbytes > 0``, or None for none."""
+        raise NotImplementedError
 
     def __call__(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         n = count * dtype.itemsize
-        if self.end == 0 and n:
-            self.writer._map(self.slot, n)
-        mm = self.writer._maps.get(self.slot)
-        if n == 0 or mm is None or self.end + n > len(mm):
+        mem = self._memory(n) if n else None
+        if mem is None or self.end + n > len(mem):
             return np.empty(shape, dtype=dtype)
         off, self.end = self.end, -(-(self.end + n) // ALIGN) * ALIGN
-        return np.frombuffer(mm, dtype=dtype, count=count, offset=off).reshape(shape)
+        return np.frombuffer(mem, dtype=dtype, count=count, offset=off).reshape(shape)
+
+
+class SlotArena(Arena):
+    """Arrays allocated inside one slot (``SlotWriter.arena``), for a batch read straight into them: ``write`` then
+    finds them there and copies nothing. The first allocation may grow the slot (nothing is in it yet); a later one
+    that does not fit gets an ordinary array (copied by ``write``)."""
+
+    def __init__(self, writer: SlotWriter, slot: int):
+        super().__init__()
+        self.writer, self.slot = writer, slot
+
+    def _memory(self, nbytes: int) -> mmap.mmap | None:
+        if self.end == 0:
+            self.writer._map(self.slot, nbytes)
+        return self.writer._maps.get(self.slot)
 
 
 class SlotReader:
